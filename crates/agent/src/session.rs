@@ -1,0 +1,125 @@
+//! One session with the server: the upgrade, the proof, and framed messages.
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use http::{Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use proto::agent::{AgentError, AgentMessage, Enforced, HostFacts, MAX_LINE, ServerMessage};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
+
+use crate::https::{connect_tls, parse_server};
+use crate::identity::Identity;
+
+type Io = TokioIo<hyper::upgrade::Upgraded>;
+
+/// An open, authenticated session.
+pub struct Session {
+    reader: BufReader<ReadHalf<Io>>,
+    writer: WriteHalf<Io>,
+    pub heartbeat_seconds: u64,
+    line: Vec<u8>,
+}
+
+impl Session {
+    /// Connects, upgrades, answers the challenge and waits for the welcome.
+    pub async fn open(
+        identity: &Identity,
+        facts: HostFacts,
+        enforced: Enforced,
+    ) -> anyhow::Result<Session> {
+        let (host, port) = parse_server(&identity.server)?;
+        let tls = connect_tls(identity.tls.clone(), &host, port).await?;
+        let exporter = tls
+            .get_ref()
+            .1
+            .export_keying_material([0u8; 32], proto::agent::EXPORTER_LABEL, None)
+            .context("TLS exporter unavailable")?;
+        let exporter = STANDARD.encode(exporter);
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
+        let request = Request::builder()
+            .method("GET")
+            .uri(proto::agent::SESSION_PATH)
+            .header(header::HOST, format!("{host}:{port}"))
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, proto::agent::SESSION_PROTOCOL)
+            .body(Empty::<Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let status = response.status();
+            let body = response.into_body().collect().await?.to_bytes();
+            match serde_json::from_slice::<AgentError>(&body) {
+                Ok(e) => bail!("session refused: {} ({})", e.reason, e.code),
+                Err(_) => bail!("session refused with HTTP {status}"),
+            }
+        }
+        let upgraded = hyper::upgrade::on(response).await?;
+        let (read, writer) = tokio::io::split(TokioIo::new(upgraded));
+        let mut session = Session {
+            reader: BufReader::new(read),
+            writer,
+            heartbeat_seconds: 30,
+            line: Vec::new(),
+        };
+        let nonce = match session.recv().await? {
+            ServerMessage::Challenge { nonce } => nonce,
+            other => bail!("expected a challenge, got {other:?}"),
+        };
+        let proof = identity.sign(&proto::agent::session_proof_message(
+            &identity.machine_id,
+            &nonce,
+            &exporter,
+        ));
+        session
+            .send(&AgentMessage::Hello {
+                machine_id: identity.machine_id.clone(),
+                proof,
+                facts,
+                enforced,
+            })
+            .await?;
+        match session.recv().await? {
+            ServerMessage::Welcome {
+                heartbeat_seconds, ..
+            } => {
+                session.heartbeat_seconds = heartbeat_seconds;
+                Ok(session)
+            }
+            ServerMessage::Refused { code, reason } => bail!("session refused: {reason} ({code})"),
+            other => bail!("expected a welcome, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, message: &AgentMessage) -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(message)?;
+        line.push(b'\n');
+        self.writer.write_all(&line).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    /// The next message from the server; an error when the session ends.
+    pub async fn recv(&mut self) -> anyhow::Result<ServerMessage> {
+        self.line.clear();
+        let read = (&mut self.reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut self.line)
+            .await?;
+        if read == 0 {
+            bail!("the server closed the session");
+        }
+        if self.line.last() != Some(&b'\n') {
+            bail!("the server sent an over-long or truncated message");
+        }
+        serde_json::from_slice(&self.line[..self.line.len() - 1])
+            .context("the server sent an invalid message")
+    }
+}
+
+use tokio::io::AsyncReadExt as _;

@@ -1,0 +1,179 @@
+//! The agent protocol (see `docs/agent-protocol.md`).
+//!
+//! Enrollment is one HTTPS request. The session is one long-lived TLS
+//! connection, upgraded from `GET /agent/v1/session`, that carries one JSON
+//! object per line in each direction.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the enrollment endpoint.
+pub const ENROLL_PATH: &str = "/agent/v1/enroll";
+/// Path of the session endpoint (HTTP/1.1 upgrade).
+pub const SESSION_PATH: &str = "/agent/v1/session";
+/// Value of the `Upgrade` header that opens a session.
+pub const SESSION_PROTOCOL: &str = "cordon-agent/1";
+/// Longest line either side accepts, in bytes.
+pub const MAX_LINE: usize = 1 << 20;
+/// TLS exporter label that binds session proofs to one TLS connection.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-cordon-agent-session";
+
+/// The bytes an agent signs to prove possession of its key at enrollment.
+pub fn enroll_proof_message(token: &str, public_key_b64: &str) -> Vec<u8> {
+    format!("cordon-enroll-v1\n{token}\n{public_key_b64}").into_bytes()
+}
+
+/// The bytes an agent signs to open a session: the server's nonce and the
+/// TLS exporter value of this connection, so a proof can't be replayed on
+/// another connection.
+pub fn session_proof_message(machine_id: &str, nonce_b64: &str, exporter_b64: &str) -> Vec<u8> {
+    format!("cordon-session-v1\n{machine_id}\n{nonce_b64}\n{exporter_b64}").into_bytes()
+}
+
+/// `POST /agent/v1/enroll`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollRequest {
+    pub token: String,
+    /// Ed25519 public key, base64 (standard alphabet) of the 32 raw bytes.
+    pub public_key: String,
+    /// Ed25519 signature of [`enroll_proof_message`], base64.
+    pub proof: String,
+    pub facts: HostFacts,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollResponse {
+    pub machine_id: String,
+}
+
+/// Error body of the agent endpoints (enrollment and a refused upgrade).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentError {
+    pub code: String,
+    pub reason: String,
+}
+
+/// What the agent reports about its host.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostFacts {
+    pub computer_dns_name: String,
+    #[serde(default)]
+    pub os_platform: Option<String>,
+    #[serde(default)]
+    pub os_version: Option<String>,
+    #[serde(default)]
+    pub os_processor: Option<String>,
+    #[serde(default)]
+    pub os_architecture: Option<String>,
+    #[serde(default)]
+    pub os_build: Option<i64>,
+    #[serde(default)]
+    pub agent_version: Option<String>,
+    #[serde(default)]
+    pub addresses: Vec<HostAddress>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostAddress {
+    pub ip_address: String,
+    #[serde(default)]
+    pub mac_address: Option<String>,
+    /// Interface type, such as `Ethernet` or `SoftwareLoopback`.
+    #[serde(default)]
+    pub interface_type: Option<String>,
+    /// `Up` or `Down`.
+    #[serde(default)]
+    pub operational_status: Option<String>,
+}
+
+/// What the agent has in force now.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Enforced {
+    #[default]
+    NotIsolated,
+    Full,
+    Selective,
+}
+
+/// Messages from the server to the agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ServerMessage {
+    /// First message of every session.
+    Challenge { nonce: String },
+    /// The agent's proof was accepted.
+    #[serde(rename_all = "camelCase")]
+    Welcome {
+        machine_id: String,
+        heartbeat_seconds: u64,
+    },
+    /// The session is refused or ended; the connection closes after it.
+    Refused { code: String, reason: String },
+    /// An action to execute. Delivery is at-least-once.
+    Action(ActionOrder),
+    /// Answer to `Ack`: go ahead and apply.
+    #[serde(rename_all = "camelCase")]
+    Proceed { action_id: String },
+    /// Answer to `Ack`: the action is no longer to be applied (cancelled,
+    /// timed out, or already finished).
+    #[serde(rename_all = "camelCase")]
+    Withdrawn { action_id: String, status: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ActionOrder {
+    pub action_id: String,
+    pub machine_id: String,
+    /// `Isolate` or `Unisolate`.
+    pub action_type: String,
+    /// `Full` or `Selective` for Isolate.
+    pub scope: Option<String>,
+    pub created: String,
+}
+
+/// Messages from the agent to the server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum AgentMessage {
+    /// Answer to `Challenge`.
+    #[serde(rename_all = "camelCase")]
+    Hello {
+        machine_id: String,
+        /// Ed25519 signature of [`session_proof_message`], base64.
+        proof: String,
+        facts: HostFacts,
+        enforced: Enforced,
+    },
+    /// The agent received an action and wants to start it.
+    #[serde(rename_all = "camelCase")]
+    Ack { action_id: String },
+    /// The outcome of an action.
+    #[serde(rename_all = "camelCase")]
+    Result {
+        action_id: String,
+        succeeded: bool,
+        #[serde(default)]
+        error_h_result: i64,
+        #[serde(default)]
+        reason: Option<String>,
+        enforced: Enforced,
+    },
+    /// Liveness, with what is in force now.
+    Heartbeat { enforced: Enforced },
+    /// New host facts.
+    Facts(HostFacts),
+}
+
+/// What `cordon-agent enroll` keeps in its state directory (`identity.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredIdentity {
+    pub machine_id: String,
+    /// Base URL of the server, such as `https://cordon.example.com:8443`.
+    pub server: String,
+}

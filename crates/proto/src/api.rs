@@ -1,0 +1,128 @@
+//! Bodies of the public REST API (the Defender for Endpoint machine-isolation
+//! subset) and its error body.
+
+use serde::{Deserialize, Serialize};
+
+/// The error body: `{"error":{"code":…,"message":…,"target":…}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    /// The request id of the failed request.
+    pub target: String,
+    /// Only on `ActiveRequestAlreadyExists`: the in-flight action to follow.
+    #[serde(
+        rename = "activeActionId",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub active_action_id: Option<String>,
+}
+
+/// `POST /api/machines/{id}/isolate`. Every field is optional at this level;
+/// the server decides what is missing, so that a missing `Comment` gets its
+/// own error code instead of a generic parse error.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IsolateRequest {
+    #[serde(rename = "Comment", default)]
+    pub comment: Option<String>,
+    #[serde(rename = "IsolationType", default)]
+    pub isolation_type: Option<String>,
+    #[serde(rename = "ExternalId", default)]
+    pub external_id: Option<String>,
+    #[serde(rename = "Title", default)]
+    pub title: Option<String>,
+}
+
+/// `POST /api/machines/{id}/unisolate`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UnisolateRequest {
+    #[serde(rename = "Comment", default)]
+    pub comment: Option<String>,
+    #[serde(rename = "ExternalId", default)]
+    pub external_id: Option<String>,
+    #[serde(rename = "Title", default)]
+    pub title: Option<String>,
+}
+
+/// `POST /api/machineactions/{id}/cancel`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CancelRequest {
+    #[serde(rename = "Comment", default)]
+    pub comment: Option<String>,
+}
+
+/// The MachineAction entity; field order is the contract's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineAction {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub action_type: String,
+    pub title: Option<String>,
+    pub requestor: String,
+    pub requestor_comment: String,
+    pub status: String,
+    pub machine_id: String,
+    pub computer_dns_name: Option<String>,
+    pub creation_date_time_utc: String,
+    pub last_update_date_time_utc: String,
+    pub cancellation_requestor: Option<String>,
+    pub cancellation_comment: Option<String>,
+    pub cancellation_date_time_utc: Option<String>,
+    pub error_h_result: i64,
+    pub scope: Option<String>,
+    pub external_id: Option<String>,
+    pub request_source: String,
+    pub related_file_info: Option<serde_json::Value>,
+    pub commands: Vec<serde_json::Value>,
+    pub troubleshoot_info: Option<String>,
+}
+
+/// One entry of the Machine entity's `ipAddresses`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IpAddress {
+    pub ip_address: String,
+    pub mac_address: Option<String>,
+    #[serde(rename = "type")]
+    pub address_type: String,
+    pub operational_status: String,
+}
+
+/// The Machine entity: the documented fields plus Cordon's isolation fields.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Machine {
+    pub id: String,
+    pub computer_dns_name: String,
+    pub first_seen: String,
+    pub last_seen: Option<String>,
+    pub os_platform: Option<String>,
+    pub os_version: Option<String>,
+    pub version: Option<String>,
+    pub os_processor: Option<String>,
+    pub os_architecture: Option<String>,
+    pub os_build: Option<i64>,
+    pub agent_version: Option<String>,
+    pub last_ip_address: Option<String>,
+    pub last_external_ip_address: Option<String>,
+    pub health_status: String,
+    pub onboarding_status: String,
+    pub rbac_group_id: i64,
+    pub rbac_group_name: Option<String>,
+    pub risk_score: String,
+    pub exposure_level: String,
+    pub device_value: String,
+    pub aad_device_id: Option<String>,
+    pub is_aad_joined: bool,
+    pub machine_tags: Vec<String>,
+    pub ip_addresses: Vec<IpAddress>,
+    pub isolation_state: String,
+    pub isolation_scope: Option<String>,
+}

@@ -1,0 +1,42 @@
+//! JSON printed by the admin commands (`--json`).
+
+use serde::{Deserialize, Serialize};
+
+/// `cordon app create --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AppCreated {
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+/// One row of `cordon app list --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AppSummary {
+    pub client_id: String,
+    pub name: String,
+    pub permissions: Vec<String>,
+    pub created: String,
+}
+
+/// `cordon enroll-token create --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollTokenCreated {
+    pub token: String,
+    pub expires: Option<String>,
+    pub max_uses: Option<i64>,
+}
+
+/// One row of `cordon machine list --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineSummary {
+    pub machine_id: String,
+    pub computer_dns_name: String,
+    pub revoked: bool,
+    pub isolation_state: String,
+    pub last_seen: Option<String>,
+}

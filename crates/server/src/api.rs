@@ -1,0 +1,568 @@
+//! The public REST API: machines and machine actions.
+//!
+//! Each handler checks a request in the contract's order: body size and
+//! authentication happen before it runs (middleware and the [`Principal`]
+//! extractor), then permission (403), media type (415), body (400), the
+//! target's existence (404) and its state (400).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, OriginalUri, RawPathParams, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use axum::routing::{get, post};
+use proto::api::{IpAddress, Machine, MachineAction};
+use proto::time::format_utc;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use store::{ActionRecord, MachineRecord, NewAction, StoreError};
+
+use crate::auth::{Permission, Principal};
+use crate::error::{ApiError, json_response};
+use crate::{AppState, base_url, crypto, odata};
+
+/// Longest `Comment` accepted, in characters.
+const MAX_COMMENT: usize = 4000;
+/// Longest `Title` or `ExternalId` accepted, in characters.
+const MAX_SHORT_TEXT: usize = 1000;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/machines", get(list_machines))
+        .route("/machines/{id}", get(get_machine))
+        .route("/machines/{id}/isolate", post(isolate))
+        .route("/machines/{id}/unisolate", post(unisolate))
+        .route("/machineactions", get(list_actions))
+        .route("/machineactions/{id}", get(get_action))
+        .route("/machineactions/{id}/cancel", post(cancel))
+        .route("/openapi.json", get(openapi))
+}
+
+/// The `{id}` of the path, decoded; a path that is not UTF-8 is an
+/// `InvalidInput` instead of axum's plain-text rejection.
+pub struct IdParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::invalid_input("The id in the path is malformed."))?;
+        let raw = params
+            .iter()
+            .find(|(name, _)| *name == "id")
+            .map(|(_, value)| value.to_owned())
+            .ok_or_else(|| ApiError::invalid_input("The id in the path is missing."))?;
+        Ok(IdParam(raw))
+    }
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type())
+    }
+}
+
+/// Parses a JSON object body into `T`; anything else is `InvalidRequestBody`.
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_body(format!("The request body is not valid JSON: {e}.")))?;
+    if !value.is_object() {
+        return Err(ApiError::invalid_body(
+            "The request body must be a JSON object.",
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        ApiError::invalid_body(format!(
+            "The request body has a field of the wrong type: {e}."
+        ))
+    })
+}
+
+fn required_comment(comment: Option<String>) -> Result<String, ApiError> {
+    let comment = comment.filter(|c| !c.trim().is_empty());
+    let comment = comment.ok_or_else(|| ApiError::missing_parameter("Comment"))?;
+    check_length("Comment", Some(&comment), MAX_COMMENT)?;
+    Ok(comment)
+}
+
+fn check_length(name: &str, value: Option<&String>, max: usize) -> Result<(), ApiError> {
+    match value {
+        Some(v) if v.chars().count() > max => Err(ApiError::invalid_input(format!(
+            "{name} is longer than {max} characters."
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A machine id from the path: 40 hex characters, any case.
+fn machine_id_param(id: &str) -> Result<String, ApiError> {
+    if crypto::is_machine_id(id) {
+        Ok(id.to_ascii_lowercase())
+    } else {
+        Err(ApiError::invalid_input(format!(
+            "'{}' is not a machine id (40 hexadecimal characters).",
+            shorten(id)
+        )))
+    }
+}
+
+fn action_id_param(id: &str) -> Result<String, ApiError> {
+    if crypto::is_guid(id) {
+        Ok(id.to_ascii_lowercase())
+    } else {
+        Err(ApiError::invalid_input(format!(
+            "'{}' is not a machine action id (a GUID).",
+            shorten(id)
+        )))
+    }
+}
+
+/// Echoes client text in messages only in short, printable form.
+fn shorten(text: &str) -> String {
+    let mut out: String = text.chars().filter(|c| !c.is_control()).take(64).collect();
+    if text.chars().count() > 64 {
+        out.push('…');
+    }
+    out
+}
+
+async fn isolate(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    IdParam(id): IdParam,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    principal.require(Permission::Isolate)?;
+    require_json(&headers)?;
+    let request: proto::api::IsolateRequest = parse_body(&body)?;
+    let comment = required_comment(request.comment)?;
+    let scope = match request.isolation_type.as_deref() {
+        None => "Full",
+        Some(t) if t.eq_ignore_ascii_case("full") => "Full",
+        Some(t) if t.eq_ignore_ascii_case("selective") => "Selective",
+        Some(t) => {
+            return Err(ApiError::invalid_input(format!(
+                "IsolationType '{}' is not valid; use Full or Selective.",
+                shorten(t)
+            )));
+        }
+    };
+    check_length("Title", request.title.as_ref(), MAX_SHORT_TEXT)?;
+    check_length("ExternalId", request.external_id.as_ref(), MAX_SHORT_TEXT)?;
+    let machine_id = machine_id_param(&id)?;
+    let new = NewAction {
+        id: crypto::new_guid(),
+        action_type: "Isolate".into(),
+        title: request.title,
+        requestor: principal.display_name,
+        requestor_comment: comment,
+        machine_id,
+        scope: Some(scope.into()),
+        external_id: request.external_id,
+        request_source: "PublicApi".into(),
+        now: crate::now_nanos(),
+    };
+    create(&state, new, &headers, &uri).await
+}
+
+async fn unisolate(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    IdParam(id): IdParam,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    principal.require(Permission::Isolate)?;
+    require_json(&headers)?;
+    let request: proto::api::UnisolateRequest = parse_body(&body)?;
+    let comment = required_comment(request.comment)?;
+    check_length("Title", request.title.as_ref(), MAX_SHORT_TEXT)?;
+    check_length("ExternalId", request.external_id.as_ref(), MAX_SHORT_TEXT)?;
+    let machine_id = machine_id_param(&id)?;
+    let new = NewAction {
+        id: crypto::new_guid(),
+        action_type: "Unisolate".into(),
+        title: request.title,
+        requestor: principal.display_name,
+        requestor_comment: comment,
+        machine_id,
+        scope: None,
+        external_id: request.external_id,
+        request_source: "PublicApi".into(),
+        now: crate::now_nanos(),
+    };
+    create(&state, new, &headers, &uri).await
+}
+
+async fn create(
+    state: &AppState,
+    new: NewAction,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let machine_id = new.machine_id.clone();
+    let action = match state.store.create_action(new).await {
+        Ok(action) => action,
+        Err(StoreError::NotFound) => {
+            return Err(ApiError::not_found(format!(
+                "Machine {machine_id} was not found."
+            )));
+        }
+        Err(StoreError::ActiveExists(active)) => return Err(ApiError::active_request(active)),
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(action_id = %action.id, machine_id = %action.machine_id, action_type = %action.action_type, "action created");
+    state.gateway.push(&action);
+    Ok(entity_response(
+        StatusCode::CREATED,
+        &context_url(headers, state, uri, "MachineActions/$entity"),
+        action_entity(&action),
+        None,
+    ))
+}
+
+async fn cancel(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    IdParam(id): IdParam,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    principal.require(Permission::Isolate)?;
+    require_json(&headers)?;
+    // The body is optional.
+    let request: proto::api::CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        proto::api::CancelRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    check_length("Comment", request.comment.as_ref(), MAX_COMMENT)?;
+    let action_id = action_id_param(&id)?;
+    let comment = request.comment.filter(|c| !c.trim().is_empty());
+    let action = match state
+        .store
+        .cancel_action(
+            &action_id,
+            principal.display_name,
+            comment,
+            crate::now_nanos(),
+        )
+        .await
+    {
+        Ok(action) => action,
+        Err(StoreError::NotFound) => {
+            return Err(ApiError::not_found(format!(
+                "MachineAction {action_id} was not found."
+            )));
+        }
+        Err(StoreError::WrongStatus(status)) => {
+            return Err(ApiError::bad_request(format!(
+                "Only a Pending action can be cancelled; this action is {status}."
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(action_id = %action.id, "action cancelled");
+    Ok(entity_response(
+        StatusCode::OK,
+        &context_url(&headers, &state, &uri, "MachineActions/$entity"),
+        action_entity(&action),
+        None,
+    ))
+}
+
+async fn get_action(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    IdParam(id): IdParam,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+) -> Result<Response, ApiError> {
+    principal.require(Permission::Read)?;
+    let action_id = action_id_param(&id)?;
+    let action =
+        state.store.get_action(&action_id).await?.ok_or_else(|| {
+            ApiError::not_found(format!("MachineAction {action_id} was not found."))
+        })?;
+    Ok(entity_response(
+        StatusCode::OK,
+        &context_url(&headers, &state, &uri, "MachineActions/$entity"),
+        action_entity(&action),
+        None,
+    ))
+}
+
+async fn get_machine(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    IdParam(id): IdParam,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+) -> Result<Response, ApiError> {
+    principal.require(Permission::Read)?;
+    let valid_name = !id.is_empty()
+        && id.len() <= 255
+        && id
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if !crypto::is_machine_id(&id) && !valid_name {
+        return Err(ApiError::invalid_input(format!(
+            "'{}' is neither a machine id nor a computer name.",
+            shorten(&id)
+        )));
+    }
+    let key = if crypto::is_machine_id(&id) {
+        id.to_ascii_lowercase()
+    } else {
+        id.clone()
+    };
+    let machine =
+        state.store.get_machine(&key).await?.ok_or_else(|| {
+            ApiError::not_found(format!("Machine {} was not found.", shorten(&id)))
+        })?;
+    Ok(entity_response(
+        StatusCode::OK,
+        &context_url(&headers, &state, &uri, "Machines/$entity"),
+        machine_entity(&state, &machine),
+        None,
+    ))
+}
+
+async fn list_actions(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+) -> Result<Response, ApiError> {
+    principal.require(Permission::Read)?;
+    let options = odata::parse(uri.query(), odata::ACTION_FIELDS, odata::ACTION_PROPERTIES)
+        .map_err(ApiError::odata)?;
+    let page = state
+        .store
+        .list_actions(options.query.clone(), state.sql_context())
+        .await?;
+    let items = page.items.iter().map(action_entity).collect();
+    Ok(collection_response(
+        &state,
+        &headers,
+        &uri,
+        "MachineActions",
+        items,
+        &options,
+        page.next,
+        page.count,
+    ))
+}
+
+async fn list_machines(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+) -> Result<Response, ApiError> {
+    principal.require(Permission::Read)?;
+    let options = odata::parse(
+        uri.query(),
+        odata::MACHINE_FIELDS,
+        odata::MACHINE_PROPERTIES,
+    )
+    .map_err(ApiError::odata)?;
+    let page = state
+        .store
+        .list_machines(options.query.clone(), state.sql_context())
+        .await?;
+    let items = page
+        .items
+        .iter()
+        .map(|m| machine_entity(&state, m))
+        .collect();
+    Ok(collection_response(
+        &state, &headers, &uri, "Machines", items, &options, page.next, page.count,
+    ))
+}
+
+async fn openapi(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let mut document: Value =
+        serde_json::from_str(include_str!("openapi.json")).map_err(ApiError::internal)?;
+    document["servers"] =
+        serde_json::json!([{ "url": format!("{}/api", base_url(&headers, &state)) }]);
+    Ok(json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&document).map_err(ApiError::internal)?,
+    ))
+}
+
+/// `<base>/api/$metadata#<what>`, with the API prefix the client used.
+fn context_url(headers: &HeaderMap, state: &AppState, uri: &axum::http::Uri, what: &str) -> String {
+    let prefix = if uri.path().starts_with("/api/v1.0/") {
+        "/api/v1.0"
+    } else {
+        "/api"
+    };
+    format!("{}{prefix}/$metadata#{what}", base_url(headers, state))
+}
+
+fn to_object<T: serde::Serialize>(entity: T) -> Map<String, Value> {
+    match serde_json::to_value(entity) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    }
+}
+
+fn entity_response<T: serde::Serialize>(
+    status: StatusCode,
+    context: &str,
+    entity: T,
+    select: Option<&[&str]>,
+) -> Response {
+    let mut body = Map::new();
+    body.insert("@odata.context".into(), Value::String(context.to_owned()));
+    body.extend(project(to_object(entity), select));
+    json_response(status, serde_json::to_vec(&body).expect("JSON object"))
+}
+
+/// Keeps only the selected properties, in the entity's order.
+fn project(object: Map<String, Value>, select: Option<&[&str]>) -> Map<String, Value> {
+    match select {
+        None => object,
+        Some(keep) => object
+            .into_iter()
+            .filter(|(key, _)| keep.contains(&key.as_str()))
+            .collect(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn collection_response<T: serde::Serialize, F>(
+    state: &AppState,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+    set: &str,
+    items: Vec<T>,
+    options: &odata::ListOptions<F>,
+    next: Option<store::Cursor>,
+    count: Option<u64>,
+) -> Response {
+    let returned = items.len() as u64;
+    let mut body = Map::new();
+    body.insert(
+        "@odata.context".into(),
+        Value::String(context_url(headers, state, uri, set)),
+    );
+    if let Some(count) = count {
+        body.insert("@odata.count".into(), Value::from(count));
+    }
+    let select = options.select.as_deref();
+    let values: Vec<Value> = items
+        .into_iter()
+        .map(|item| Value::Object(project(to_object(item), select)))
+        .collect();
+    body.insert("value".into(), Value::Array(values));
+    let remaining = options.top.map(|top| top.saturating_sub(returned));
+    if let Some(cursor) = next
+        && remaining != Some(0)
+    {
+        let query = odata::next_page_query(uri.query(), &cursor, remaining);
+        body.insert(
+            "@odata.nextLink".into(),
+            Value::String(format!(
+                "{}{}?{query}",
+                base_url(headers, state),
+                uri.path()
+            )),
+        );
+    }
+    json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&body).expect("JSON object"),
+    )
+}
+
+pub fn action_entity(a: &ActionRecord) -> MachineAction {
+    MachineAction {
+        id: a.id.clone(),
+        action_type: a.action_type.clone(),
+        title: a.title.clone(),
+        requestor: a.requestor.clone(),
+        requestor_comment: a.requestor_comment.clone(),
+        status: a.status.clone(),
+        machine_id: a.machine_id.clone(),
+        computer_dns_name: a.computer_dns_name.clone(),
+        creation_date_time_utc: format_utc(a.created_at),
+        last_update_date_time_utc: format_utc(a.updated_at),
+        cancellation_requestor: a.cancellation_requestor.clone(),
+        cancellation_comment: a.cancellation_comment.clone(),
+        cancellation_date_time_utc: a.cancellation_at.map(format_utc),
+        error_h_result: a.error_hresult,
+        scope: a.scope.clone(),
+        external_id: a.external_id.clone(),
+        request_source: a.request_source.clone(),
+        related_file_info: None,
+        commands: Vec::new(),
+        troubleshoot_info: a.troubleshoot_info.clone(),
+    }
+}
+
+pub fn machine_entity(state: &AppState, m: &MachineRecord) -> Machine {
+    let last_seen = state
+        .gateway
+        .last_seen(&m.id)
+        .map_or(m.last_seen, |s| s.max(m.last_seen));
+    let facts = &m.facts;
+    Machine {
+        id: m.id.clone(),
+        computer_dns_name: facts.computer_dns_name.clone(),
+        first_seen: format_utc(m.first_seen),
+        last_seen: Some(format_utc(last_seen)),
+        os_platform: facts.os_platform.clone(),
+        os_version: facts.os_version.clone(),
+        version: facts.os_version.clone(),
+        os_processor: facts.os_processor.clone(),
+        os_architecture: facts.os_architecture.clone(),
+        os_build: facts.os_build,
+        agent_version: facts.agent_version.clone(),
+        last_ip_address: facts.last_ip_address.clone(),
+        last_external_ip_address: facts.last_external_ip_address.clone(),
+        health_status: store::health_status(last_seen, &state.sql_context()).to_owned(),
+        onboarding_status: m.onboarding_status.clone(),
+        rbac_group_id: m.rbac_group_id,
+        rbac_group_name: None,
+        risk_score: "None".into(),
+        exposure_level: "None".into(),
+        device_value: "Normal".into(),
+        aad_device_id: None,
+        is_aad_joined: false,
+        machine_tags: m.tags.clone(),
+        ip_addresses: facts
+            .addresses
+            .iter()
+            .map(|a| IpAddress {
+                ip_address: a.ip_address.clone(),
+                mac_address: a.mac_address.clone(),
+                address_type: a.interface_type.clone().unwrap_or_else(|| "Other".into()),
+                operational_status: a.operational_status.clone().unwrap_or_else(|| "Up".into()),
+            })
+            .collect(),
+        isolation_state: m.isolation_state.clone(),
+        isolation_scope: m.isolation_scope.clone(),
+    }
+}

@@ -1,0 +1,185 @@
+//! Authentication of API calls: the bearer token becomes a [`Principal`].
+//!
+//! The extractor checks, in order: a well-formed `Authorization: Bearer`
+//! header, the token's signature (pinned to RS256 and the server's key),
+//! issuer, audience, tenant and lifetime, that the application still exists,
+//! and the caller's rate limit. Permission checks come after, in the
+//! handler, so that a refused permission is a 403 and never a 401.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, MatchedPath};
+use axum::http::header;
+use axum::http::request::Parts;
+use proto::auth::Claims;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Tokens are accepted this long before `nbf` and after `exp`.
+const CLOCK_SKEW_SECONDS: i64 = 300;
+
+/// Resources (audiences) a token may be issued for, besides the server's own URL.
+pub const RESOURCES: &[&str] = &[
+    "https://api.securitycenter.microsoft.com",
+    "https://api.security.microsoft.com",
+    "https://securitycenter.onmicrosoft.com/windowsatpservice",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    /// Isolate, unisolate, cancel.
+    Isolate,
+    /// Read machines and machine actions.
+    Read,
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The application's client id (or the user's object id).
+    pub id: String,
+    /// Shown as `requestor`: the app's display name or the user's UPN.
+    pub display_name: String,
+    /// Application permissions (`roles`).
+    pub roles: Vec<String>,
+    /// Delegated permissions (`scp`).
+    pub scopes: Vec<String>,
+}
+
+impl Principal {
+    pub fn require(&self, permission: Permission) -> Result<(), ApiError> {
+        let (roles, scopes): (&[&str], &[&str]) = match permission {
+            Permission::Isolate => (&["Machine.Isolate"], &["Machine.Isolate"]),
+            Permission::Read => (
+                &["Machine.Read.All", "Machine.ReadWrite.All"],
+                &["Machine.Read", "Machine.ReadWrite"],
+            ),
+        };
+        let granted = self.roles.iter().any(|r| roles.contains(&r.as_str()))
+            || self.scopes.iter().any(|s| scopes.contains(&s.as_str()));
+        if granted {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "The caller lacks the permission this call needs: {}.",
+                roles.join(" or ")
+            )))
+        }
+    }
+}
+
+/// Normalizes a resource or audience for comparison (no trailing slash, lowercase).
+pub fn normalize_resource(resource: &str) -> String {
+    resource.trim_end_matches('/').to_ascii_lowercase()
+}
+
+impl AppState {
+    /// Whether `resource` names this API.
+    pub fn accepts_resource(&self, resource: &str) -> bool {
+        let resource = normalize_resource(resource);
+        resource == normalize_resource(&self.public_url)
+            || RESOURCES.iter().any(|r| normalize_resource(r) == resource)
+    }
+
+    /// Checks a bearer token's claims; the signature is checked by the key.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, ApiError> {
+        let claims = self.signing_key.verify(token).map_err(|e| {
+            tracing::info!(reason = %e, "token refused");
+            ApiError::unauthorized("The access token is invalid.")
+        })?;
+        self.check_claims(&claims)?;
+        let Some(app_id) = claims.appid.clone() else {
+            return Err(ApiError::unauthorized(
+                "The access token has no application id.",
+            ));
+        };
+        let app = self.store.get_app(&app_id).await?.ok_or_else(|| {
+            tracing::info!(app_id = %app_id, "token of a deleted application refused");
+            ApiError::unauthorized("The application of this token no longer exists.")
+        })?;
+        // Permissions are the token's roles that the app still holds.
+        let roles = claims
+            .roles
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| app.permissions.contains(r))
+            .collect();
+        Ok(Principal {
+            id: app.client_id,
+            display_name: app.name,
+            roles,
+            scopes: Vec::new(),
+        })
+    }
+
+    fn check_claims(&self, claims: &Claims) -> Result<(), ApiError> {
+        let now = crate::unix_seconds();
+        let refuse = |why: &str| {
+            tracing::info!(reason = why, "token refused");
+            Err(ApiError::unauthorized(format!(
+                "The access token is {why}."
+            )))
+        };
+        if claims.iss != self.issuer {
+            return refuse("from another issuer");
+        }
+        if !self.accepts_resource(&claims.aud) {
+            return refuse("for another audience");
+        }
+        if claims.tid != self.tenant_id {
+            return refuse("for another tenant");
+        }
+        if claims.exp + CLOCK_SKEW_SECONDS <= now {
+            return refuse("expired");
+        }
+        if claims.nbf - CLOCK_SKEW_SECONDS > now {
+            return refuse("not yet valid");
+        }
+        Ok(())
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("The Authorization header is missing."))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthorized("The Authorization header must be 'Bearer <token>'.")
+            })?;
+        let principal = state.authenticate(token).await?;
+        let endpoint = format!(
+            "{} {}",
+            parts.method,
+            parts
+                .extensions
+                .get::<MatchedPath>()
+                .map_or("", |p| p.as_str())
+                .replacen("/api/v1.0/", "/api/", 1)
+        );
+        state
+            .limiter
+            .check(&principal.id, &endpoint)
+            .map_err(|wait| {
+                tracing::info!(caller = %principal.id, %endpoint, "rate limit hit");
+                ApiError::too_many_requests(wait)
+            })?;
+        tracing::debug!(caller = %principal.id, "authenticated");
+        Ok(principal)
+    }
+}

@@ -1,0 +1,712 @@
+//! The agent gateway: enrollment, and one long-lived session per agent over
+//! which actions are pushed the moment they are created.
+//!
+//! A session is an HTTP/1.1 upgrade of `GET /agent/v1/session` on the API's
+//! port, then one JSON message per line each way (`proto::agent`). The
+//! agent proves it holds the key it enrolled with by signing the server's
+//! nonce together with the TLS exporter value of this very connection.
+//! Everything an agent sends is checked against its own machine id, so an
+//! agent can never read or change another machine's actions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use aws_lc_rs::signature::{ED25519, UnparsedPublicKey};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use hyper_util::rt::TokioIo;
+use proto::agent::{
+    ActionOrder, AgentError, AgentMessage, Enforced, EnrollRequest, EnrollResponse, HostFacts,
+    MAX_LINE, SESSION_PATH, SESSION_PROTOCOL, ServerMessage,
+};
+use store::{ActionRecord, Address, Facts, Outcome, StoreError};
+use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+use crate::{AppState, ConnInfo, crypto};
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route(proto::agent::ENROLL_PATH, post(enroll))
+        .route(SESSION_PATH, get(session))
+}
+
+enum Outbound {
+    Message(ServerMessage),
+    Close { code: &'static str, reason: String },
+}
+
+struct SessionHandle {
+    conn_id: u64,
+    sender: mpsc::UnboundedSender<Outbound>,
+}
+
+/// Live sessions and liveness not yet written to the store.
+#[derive(Default)]
+pub struct Gateway {
+    sessions: Mutex<HashMap<String, SessionHandle>>,
+    seen: Mutex<HashMap<String, i64>>,
+    flushed_seen: Mutex<HashMap<String, i64>>,
+    next_conn_id: AtomicU64,
+}
+
+impl Gateway {
+    /// Sends a new action to its machine's live session, if there is one.
+    /// Delivery is at-least-once: a session that opens later gets every
+    /// undelivered action from the store.
+    pub fn push(&self, action: &ActionRecord) {
+        let sessions = self.sessions.lock().expect("sessions lock");
+        if let Some(session) = sessions.get(&action.machine_id) {
+            let _ = session
+                .sender
+                .send(Outbound::Message(ServerMessage::Action(order(action))));
+        }
+    }
+
+    pub fn is_connected(&self, machine_id: &str) -> bool {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .contains_key(machine_id)
+    }
+
+    /// When the machine was last heard from, if newer than the store knows.
+    pub fn last_seen(&self, machine_id: &str) -> Option<i64> {
+        let pending = self
+            .seen
+            .lock()
+            .expect("seen lock")
+            .get(machine_id)
+            .copied();
+        let flushed = self
+            .flushed_seen
+            .lock()
+            .expect("seen lock")
+            .get(machine_id)
+            .copied();
+        pending.max(flushed)
+    }
+
+    fn register(&self, machine_id: &str) -> (u64, mpsc::UnboundedReceiver<Outbound>) {
+        let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let previous = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(machine_id.to_owned(), SessionHandle { conn_id, sender });
+        if let Some(previous) = previous {
+            let _ = previous.sender.send(Outbound::Close {
+                code: "Replaced",
+                reason: "a newer session of this machine replaced this one".into(),
+            });
+        }
+        (conn_id, receiver)
+    }
+
+    fn unregister(&self, machine_id: &str, conn_id: u64) {
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        if sessions
+            .get(machine_id)
+            .is_some_and(|s| s.conn_id == conn_id)
+        {
+            sessions.remove(machine_id);
+        }
+    }
+
+    fn touch(&self, machine_id: &str) {
+        self.seen
+            .lock()
+            .expect("seen lock")
+            .insert(machine_id.to_owned(), crate::now_nanos());
+    }
+
+    /// Writes liveness to the store in one batch, and closes sessions of
+    /// machines revoked meanwhile.
+    pub async fn flush(&self, store: &store::Store) {
+        let batch: Vec<(String, i64)> = std::mem::take(&mut *self.seen.lock().expect("seen lock"))
+            .into_iter()
+            .collect();
+        if !batch.is_empty() {
+            {
+                let mut flushed = self.flushed_seen.lock().expect("seen lock");
+                for (id, at) in &batch {
+                    flushed.insert(id.clone(), *at);
+                }
+            }
+            if let Err(e) = store.touch_machines(batch).await {
+                tracing::warn!(error = %e, "could not record heartbeats");
+            }
+            self.flushed_seen.lock().expect("seen lock").clear();
+        }
+    }
+
+    pub async fn close_revoked(&self, store: &store::Store) {
+        let connected: Vec<String> = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .keys()
+            .cloned()
+            .collect();
+        if connected.is_empty() {
+            return;
+        }
+        match store.revoked_among(connected).await {
+            Ok(revoked) => {
+                let sessions = self.sessions.lock().expect("sessions lock");
+                for id in revoked {
+                    if let Some(session) = sessions.get(&id) {
+                        let _ = session.sender.send(Outbound::Close {
+                            code: "Revoked",
+                            reason: "this machine's enrollment was revoked".into(),
+                        });
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not check revocations"),
+        }
+    }
+}
+
+fn order(action: &ActionRecord) -> ActionOrder {
+    ActionOrder {
+        action_id: action.id.clone(),
+        machine_id: action.machine_id.clone(),
+        action_type: action.action_type.clone(),
+        scope: action.scope.clone(),
+        created: proto::time::format_utc(action.created_at),
+    }
+}
+
+fn agent_error(status: StatusCode, code: &str, reason: impl Into<String>) -> Response {
+    let reason = reason.into();
+    tracing::info!(code, %reason, "agent request refused");
+    (
+        status,
+        axum::Json(AgentError {
+            code: code.to_owned(),
+            reason,
+        }),
+    )
+        .into_response()
+}
+
+fn enforced_scope(enforced: Enforced) -> Option<String> {
+    match enforced {
+        Enforced::NotIsolated => None,
+        Enforced::Full => Some("Full".into()),
+        Enforced::Selective => Some("Selective".into()),
+    }
+}
+
+/// Host facts from an agent, bounded and cleaned before they are stored.
+fn facts_from(facts: HostFacts) -> Result<Facts, String> {
+    let clean = |v: Option<String>| {
+        v.map(|s| {
+            s.chars()
+                .filter(|c| !c.is_control())
+                .take(256)
+                .collect::<String>()
+        })
+        .filter(|s| !s.is_empty())
+    };
+    let name = facts.computer_dns_name.trim().to_ascii_lowercase();
+    let valid_name = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if !valid_name {
+        return Err("computerDnsName must be 1 to 255 letters, digits, '.', '-' or '_'".into());
+    }
+    let addresses: Vec<Address> = facts
+        .addresses
+        .into_iter()
+        .take(64)
+        .filter(|a| a.ip_address.parse::<std::net::IpAddr>().is_ok())
+        .map(|a| Address {
+            ip_address: a.ip_address,
+            mac_address: clean(a.mac_address),
+            interface_type: clean(a.interface_type),
+            operational_status: clean(a.operational_status),
+        })
+        .collect();
+    let last_ip_address = addresses.iter().map(|a| a.ip_address.clone()).find(|ip| {
+        ip.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| !ip.is_loopback())
+    });
+    Ok(Facts {
+        computer_dns_name: name,
+        os_platform: clean(facts.os_platform),
+        os_version: clean(facts.os_version),
+        os_processor: clean(facts.os_processor),
+        os_architecture: clean(facts.os_architecture),
+        os_build: facts.os_build,
+        agent_version: clean(facts.agent_version),
+        last_ip_address,
+        last_external_ip_address: None,
+        addresses,
+    })
+}
+
+fn verify_signature(public_key: &[u8], message: &[u8], signature_b64: &str) -> bool {
+    let Ok(signature) = STANDARD.decode(signature_b64) else {
+        return false;
+    };
+    UnparsedPublicKey::new(&ED25519, public_key)
+        .verify(message, &signature)
+        .is_ok()
+}
+
+async fn enroll(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let request: EnrollRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return agent_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidRequestBody",
+                format!("the enrollment request is not valid: {e}"),
+            );
+        }
+    };
+    let public_key = match STANDARD.decode(&request.public_key) {
+        Ok(key) if key.len() == 32 => key,
+        _ => {
+            return agent_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidPublicKey",
+                "publicKey must be a base64 Ed25519 public key (32 bytes)",
+            );
+        }
+    };
+    let message = proto::agent::enroll_proof_message(&request.token, &request.public_key);
+    if !verify_signature(&public_key, &message, &request.proof) {
+        return agent_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidProof",
+            "the proof is not a signature of the enrollment by the given key",
+        );
+    }
+    let facts = match facts_from(request.facts) {
+        Ok(f) => f,
+        Err(reason) => return agent_error(StatusCode::BAD_REQUEST, "InvalidFacts", reason),
+    };
+    let machine_id = crypto::new_machine_id();
+    match state
+        .store
+        .enroll_machine(
+            crypto::sha256_hex(request.token.as_bytes()),
+            machine_id,
+            public_key,
+            facts,
+            crate::now_nanos(),
+        )
+        .await
+    {
+        Ok(machine) => {
+            tracing::info!(machine_id = %machine.id, name = %machine.facts.computer_dns_name, "machine enrolled");
+            (
+                StatusCode::OK,
+                axum::Json(EnrollResponse {
+                    machine_id: machine.id,
+                }),
+            )
+                .into_response()
+        }
+        Err(StoreError::TokenRejected(reason)) => {
+            agent_error(StatusCode::FORBIDDEN, "EnrollTokenRejected", reason)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "enrollment failed");
+            agent_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "try again later",
+            )
+        }
+    }
+}
+
+async fn session(State(state): State<Arc<AppState>>, mut request: Request) -> Response {
+    let upgrade_ok = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(SESSION_PROTOCOL));
+    if !upgrade_ok {
+        return agent_error(
+            StatusCode::BAD_REQUEST,
+            "UpgradeRequired",
+            format!("a session needs 'Upgrade: {SESSION_PROTOCOL}'"),
+        );
+    }
+    let Some(exporter) = request
+        .extensions()
+        .get::<ConnInfo>()
+        .and_then(|info| info.exporter.clone())
+    else {
+        return agent_error(StatusCode::BAD_REQUEST, "NoTls", "sessions need TLS");
+    };
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        return agent_error(
+            StatusCode::BAD_REQUEST,
+            "UpgradeFailed",
+            "the connection can't be upgraded",
+        );
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => run_session(state, TokioIo::new(upgraded), exporter).await,
+            Err(e) => tracing::info!(error = %e, "session upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    response
+        .headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(SESSION_PROTOCOL));
+    response
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes; `Ok(None)` at end of stream.
+async fn read_line<R: AsyncBufReadExt + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+) -> std::io::Result<Option<()>> {
+    line.clear();
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(None);
+        }
+        if let Some(end) = available.iter().position(|b| *b == b'\n') {
+            line.extend_from_slice(&available[..end]);
+            reader.consume(end + 1);
+            return Ok(Some(()));
+        }
+        let taken = available.len();
+        line.extend_from_slice(available);
+        reader.consume(taken);
+        if line.len() > MAX_LINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "message too long",
+            ));
+        }
+    }
+}
+
+async fn send<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: &ServerMessage,
+) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(message).expect("server message serializes");
+    line.push(b'\n');
+    writer.write_all(&line).await?;
+    writer.flush().await
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, code: &str, reason: &str) {
+    tracing::info!(code, reason, "session refused");
+    let _ = send(
+        writer,
+        &ServerMessage::Refused {
+            code: code.into(),
+            reason: reason.into(),
+        },
+    )
+    .await;
+    let _ = writer.shutdown().await;
+}
+
+async fn run_session<IO>(state: Arc<AppState>, io: IO, exporter: String)
+where
+    IO: tokio::io::AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (read_half, mut writer) = tokio::io::split(io);
+    let mut reader = BufReader::new(read_half);
+    let mut line = Vec::new();
+    let nonce = STANDARD.encode(crypto::random_bytes::<32>());
+    if send(
+        &mut writer,
+        &ServerMessage::Challenge {
+            nonce: nonce.clone(),
+        },
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    let hello =
+        tokio::time::timeout(Duration::from_secs(10), read_line(&mut reader, &mut line)).await;
+    let hello = match hello {
+        Ok(Ok(Some(()))) => serde_json::from_slice::<AgentMessage>(&line),
+        _ => {
+            return refuse(
+                &mut writer,
+                "ProtocolError",
+                "expected hello within 10 seconds",
+            )
+            .await;
+        }
+    };
+    let Ok(AgentMessage::Hello {
+        machine_id,
+        proof,
+        facts,
+        enforced,
+    }) = hello
+    else {
+        return refuse(
+            &mut writer,
+            "ProtocolError",
+            "the first message must be a valid hello",
+        )
+        .await;
+    };
+    if !crypto::is_machine_id(&machine_id) {
+        return refuse(
+            &mut writer,
+            "UnknownMachine",
+            "machineId is not a machine id",
+        )
+        .await;
+    }
+    let machine = match state.store.get_machine(&machine_id).await {
+        Ok(Some(m)) if m.id == machine_id => m,
+        Ok(_) => {
+            return refuse(
+                &mut writer,
+                "UnknownMachine",
+                "this machine is not enrolled",
+            )
+            .await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "session: store error");
+            return refuse(&mut writer, "Unavailable", "try again later").await;
+        }
+    };
+    let message = proto::agent::session_proof_message(&machine_id, &nonce, &exporter);
+    if !verify_signature(&machine.public_key, &message, &proof) {
+        return refuse(
+            &mut writer,
+            "InvalidProof",
+            "the proof does not match the enrolled key",
+        )
+        .await;
+    }
+    if machine.revoked {
+        return refuse(
+            &mut writer,
+            "Revoked",
+            "this machine's enrollment was revoked",
+        )
+        .await;
+    }
+    let span = tracing::info_span!("session", machine_id = %machine_id);
+    let _ = tracing::Instrument::instrument(
+        serve_session(
+            state,
+            machine_id,
+            machine.isolation_scope,
+            facts,
+            enforced,
+            reader,
+            writer,
+        ),
+        span,
+    )
+    .await;
+}
+
+async fn serve_session<R, W>(
+    state: Arc<AppState>,
+    machine_id: String,
+    known_scope: Option<String>,
+    facts: HostFacts,
+    enforced: Enforced,
+    mut reader: BufReader<R>,
+    mut writer: W,
+) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match facts_from(facts) {
+        Ok(facts) => {
+            if let Err(e) = state.store.update_facts(&machine_id, facts).await {
+                tracing::warn!(error = %e, "could not record host facts");
+            }
+        }
+        Err(reason) => tracing::info!(%reason, "host facts ignored"),
+    }
+    let mut scope = enforced_scope(enforced);
+    if scope != known_scope
+        && let Err(e) = state.store.set_enforced(&machine_id, scope.clone()).await
+    {
+        tracing::warn!(error = %e, "could not record the enforced state");
+    }
+    let (conn_id, mut outbound) = state.gateway.register(&machine_id);
+    state.gateway.touch(&machine_id);
+    tracing::info!("session opened");
+    let result = async {
+        send(
+            &mut writer,
+            &ServerMessage::Welcome {
+                machine_id: machine_id.clone(),
+                heartbeat_seconds: state.config.heartbeat_interval.as_secs().max(1),
+            },
+        )
+        .await?;
+        for action in state.store.undelivered_actions(&machine_id).await.unwrap_or_default() {
+            send(&mut writer, &ServerMessage::Action(order(&action))).await?;
+        }
+        let idle_limit = state.config.heartbeat_interval * 3 + Duration::from_secs(5);
+        let mut line = Vec::new();
+        loop {
+            tokio::select! {
+                read = tokio::time::timeout(idle_limit, read_line(&mut reader, &mut line)) => {
+                    match read {
+                        Err(_) => {
+                            refuse(&mut writer, "Timeout", "no message within three heartbeat intervals").await;
+                            return Ok(());
+                        }
+                        Ok(Ok(None)) => return Ok(()),
+                        Ok(Err(e)) => {
+                            refuse(&mut writer, "ProtocolError", &e.to_string()).await;
+                            return Ok(());
+                        }
+                        Ok(Ok(Some(()))) => {}
+                    }
+                    state.gateway.touch(&machine_id);
+                    let message = match serde_json::from_slice::<AgentMessage>(&line) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            refuse(&mut writer, "ProtocolError", &format!("invalid message: {e}")).await;
+                            return Ok(());
+                        }
+                    };
+                    if let Some(reply) = handle(&state, &machine_id, &mut scope, message).await {
+                        send(&mut writer, &reply).await?;
+                    }
+                }
+                out = outbound.recv() => match out {
+                    Some(Outbound::Message(message)) => send(&mut writer, &message).await?,
+                    Some(Outbound::Close { code, reason }) => {
+                        refuse(&mut writer, code, &reason).await;
+                        return Ok(());
+                    }
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
+    .await;
+    state.gateway.unregister(&machine_id, conn_id);
+    tracing::info!("session closed");
+    result
+}
+
+async fn handle(
+    state: &AppState,
+    machine_id: &str,
+    scope: &mut Option<String>,
+    message: AgentMessage,
+) -> Option<ServerMessage> {
+    let now = crate::now_nanos();
+    match message {
+        AgentMessage::Hello { .. } => None,
+        AgentMessage::Heartbeat { enforced } => {
+            let reported = enforced_scope(enforced);
+            if reported != *scope {
+                *scope = reported.clone();
+                if let Err(e) = state.store.set_enforced(machine_id, reported).await {
+                    tracing::warn!(error = %e, "could not record the enforced state");
+                }
+            }
+            None
+        }
+        AgentMessage::Facts(facts) => {
+            match facts_from(facts) {
+                Ok(facts) => {
+                    if let Err(e) = state.store.update_facts(machine_id, facts).await {
+                        tracing::warn!(error = %e, "could not record host facts");
+                    }
+                }
+                Err(reason) => tracing::info!(%reason, "host facts ignored"),
+            }
+            None
+        }
+        AgentMessage::Ack { action_id } => {
+            match state.store.start_action(machine_id, &action_id, now).await {
+                Ok(action) if action.status == "InProgress" => {
+                    tracing::info!(%action_id, "action in progress");
+                    Some(ServerMessage::Proceed { action_id })
+                }
+                Ok(action) => Some(ServerMessage::Withdrawn {
+                    action_id,
+                    status: action.status,
+                }),
+                Err(StoreError::NotFound) => {
+                    tracing::warn!(%action_id, "agent acknowledged an action that is not its own");
+                    Some(ServerMessage::Withdrawn {
+                        action_id,
+                        status: "NotFound".into(),
+                    })
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not start an action");
+                    None
+                }
+            }
+        }
+        AgentMessage::Result {
+            action_id,
+            succeeded,
+            error_h_result,
+            reason,
+            enforced,
+        } => {
+            let reported = enforced_scope(enforced);
+            *scope = reported.clone();
+            let outcome = Outcome {
+                succeeded,
+                error_hresult: error_h_result,
+                reason: reason.map(|r| r.chars().take(1000).collect()),
+                enforced_scope: reported,
+            };
+            match state
+                .store
+                .finish_action(machine_id, &action_id, outcome, now)
+                .await
+            {
+                Ok(action) => {
+                    tracing::info!(%action_id, status = %action.status, "action finished")
+                }
+                Err(StoreError::NotFound) => {
+                    tracing::warn!(%action_id, "agent reported an action that is not its own");
+                }
+                Err(e) => tracing::error!(error = %e, "could not record an action's outcome"),
+            }
+            None
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! `cordon`: the server (`cordon serve`) and its admin commands.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use server::{Config, TlsSource, crypto};
+
+#[derive(Parser)]
+#[command(
+    name = "cordon",
+    version,
+    about = "Cordon: cut a compromised machine off the network, and let it back on."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: the isolation API, its OAuth authority and the agent gateway.
+    Serve(ServeArgs),
+    /// Manage the applications that call the API.
+    #[command(subcommand)]
+    App(AppCommand),
+    /// Manage the tokens agents enroll with.
+    #[command(subcommand, name = "enroll-token")]
+    EnrollToken(EnrollTokenCommand),
+    /// Manage enrolled machines.
+    #[command(subcommand)]
+    Machine(MachineCommand),
+}
+
+#[derive(Args)]
+struct DataDir {
+    /// Directory with the database, keys and certificates.
+    #[arg(long, env = "CORDON_DATA_DIR", default_value = "./cordon-data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// Address and port to serve HTTPS on.
+    #[arg(long, env = "CORDON_LISTEN", default_value = "127.0.0.1:8443")]
+    listen: SocketAddr,
+    /// Canonical base URL (the tokens' issuer), such as https://cordon.example.com:8443.
+    /// Default: https://<listen address>, with localhost for 0.0.0.0 and ::.
+    #[arg(long, env = "CORDON_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// PEM certificate chain to serve instead of the generated one (needs --tls-key).
+    #[arg(long, env = "CORDON_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "CORDON_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Extra name or address for the generated certificate (repeatable;
+    /// comma-separated in the environment variable).
+    #[arg(long = "tls-san", env = "CORDON_TLS_SAN", value_delimiter = ',')]
+    tls_san: Vec<String>,
+    /// How long a Pending action waits for its machine before it times out (e.g. 3d, 12h, 30s).
+    #[arg(long, env = "CORDON_ACTION_EXPIRY", default_value = "3d", value_parser = parse_duration)]
+    action_expiry: Duration,
+    /// How long an action may stay InProgress before it times out.
+    #[arg(long, env = "CORDON_APPLY_DEADLINE", default_value = "10m", value_parser = parse_duration)]
+    apply_deadline: Duration,
+    /// Calls a minute per application and endpoint (0: no limit).
+    #[arg(long, env = "CORDON_RATE_LIMIT_PER_MINUTE", default_value_t = 100)]
+    rate_limit_per_minute: u32,
+    /// Calls an hour per application and endpoint (0: no limit).
+    #[arg(long, env = "CORDON_RATE_LIMIT_PER_HOUR", default_value_t = 1500)]
+    rate_limit_per_hour: u32,
+    /// How often agents send a heartbeat.
+    #[arg(long, env = "CORDON_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+}
+
+#[derive(Subcommand)]
+enum AppCommand {
+    /// Create an application; prints its client id and secret (shown once).
+    Create {
+        #[command(flatten)]
+        data: DataDir,
+        /// Display name (the `requestor` of its actions).
+        #[arg(long)]
+        name: String,
+        /// Application permission (repeatable): Machine.Isolate, Machine.Read.All, Machine.ReadWrite.All.
+        #[arg(long = "permission", required = true)]
+        permissions: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List applications.
+    List {
+        #[command(flatten)]
+        data: DataDir,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an application; its tokens stop working at once.
+    Delete {
+        #[command(flatten)]
+        data: DataDir,
+        /// The application's client id.
+        client_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnrollTokenCommand {
+    /// Create a token that agents enroll with (shown once).
+    Create {
+        #[command(flatten)]
+        data: DataDir,
+        /// Lifetime, such as 24h or 7d (default: no expiry).
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<Duration>,
+        /// How many enrollments it allows (default: no limit).
+        #[arg(long)]
+        max_uses: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MachineCommand {
+    /// List enrolled machines.
+    List {
+        #[command(flatten)]
+        data: DataDir,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a machine's enrollment: its agent can no longer connect.
+    Revoke {
+        #[command(flatten)]
+        data: DataDir,
+        machine_id: String,
+    },
+}
+
+const PERMISSIONS: &[&str] = &[
+    "Machine.Isolate",
+    "Machine.Read.All",
+    "Machine.ReadWrite.All",
+];
+
+/// Parses `500ms`, `30s`, `10m`, `24h`, `3d` (a bare number is seconds).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration such as 30s, 10m, 24h or 3d"))?;
+    let seconds = match unit {
+        "ms" => return Ok(Duration::from_millis(number)),
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "unknown unit '{unit}' in '{text}'; use ms, s, m, h or d"
+            ));
+        }
+    };
+    number
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("'{text}' is too long"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cordon: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cordon: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::App(command) => app_command(command).await,
+        Command::EnrollToken(command) => enroll_token_command(command).await,
+        Command::Machine(command) => machine_command(command).await,
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = std::env::var("CORDON_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging();
+    let mut config = Config::new(args.data.data_dir);
+    config.listen = args.listen;
+    config.public_url = args.public_url;
+    config.tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+        _ => TlsSource::SelfSigned {
+            extra_names: args.tls_san,
+        },
+    };
+    config.action_expiry = args.action_expiry;
+    config.apply_deadline = args.apply_deadline;
+    config.rate_limit_per_minute = args.rate_limit_per_minute;
+    config.rate_limit_per_hour = args.rate_limit_per_hour;
+    config.heartbeat_interval = args.heartbeat_interval;
+    if let Some(url) = &config.public_url
+        && !url.starts_with("https://")
+    {
+        bail!("--public-url must start with https://");
+    }
+    let running = server::start(config).await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "Cordon is serving on https://{}", running.local_addr)?;
+    writeln!(out, "  URL:       {}", running.public_url)?;
+    writeln!(out, "  Tenant id: {}", running.tenant_id)?;
+    writeln!(
+        out,
+        "  Authority: {}/{}",
+        running.public_url, running.tenant_id
+    )?;
+    if let Some(ca) = &running.ca_path {
+        writeln!(out, "  CA file:   {}", ca.display())?;
+    }
+    out.flush()?;
+    drop(out);
+    tracing::info!(address = %running.local_addr, tenant_id = %running.tenant_id, "serving");
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("stopping"),
+        _ = running.wait() => {}
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn app_command(command: AppCommand) -> anyhow::Result<()> {
+    match command {
+        AppCommand::Create {
+            data,
+            name,
+            permissions,
+            json,
+        } => {
+            for permission in &permissions {
+                if !PERMISSIONS.contains(&permission.as_str()) {
+                    bail!(
+                        "unknown permission '{permission}'; use {}",
+                        PERMISSIONS.join(", ")
+                    );
+                }
+            }
+            let name = name.trim().to_owned();
+            if name.is_empty() || name.chars().count() > 200 {
+                bail!("--name must be 1 to 200 characters");
+            }
+            let store = server::open_store(&data.data_dir)?;
+            let tenant_id = server::tenant_id(&store).await?;
+            let client_id = crypto::new_guid();
+            let secret = crypto::new_secret();
+            let mut unique = Vec::new();
+            for p in permissions {
+                if !unique.contains(&p) {
+                    unique.push(p);
+                }
+            }
+            store
+                .create_app(store::App {
+                    client_id: client_id.clone(),
+                    name: name.clone(),
+                    secret_hash: crypto::hash_secret(&secret),
+                    permissions: unique.clone(),
+                    created_at: server::now_nanos(),
+                })
+                .await?;
+            if json {
+                let created = proto::cli::AppCreated {
+                    tenant_id,
+                    client_id,
+                    client_secret: secret,
+                };
+                println!("{}", serde_json::to_string(&created)?);
+            } else {
+                println!("Created application '{name}' with {}.", unique.join(", "));
+                println!("  Tenant id:     {tenant_id}");
+                println!("  Client id:     {client_id}");
+                println!("  Client secret: {secret}");
+                println!("The secret is shown only now; store it safely.");
+            }
+            Ok(())
+        }
+        AppCommand::List { data, json } => {
+            let store = server::open_store(&data.data_dir)?;
+            let apps = store.list_apps().await?;
+            if json {
+                let list: Vec<_> = apps
+                    .into_iter()
+                    .map(|a| proto::cli::AppSummary {
+                        client_id: a.client_id,
+                        name: a.name,
+                        permissions: a.permissions,
+                        created: proto::time::format_utc(a.created_at),
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string(&list)?);
+            } else if apps.is_empty() {
+                println!("No applications.");
+            } else {
+                for a in apps {
+                    println!("{}  {}  {}", a.client_id, a.name, a.permissions.join(","));
+                }
+            }
+            Ok(())
+        }
+        AppCommand::Delete { data, client_id } => {
+            let store = server::open_store(&data.data_dir)?;
+            match store.delete_app(&client_id).await {
+                Ok(()) => {
+                    println!("Deleted application {client_id}; its tokens no longer work.");
+                    Ok(())
+                }
+                Err(store::StoreError::NotFound) => {
+                    bail!("no application has client id '{client_id}'")
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+async fn enroll_token_command(command: EnrollTokenCommand) -> anyhow::Result<()> {
+    let EnrollTokenCommand::Create {
+        data,
+        expires_in,
+        max_uses,
+        json,
+    } = command;
+    if max_uses == Some(0) {
+        bail!("--max-uses must be at least 1");
+    }
+    let store = server::open_store(&data.data_dir)?;
+    server::tenant_id(&store).await?;
+    let token = crypto::new_secret();
+    let now = server::now_nanos();
+    let expires_at = match expires_in {
+        Some(d) => Some(
+            i64::try_from(d.as_nanos())
+                .ok()
+                .and_then(|n| now.checked_add(n))
+                .context("--expires-in is too long")?,
+        ),
+        None => None,
+    };
+    store
+        .create_enroll_token(store::EnrollToken {
+            id: crypto::new_guid(),
+            token_hash: crypto::sha256_hex(token.as_bytes()),
+            created_at: now,
+            expires_at,
+            max_uses: max_uses.map(i64::from),
+        })
+        .await?;
+    if json {
+        let created = proto::cli::EnrollTokenCreated {
+            token,
+            expires: expires_at.map(proto::time::format_utc),
+            max_uses: max_uses.map(i64::from),
+        };
+        println!("{}", serde_json::to_string(&created)?);
+    } else {
+        println!("Enroll token: {token}");
+        if let Some(at) = expires_at {
+            println!("  Expires: {}", proto::time::format_utc(at));
+        }
+        if let Some(n) = max_uses {
+            println!("  Uses:    {n}");
+        }
+        println!("The token is shown only now.");
+    }
+    Ok(())
+}
+
+async fn machine_command(command: MachineCommand) -> anyhow::Result<()> {
+    match command {
+        MachineCommand::List { data, json } => {
+            let store = server::open_store(&data.data_dir)?;
+            let page = store
+                .list_machines(store::Query::default(), store::SqlContext::default())
+                .await?;
+            let list: Vec<_> = page
+                .items
+                .into_iter()
+                .map(|m| proto::cli::MachineSummary {
+                    machine_id: m.id,
+                    computer_dns_name: m.facts.computer_dns_name,
+                    revoked: m.revoked,
+                    isolation_state: m.isolation_state,
+                    last_seen: Some(proto::time::format_utc(m.last_seen)),
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else if list.is_empty() {
+                println!("No machines.");
+            } else {
+                for m in list {
+                    let revoked = if m.revoked { "  (revoked)" } else { "" };
+                    println!(
+                        "{}  {}  {}{revoked}",
+                        m.machine_id, m.computer_dns_name, m.isolation_state
+                    );
+                }
+            }
+            Ok(())
+        }
+        MachineCommand::Revoke { data, machine_id } => {
+            let store = server::open_store(&data.data_dir)?;
+            match store.revoke_machine(&machine_id.to_ascii_lowercase()).await {
+                Ok(()) => {
+                    println!("Revoked machine {machine_id}; its agent can no longer connect.");
+                    Ok(())
+                }
+                Err(store::StoreError::NotFound) => bail!("no machine has id '{machine_id}'"),
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("3d"), Ok(Duration::from_secs(259_200)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("3x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+}

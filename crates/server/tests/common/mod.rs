@@ -1,0 +1,352 @@
+//! The test harness: the real server on a free port, spoken to over HTTPS
+//! with the project's own client, and test agents built from the agent
+//! library.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use agent::{HttpsClient, Identity, Reply, Session};
+use http::Method;
+use proto::agent::{AgentMessage, Enforced, ServerMessage};
+use serde_json::Value;
+use server::{Config, RunningServer};
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "cordon-test-{label}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct TestServer {
+    pub server: RunningServer,
+    pub dir: TempDir,
+    pub url: String,
+    pub ca: PathBuf,
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+/// Rate limits off unless a test turns them on.
+pub fn test_config(dir: &Path) -> Config {
+    let mut config = Config::new(dir.to_owned());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.rate_limit_per_minute = 0;
+    config.rate_limit_per_hour = 0;
+    config
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = TempDir::new("server");
+        let mut config = test_config(&dir.0);
+        tweak(&mut config);
+        let server = server::start(config).await.expect("server starts");
+        let url = format!("https://localhost:{}", server.local_addr.port());
+        let ca = server.ca_path.clone().expect("self-signed CA");
+        let (client_id, client_secret) = create_app(
+            &server.state.store,
+            "Test SOAR",
+            &["Machine.Isolate", "Machine.Read.All"],
+        )
+        .await;
+        TestServer {
+            server,
+            dir,
+            url,
+            ca,
+            client_id,
+            client_secret,
+        }
+    }
+
+    pub fn tenant(&self) -> &str {
+        &self.server.tenant_id
+    }
+
+    pub fn store(&self) -> &store::Store {
+        &self.server.state.store
+    }
+
+    pub fn https(&self) -> HttpsClient {
+        HttpsClient::new(agent::https::tls_config(&self.ca).unwrap(), &self.url).unwrap()
+    }
+
+    /// A token for the test app (both permissions).
+    pub async fn token(&self) -> String {
+        self.token_for(&self.client_id.clone(), &self.client_secret.clone())
+            .await
+    }
+
+    pub async fn token_for(&self, client_id: &str, secret: &str) -> String {
+        let reply = self
+            .https()
+            .request(
+                Method::POST,
+                &format!("/{}/oauth2/v2.0/token", self.tenant()),
+                &[("content-type", "application/x-www-form-urlencoded")],
+                form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", client_id),
+                    ("client_secret", secret),
+                    ("scope", "https://api.securitycenter.microsoft.com/.default"),
+                ]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        reply.json().unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// An API client holding a token of the test app.
+    pub async fn api(&self) -> Api {
+        Api {
+            http: self.https(),
+            token: self.token().await,
+        }
+    }
+
+    pub async fn enroll_token(&self) -> String {
+        let token = server::crypto::new_secret();
+        self.store()
+            .create_enroll_token(store::EnrollToken {
+                id: server::crypto::new_guid(),
+                token_hash: server::crypto::sha256_hex(token.as_bytes()),
+                created_at: server::now_nanos(),
+                expires_at: None,
+                max_uses: None,
+            })
+            .await
+            .unwrap();
+        token
+    }
+
+    /// Enrolls a test agent named `name`.
+    pub async fn enroll(&self, name: &str) -> TestAgent {
+        let state = TempDir::new("agent");
+        let token = self.enroll_token().await;
+        let identity = agent::enroll(&self.url, &token, &self.ca, &state.0, Some(name))
+            .await
+            .expect("enrollment");
+        TestAgent {
+            identity,
+            state,
+            name: name.to_owned(),
+        }
+    }
+}
+
+pub async fn create_app(
+    store: &store::Store,
+    name: &str,
+    permissions: &[&str],
+) -> (String, String) {
+    let client_id = server::crypto::new_guid();
+    let secret = server::crypto::new_secret();
+    store
+        .create_app(store::App {
+            client_id: client_id.clone(),
+            name: name.into(),
+            secret_hash: server::crypto::hash_secret(&secret),
+            permissions: permissions.iter().map(|p| p.to_string()).collect(),
+            created_at: server::now_nanos(),
+        })
+        .await
+        .unwrap();
+    (client_id, secret)
+}
+
+pub fn form(fields: &[(&str, &str)]) -> Vec<u8> {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(fields)
+        .finish()
+        .into_bytes()
+}
+
+/// The public API, with a bearer token.
+pub struct Api {
+    pub http: HttpsClient,
+    pub token: String,
+}
+
+impl Api {
+    pub async fn get(&mut self, path: &str) -> Reply {
+        let auth = format!("Bearer {}", self.token);
+        self.http
+            .request(Method::GET, path, &[("authorization", &auth)], Vec::new())
+            .await
+            .unwrap()
+    }
+
+    pub async fn post(&mut self, path: &str, body: Value) -> Reply {
+        self.post_raw(path, "application/json", body.to_string().into_bytes())
+            .await
+    }
+
+    pub async fn post_raw(&mut self, path: &str, content_type: &str, body: Vec<u8>) -> Reply {
+        let auth = format!("Bearer {}", self.token);
+        self.http
+            .request(
+                Method::POST,
+                path,
+                &[("authorization", &auth), ("content-type", content_type)],
+                body,
+            )
+            .await
+            .unwrap()
+    }
+
+    pub async fn isolate(&mut self, machine_id: &str) -> Reply {
+        self.post(
+            &format!("/api/machines/{machine_id}/isolate"),
+            serde_json::json!({"Comment": "test isolation", "IsolationType": "Full"}),
+        )
+        .await
+    }
+
+    pub async fn unisolate(&mut self, machine_id: &str) -> Reply {
+        self.post(
+            &format!("/api/machines/{machine_id}/unisolate"),
+            serde_json::json!({"Comment": "test release"}),
+        )
+        .await
+    }
+
+    pub async fn action(&mut self, id: &str) -> Value {
+        let reply = self.get(&format!("/api/machineactions/{id}")).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        reply.json().unwrap()
+    }
+
+    pub async fn machine(&mut self, id: &str) -> Value {
+        let reply = self.get(&format!("/api/machines/{id}")).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        reply.json().unwrap()
+    }
+
+    /// Polls an action until it reaches `status` (at most 10 s).
+    pub async fn wait_status(&mut self, id: &str, status: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let action = self.action(id).await;
+            if action["status"] == status || tokio::time::Instant::now() > deadline {
+                assert_eq!(action["status"], status, "{action}");
+                return action;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Asserts an error reply in the contract's format and returns its code.
+pub fn assert_error(reply: &Reply, status: u16, code: &str) -> Value {
+    assert_eq!(
+        reply.status.as_u16(),
+        status,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let body = reply.json().unwrap();
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert_eq!(
+        body["error"]["target"].as_str(),
+        reply.header("request-id"),
+        "target is the request id"
+    );
+    body
+}
+
+pub struct TestAgent {
+    pub identity: Identity,
+    pub state: TempDir,
+    pub name: String,
+}
+
+impl TestAgent {
+    pub fn machine_id(&self) -> String {
+        self.identity.machine_id.clone()
+    }
+
+    pub async fn connect(&self) -> Session {
+        Session::open(
+            &self.identity,
+            agent::host_facts(Some(&self.name)),
+            Enforced::NotIsolated,
+        )
+        .await
+        .expect("session opens")
+    }
+}
+
+/// The next message of a session, within 5 seconds.
+pub async fn next(session: &mut Session) -> ServerMessage {
+    tokio::time::timeout(Duration::from_secs(5), session.recv())
+        .await
+        .expect("a message within 5 s")
+        .expect("session open")
+}
+
+/// Acknowledges, expects Proceed, and reports the outcome.
+pub async fn execute(session: &mut Session, action_id: &str, succeeded: bool, enforced: Enforced) {
+    session
+        .send(&AgentMessage::Ack {
+            action_id: action_id.into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        next(session).await,
+        ServerMessage::Proceed {
+            action_id: action_id.into()
+        }
+    );
+    session
+        .send(&AgentMessage::Result {
+            action_id: action_id.into(),
+            succeeded,
+            error_h_result: if succeeded { 0 } else { 5 },
+            reason: (!succeeded).then(|| "could not apply the ruleset".into()),
+            enforced,
+        })
+        .await
+        .unwrap();
+}
+
+/// The pushed action's id.
+pub fn action_id_of(message: &ServerMessage) -> String {
+    match message {
+        ServerMessage::Action(order) => order.action_id.clone(),
+        other => panic!("expected an action, got {other:?}"),
+    }
+}

@@ -1,0 +1,224 @@
+//! Persistence for Cordon behind one interface.
+//!
+//! The store is SQLite in WAL mode. Every write goes through one writer
+//! thread that commits in groups: it takes every write waiting in its queue,
+//! runs each inside its own savepoint, commits them with one `fsync`
+//! (`synchronous=FULL`), and only then answers the callers. An answer of
+//! `Ok` therefore means the write is on disk, which is what lets the server
+//! return `201` only for actions that survive a crash. Reads run on a small
+//! pool of connections on the blocking thread pool.
+//!
+//! Types here are plain data; none of them is serialized.
+
+mod query;
+mod records;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+pub use query::{CmpOp, Cursor, Direction, FieldSql, Filter, Kind, Page, Query, SqlContext, Value};
+pub use records::*;
+
+/// Errors of the store. Domain outcomes have their own variants so that the
+/// server can map them to the contract's error codes.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The machine, action, app or token does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The machine already has an isolation-family action in flight (its id).
+    #[error("action {0} is already in progress")]
+    ActiveExists(String),
+    /// The action is not in a state that allows the change (its status).
+    #[error("action is {0}")]
+    WrongStatus(String),
+    /// An enroll token that is unknown, expired or used up.
+    #[error("enroll token rejected: {0}")]
+    TokenRejected(&'static str),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+
+/// A handle on the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<mpsc::Sender<Job>>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+
+fn open_connection(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+    )?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (index, script) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(script)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1))?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database at `path` and starts
+    /// the writer thread. Several processes may open the same file: the
+    /// server and the admin commands do.
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut conn = open_connection(path)?;
+        migrate(&mut conn)?;
+        let (sender, receiver) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(conn, receiver))
+            .map_err(|e| StoreError::Commit(e.to_string()))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                writer: Mutex::new(sender),
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Runs `f` in the next group commit; resolves once it is durable.
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let outcome = match conn.execute_batch("SAVEPOINT job") {
+                Err(e) => Err(StoreError::from(e)),
+                Ok(()) => {
+                    let outcome = f(conn);
+                    let end = if outcome.is_ok() {
+                        "RELEASE job"
+                    } else {
+                        "ROLLBACK TO job; RELEASE job"
+                    };
+                    match conn.execute_batch(end) {
+                        Ok(()) => outcome,
+                        Err(e) => Err(StoreError::from(e)),
+                    }
+                }
+            };
+            Box::new(move |commit: Result<(), String>| {
+                let _ = tx.send(match commit {
+                    Ok(()) => outcome,
+                    Err(e) => Err(StoreError::Commit(e)),
+                });
+            })
+        });
+        self.inner
+            .writer
+            .lock()
+            .expect("writer lock")
+            .send(job)
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a read connection on the blocking pool.
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.readers.lock().expect("reader pool").pop();
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => open_connection(&inner.path)?,
+            };
+            let outcome = f(&conn);
+            let mut pool = inner.readers.lock().expect("reader pool");
+            if pool.len() < 16 {
+                pool.push(conn);
+            }
+            outcome
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Reads a value of the `meta` table, creating it with `init` when absent.
+    pub async fn meta_or_init(&self, key: &str, init: impl FnOnce() -> String) -> Result<String> {
+        let key = key.to_owned();
+        let fresh = init();
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+                params![key, fresh],
+            )?;
+            Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    /// Reads a value of the `meta` table.
+    pub async fn meta(&self, key: &str) -> Result<Option<String>> {
+        let key = key.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()?)
+        })
+        .await
+    }
+}
+
+fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>) {
+    const MAX_GROUP: usize = 512;
+    while let Ok(first) = receiver.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match receiver.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            // Run nothing: dropping the jobs tells every caller the write
+            // failed (`StoreError::Closed`), and nothing was changed.
+            tracing::error!(error = %e, "store: cannot begin a write transaction");
+            continue;
+        }
+        let replies: Vec<Reply> = jobs.into_iter().map(|job| job(&conn)).collect();
+        let committed = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, "store: group commit failed");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for reply in replies {
+            reply(committed.clone());
+        }
+    }
+}

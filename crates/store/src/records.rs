@@ -1,0 +1,913 @@
+//! Records and the operations on them.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::query::{self, FieldSql, Kind, Page, Query, SqlContext};
+use crate::{Result, Store, StoreError};
+
+/// An application that obtains tokens with the client-credentials grant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct App {
+    pub client_id: String,
+    pub name: String,
+    /// Encoded slow salted hash of the client secret.
+    pub secret_hash: String,
+    pub permissions: Vec<String>,
+    pub created_at: i64,
+}
+
+/// An enroll token, known only by the hash of its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnrollToken {
+    pub id: String,
+    pub token_hash: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub max_uses: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Address {
+    pub ip_address: String,
+    pub mac_address: Option<String>,
+    pub interface_type: Option<String>,
+    pub operational_status: Option<String>,
+}
+
+/// What an agent tells about its host.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Facts {
+    pub computer_dns_name: String,
+    pub os_platform: Option<String>,
+    pub os_version: Option<String>,
+    pub os_processor: Option<String>,
+    pub os_architecture: Option<String>,
+    pub os_build: Option<i64>,
+    pub agent_version: Option<String>,
+    pub last_ip_address: Option<String>,
+    pub last_external_ip_address: Option<String>,
+    pub addresses: Vec<Address>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineRecord {
+    pub seq: i64,
+    pub id: String,
+    pub public_key: Vec<u8>,
+    pub revoked: bool,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub onboarding_status: String,
+    pub rbac_group_id: i64,
+    /// `NotIsolated`, `Isolating`, `Isolated` or `Releasing`.
+    pub isolation_state: String,
+    /// What the agent has in force: `Full`, `Selective` or none.
+    pub isolation_scope: Option<String>,
+    pub facts: Facts,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionRecord {
+    pub seq: i64,
+    pub id: String,
+    pub action_type: String,
+    pub title: Option<String>,
+    pub requestor: String,
+    pub requestor_comment: String,
+    pub status: String,
+    pub machine_id: String,
+    pub computer_dns_name: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub cancellation_requestor: Option<String>,
+    pub cancellation_comment: Option<String>,
+    pub cancellation_at: Option<i64>,
+    pub error_hresult: i64,
+    pub scope: Option<String>,
+    pub external_id: Option<String>,
+    pub request_source: String,
+    pub troubleshoot_info: Option<String>,
+}
+
+/// A request for a new isolation-family action.
+#[derive(Debug, Clone)]
+pub struct NewAction {
+    pub id: String,
+    pub action_type: String,
+    pub title: Option<String>,
+    pub requestor: String,
+    pub requestor_comment: String,
+    pub machine_id: String,
+    pub scope: Option<String>,
+    pub external_id: Option<String>,
+    pub request_source: String,
+    pub now: i64,
+}
+
+/// How an action ended, as reported by the agent.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub succeeded: bool,
+    pub error_hresult: i64,
+    pub reason: Option<String>,
+    /// What the agent has in force afterwards (`None`: not isolated).
+    pub enforced_scope: Option<String>,
+}
+
+/// Filterable and sortable fields of machine actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionField {
+    Id,
+    Status,
+    MachineId,
+    Type,
+    Requestor,
+    CreationDateTimeUtc,
+    LastUpdateDateTimeUtc,
+    ComputerDnsName,
+}
+
+impl FieldSql for ActionField {
+    fn expr(&self, _ctx: &SqlContext) -> String {
+        match self {
+            ActionField::Id => "t.id",
+            ActionField::Status => "t.status",
+            ActionField::MachineId => "t.machine_id",
+            ActionField::Type => "t.action_type",
+            ActionField::Requestor => "t.requestor",
+            ActionField::CreationDateTimeUtc => "t.created_at",
+            ActionField::LastUpdateDateTimeUtc => "t.updated_at",
+            ActionField::ComputerDnsName => "t.computer_dns_name",
+        }
+        .to_owned()
+    }
+    fn kind(&self) -> Kind {
+        match self {
+            ActionField::CreationDateTimeUtc | ActionField::LastUpdateDateTimeUtc => Kind::Time,
+            _ => Kind::Text,
+        }
+    }
+}
+
+/// Filterable and sortable fields of machines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MachineField {
+    Id,
+    ComputerDnsName,
+    HealthStatus,
+    OsPlatform,
+    LastSeen,
+    FirstSeen,
+    LastIpAddress,
+    RbacGroupId,
+    MachineTags,
+    OnboardingStatus,
+    IsolationState,
+    IsolationScope,
+}
+
+impl FieldSql for MachineField {
+    fn expr(&self, ctx: &SqlContext) -> String {
+        match self {
+            MachineField::Id => "t.id".to_owned(),
+            MachineField::ComputerDnsName => "t.computer_dns_name".to_owned(),
+            MachineField::HealthStatus => format!(
+                "(CASE WHEN t.last_seen >= {} THEN 'Active' WHEN t.last_seen >= {} \
+                 THEN 'ImpairedCommunication' ELSE 'Inactive' END)",
+                ctx.active_since, ctx.inactive_before
+            ),
+            MachineField::OsPlatform => "t.os_platform".to_owned(),
+            MachineField::LastSeen => "t.last_seen".to_owned(),
+            MachineField::FirstSeen => "t.first_seen".to_owned(),
+            MachineField::LastIpAddress => "t.last_ip_address".to_owned(),
+            MachineField::RbacGroupId => "t.rbac_group_id".to_owned(),
+            MachineField::MachineTags => "''".to_owned(),
+            MachineField::OnboardingStatus => "t.onboarding_status".to_owned(),
+            MachineField::IsolationState => "t.isolation_state".to_owned(),
+            MachineField::IsolationScope => "t.isolation_scope".to_owned(),
+        }
+    }
+    fn kind(&self) -> Kind {
+        match self {
+            MachineField::LastSeen | MachineField::FirstSeen => Kind::Time,
+            MachineField::RbacGroupId => Kind::Int,
+            MachineField::MachineTags => Kind::TextSet,
+            _ => Kind::Text,
+        }
+    }
+}
+
+/// `healthStatus` of a machine last seen at `last_seen`.
+pub fn health_status(last_seen: i64, ctx: &SqlContext) -> &'static str {
+    if last_seen >= ctx.active_since {
+        "Active"
+    } else if last_seen >= ctx.inactive_before {
+        "ImpairedCommunication"
+    } else {
+        "Inactive"
+    }
+}
+
+const ACTION_COLUMNS: &str = "t.seq, t.id, t.action_type, t.title, t.requestor, t.requestor_comment, \
+     t.status, t.machine_id, t.computer_dns_name, t.created_at, t.updated_at, \
+     t.cancellation_requestor, t.cancellation_comment, t.cancellation_at, t.error_hresult, \
+     t.scope, t.external_id, t.request_source, t.troubleshoot_info";
+const ACTION_COLUMN_COUNT: usize = 19;
+
+fn action_from_row(row: &Row<'_>) -> rusqlite::Result<ActionRecord> {
+    Ok(ActionRecord {
+        seq: row.get(0)?,
+        id: row.get(1)?,
+        action_type: row.get(2)?,
+        title: row.get(3)?,
+        requestor: row.get(4)?,
+        requestor_comment: row.get(5)?,
+        status: row.get(6)?,
+        machine_id: row.get(7)?,
+        computer_dns_name: row.get(8)?,
+        created_at: row.get(9)?,
+        updated_at: row.get(10)?,
+        cancellation_requestor: row.get(11)?,
+        cancellation_comment: row.get(12)?,
+        cancellation_at: row.get(13)?,
+        error_hresult: row.get(14)?,
+        scope: row.get(15)?,
+        external_id: row.get(16)?,
+        request_source: row.get(17)?,
+        troubleshoot_info: row.get(18)?,
+    })
+}
+
+const MACHINE_COLUMNS: &str = "t.seq, t.id, t.public_key, t.revoked, t.computer_dns_name, \
+     t.first_seen, t.last_seen, t.os_platform, t.os_version, t.os_processor, t.os_architecture, \
+     t.os_build, t.agent_version, t.last_ip_address, t.last_external_ip_address, \
+     t.onboarding_status, t.rbac_group_id, t.isolation_state, t.isolation_scope";
+const MACHINE_COLUMN_COUNT: usize = 19;
+
+fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
+    Ok(MachineRecord {
+        seq: row.get(0)?,
+        id: row.get(1)?,
+        public_key: row.get(2)?,
+        revoked: row.get(3)?,
+        first_seen: row.get(5)?,
+        last_seen: row.get(6)?,
+        onboarding_status: row.get(15)?,
+        rbac_group_id: row.get(16)?,
+        isolation_state: row.get(17)?,
+        isolation_scope: row.get(18)?,
+        facts: Facts {
+            computer_dns_name: row.get(4)?,
+            os_platform: row.get(7)?,
+            os_version: row.get(8)?,
+            os_processor: row.get(9)?,
+            os_architecture: row.get(10)?,
+            os_build: row.get(11)?,
+            agent_version: row.get(12)?,
+            last_ip_address: row.get(13)?,
+            last_external_ip_address: row.get(14)?,
+            addresses: Vec::new(),
+        },
+        tags: Vec::new(),
+    })
+}
+
+/// Fills in the addresses and tags of machines read from `machines`.
+fn load_machine_children(conn: &Connection, machine: &mut MachineRecord) -> Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT ip_address, mac_address, interface_type, operational_status \
+         FROM machine_addresses WHERE machine_id = ?1 ORDER BY position",
+    )?;
+    machine.facts.addresses = stmt
+        .query_map([&machine.id], |r| {
+            Ok(Address {
+                ip_address: r.get(0)?,
+                mac_address: r.get(1)?,
+                interface_type: r.get(2)?,
+                operational_status: r.get(3)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut stmt =
+        conn.prepare_cached("SELECT tag FROM machine_tags WHERE machine_id = ?1 ORDER BY tag")?;
+    machine.tags = stmt
+        .query_map([&machine.id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(())
+}
+
+fn get_action(conn: &Connection, id: &str) -> Result<Option<ActionRecord>> {
+    let sql = format!("SELECT {ACTION_COLUMNS} FROM actions t WHERE t.id = ?1");
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([id], action_from_row)
+        .optional()?)
+}
+
+fn in_flight_action(conn: &Connection, machine_id: &str) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT id FROM actions WHERE machine_id = ?1 AND status IN ('Pending', 'InProgress')",
+        )?
+        .query_row([machine_id], |r| r.get(0))
+        .optional()?)
+}
+
+/// Sets the machine's `isolation_state` from what is in force and what is in flight.
+fn refresh_isolation_state(conn: &Connection, machine_id: &str) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE machines SET isolation_state = COALESCE( \
+            (SELECT CASE a.action_type WHEN 'Isolate' THEN 'Isolating' ELSE 'Releasing' END \
+             FROM actions a WHERE a.machine_id = machines.id AND a.status IN ('Pending', 'InProgress')), \
+            CASE WHEN isolation_scope IS NULL THEN 'NotIsolated' ELSE 'Isolated' END) \
+         WHERE id = ?1",
+    )?
+    .execute([machine_id])?;
+    Ok(())
+}
+
+fn write_facts(conn: &Connection, machine_id: &str, facts: &Facts) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE machines SET computer_dns_name = ?2, os_platform = ?3, os_version = ?4, \
+         os_processor = ?5, os_architecture = ?6, os_build = ?7, agent_version = ?8, \
+         last_ip_address = ?9, last_external_ip_address = ?10 WHERE id = ?1",
+    )?
+    .execute(params![
+        machine_id,
+        facts.computer_dns_name,
+        facts.os_platform,
+        facts.os_version,
+        facts.os_processor,
+        facts.os_architecture,
+        facts.os_build,
+        facts.agent_version,
+        facts.last_ip_address,
+        facts.last_external_ip_address,
+    ])?;
+    conn.prepare_cached("DELETE FROM machine_addresses WHERE machine_id = ?1")?
+        .execute([machine_id])?;
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO machine_addresses (machine_id, position, ip_address, mac_address, \
+         interface_type, operational_status) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for (position, address) in facts.addresses.iter().enumerate() {
+        insert.execute(params![
+            machine_id,
+            position as i64,
+            address.ip_address,
+            address.mac_address,
+            address.interface_type,
+            address.operational_status,
+        ])?;
+    }
+    Ok(())
+}
+
+fn list<T, F: FieldSql>(
+    conn: &Connection,
+    table: &str,
+    columns: &str,
+    column_count: usize,
+    query: &Query<F>,
+    ctx: &SqlContext,
+    from_row: fn(&Row<'_>) -> rusqlite::Result<T>,
+    seq_of: fn(&T) -> i64,
+) -> Result<Page<T>> {
+    let built = query::build(query, ctx, "machine_tags");
+    let sql = format!(
+        "SELECT {columns}{} FROM {table} t WHERE {}{}",
+        built.sort_columns, built.where_clause, built.order_limit
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let all_params: Vec<&dyn rusqlite::ToSql> = built
+        .where_params
+        .iter()
+        .chain(built.page_params.iter())
+        .map(|v| v as &dyn rusqlite::ToSql)
+        .collect();
+    let mut rows = stmt.query(all_params.as_slice())?;
+    let mut items: Vec<(T, query::Cursor)> = Vec::new();
+    let mut more = false;
+    while let Some(row) = rows.next()? {
+        if items.len() as u64 == query.take {
+            more = true;
+            break;
+        }
+        let item = from_row(row)?;
+        let cursor = query::cursor_of(query, row, column_count, seq_of(&item))?;
+        items.push((item, cursor));
+    }
+    let next = if more {
+        items.last().map(|(_, cursor)| cursor.clone())
+    } else {
+        None
+    };
+    let count = if query.count {
+        let sql = format!(
+            "SELECT COUNT(*) FROM {table} t WHERE {}",
+            built.where_clause
+        );
+        let params: Vec<&dyn rusqlite::ToSql> = built
+            .where_params
+            .iter()
+            .map(|v| v as &dyn rusqlite::ToSql)
+            .collect();
+        Some(conn.query_row(&sql, params.as_slice(), |r| r.get::<_, i64>(0))? as u64)
+    } else {
+        None
+    };
+    Ok(Page {
+        items: items.into_iter().map(|(item, _)| item).collect(),
+        next,
+        count,
+    })
+}
+
+impl Store {
+    // ---- apps -----------------------------------------------------------
+
+    pub async fn create_app(&self, app: App) -> Result<()> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO apps (client_id, name, secret_hash, permissions, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    app.client_id,
+                    app.name,
+                    app.secret_hash,
+                    app.permissions.join(" "),
+                    app.created_at
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn get_app(&self, client_id: &str) -> Result<Option<App>> {
+        let client_id = client_id.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT client_id, name, secret_hash, permissions, created_at FROM apps \
+                     WHERE client_id = ?1",
+                )?
+                .query_row([client_id], app_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    pub async fn list_apps(&self) -> Result<Vec<App>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare(
+                    "SELECT client_id, name, secret_hash, permissions, created_at FROM apps \
+                     ORDER BY created_at, client_id",
+                )?
+                .query_map([], app_from_row)?
+                .collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    /// Deletes an app; `NotFound` when there was none.
+    pub async fn delete_app(&self, client_id: &str) -> Result<()> {
+        let client_id = client_id.to_owned();
+        self.write(move |conn| {
+            match conn.execute("DELETE FROM apps WHERE client_id = ?1", [client_id])? {
+                0 => Err(StoreError::NotFound),
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+
+    // ---- enrollment -----------------------------------------------------
+
+    pub async fn create_enroll_token(&self, token: EnrollToken) -> Result<()> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO enroll_tokens (id, token_hash, created_at, expires_at, max_uses) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    token.id,
+                    token.token_hash,
+                    token.created_at,
+                    token.expires_at,
+                    token.max_uses
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Uses one enroll token and records a new machine, atomically: a token
+    /// that is unknown, expired or used up changes nothing.
+    pub async fn enroll_machine(
+        &self,
+        token_hash: String,
+        machine_id: String,
+        public_key: Vec<u8>,
+        facts: Facts,
+        now: i64,
+    ) -> Result<MachineRecord> {
+        self.write(move |conn| {
+            let token: Option<(Option<i64>, Option<i64>, i64)> = conn
+                .query_row(
+                    "SELECT expires_at, max_uses, uses FROM enroll_tokens WHERE token_hash = ?1",
+                    [&token_hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((expires_at, max_uses, uses)) = token else {
+                return Err(StoreError::TokenRejected("unknown enroll token"));
+            };
+            if expires_at.is_some_and(|e| e <= now) {
+                return Err(StoreError::TokenRejected("the enroll token has expired"));
+            }
+            if max_uses.is_some_and(|m| uses >= m) {
+                return Err(StoreError::TokenRejected("the enroll token is used up"));
+            }
+            conn.execute(
+                "UPDATE enroll_tokens SET uses = uses + 1 WHERE token_hash = ?1",
+                [&token_hash],
+            )?;
+            conn.execute(
+                "INSERT INTO machines (id, public_key, computer_dns_name, first_seen, last_seen) \
+                 VALUES (?1, ?2, ?3, ?4, ?4)",
+                params![machine_id, public_key, facts.computer_dns_name, now],
+            )?;
+            write_facts(conn, &machine_id, &facts)?;
+            get_machine_by_id(conn, &machine_id)?.ok_or(StoreError::NotFound)
+        })
+        .await
+    }
+
+    // ---- machines -------------------------------------------------------
+
+    /// A machine by id, or else by `computerDnsName` (the most recently seen
+    /// one of that name).
+    pub async fn get_machine(&self, id_or_name: &str) -> Result<Option<MachineRecord>> {
+        let key = id_or_name.to_owned();
+        self.read(move |conn| {
+            if let Some(m) = get_machine_by_id(conn, &key)? {
+                return Ok(Some(m));
+            }
+            let sql = format!(
+                "SELECT {MACHINE_COLUMNS} FROM machines t WHERE t.computer_dns_name = ?1 \
+                 COLLATE NOCASE ORDER BY t.last_seen DESC, t.seq DESC LIMIT 1"
+            );
+            let machine = conn
+                .prepare_cached(&sql)?
+                .query_row([&key], machine_from_row)
+                .optional()?;
+            match machine {
+                Some(mut m) => {
+                    load_machine_children(conn, &mut m)?;
+                    Ok(Some(m))
+                }
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    pub async fn list_machines(
+        &self,
+        query: Query<MachineField>,
+        ctx: SqlContext,
+    ) -> Result<Page<MachineRecord>> {
+        self.read(move |conn| {
+            let mut page = list(
+                conn,
+                "machines",
+                MACHINE_COLUMNS,
+                MACHINE_COLUMN_COUNT,
+                &query,
+                &ctx,
+                machine_from_row,
+                |m| m.seq,
+            )?;
+            for machine in &mut page.items {
+                load_machine_children(conn, machine)?;
+            }
+            Ok(page)
+        })
+        .await
+    }
+
+    pub async fn update_facts(&self, machine_id: &str, facts: Facts) -> Result<()> {
+        let machine_id = machine_id.to_owned();
+        self.write(move |conn| write_facts(conn, &machine_id, &facts))
+            .await
+    }
+
+    /// Records when machines were last seen, all in one commit.
+    pub async fn touch_machines(&self, seen: Vec<(String, i64)>) -> Result<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "UPDATE machines SET last_seen = MAX(last_seen, ?2) WHERE id = ?1",
+            )?;
+            for (id, at) in &seen {
+                stmt.execute(params![id, at])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records what the agent reports in force, outside of any action.
+    pub async fn set_enforced(&self, machine_id: &str, scope: Option<String>) -> Result<()> {
+        let machine_id = machine_id.to_owned();
+        self.write(move |conn| {
+            conn.prepare_cached("UPDATE machines SET isolation_scope = ?2 WHERE id = ?1")?
+                .execute(params![machine_id, scope])?;
+            refresh_isolation_state(conn, &machine_id)
+        })
+        .await
+    }
+
+    /// Marks a machine revoked: its agent can no longer open a session.
+    pub async fn revoke_machine(&self, machine_id: &str) -> Result<()> {
+        let machine_id = machine_id.to_owned();
+        self.write(move |conn| {
+            match conn.execute(
+                "UPDATE machines SET revoked = 1 WHERE id = ?1",
+                [machine_id],
+            )? {
+                0 => Err(StoreError::NotFound),
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+
+    /// Of the given machine ids, those that are revoked or gone.
+    pub async fn revoked_among(&self, ids: Vec<String>) -> Result<Vec<String>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached("SELECT revoked FROM machines WHERE id = ?1")?;
+            let mut out = Vec::new();
+            for id in ids {
+                let revoked: Option<bool> = stmt.query_row([&id], |r| r.get(0)).optional()?;
+                if revoked != Some(false) {
+                    out.push(id);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    // ---- actions --------------------------------------------------------
+
+    /// Records a new action durably. Fails with `NotFound` for an unknown
+    /// machine and `ActiveExists` when one is already in flight.
+    pub async fn create_action(&self, new: NewAction) -> Result<ActionRecord> {
+        self.write(move |conn| {
+            let name: Option<String> = conn
+                .prepare_cached("SELECT computer_dns_name FROM machines WHERE id = ?1")?
+                .query_row([&new.machine_id], |r| r.get(0))
+                .optional()?;
+            let Some(name) = name else {
+                return Err(StoreError::NotFound);
+            };
+            if let Some(active) = in_flight_action(conn, &new.machine_id)? {
+                return Err(StoreError::ActiveExists(active));
+            }
+            conn.prepare_cached(
+                "INSERT INTO actions (id, action_type, title, requestor, requestor_comment, \
+                 status, machine_id, computer_dns_name, created_at, updated_at, scope, \
+                 external_id, request_source) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'Pending', ?6, ?7, ?8, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                new.id,
+                new.action_type,
+                new.title,
+                new.requestor,
+                new.requestor_comment,
+                new.machine_id,
+                name,
+                new.now,
+                new.scope,
+                new.external_id,
+                new.request_source,
+            ])?;
+            refresh_isolation_state(conn, &new.machine_id)?;
+            get_action(conn, &new.id)?.ok_or(StoreError::NotFound)
+        })
+        .await
+    }
+
+    pub async fn get_action(&self, id: &str) -> Result<Option<ActionRecord>> {
+        let id = id.to_owned();
+        self.read(move |conn| get_action(conn, &id)).await
+    }
+
+    pub async fn list_actions(
+        &self,
+        query: Query<ActionField>,
+        ctx: SqlContext,
+    ) -> Result<Page<ActionRecord>> {
+        self.read(move |conn| {
+            list(
+                conn,
+                "actions",
+                ACTION_COLUMNS,
+                ACTION_COLUMN_COUNT,
+                &query,
+                &ctx,
+                action_from_row,
+                |a| a.seq,
+            )
+        })
+        .await
+    }
+
+    /// Cancels a `Pending` action; `WrongStatus` names the status otherwise.
+    pub async fn cancel_action(
+        &self,
+        id: &str,
+        requestor: String,
+        comment: Option<String>,
+        now: i64,
+    ) -> Result<ActionRecord> {
+        let id = id.to_owned();
+        self.write(move |conn| {
+            let action = get_action(conn, &id)?.ok_or(StoreError::NotFound)?;
+            if action.status != "Pending" {
+                return Err(StoreError::WrongStatus(action.status));
+            }
+            conn.prepare_cached(
+                "UPDATE actions SET status = 'Cancelled', updated_at = ?2, \
+                 cancellation_requestor = ?3, cancellation_comment = ?4, cancellation_at = ?2 \
+                 WHERE id = ?1",
+            )?
+            .execute(params![id, now, requestor, comment])?;
+            refresh_isolation_state(conn, &action.machine_id)?;
+            get_action(conn, &id)?.ok_or(StoreError::NotFound)
+        })
+        .await
+    }
+
+    /// Actions of a machine still to deliver (`Pending` or `InProgress`), in
+    /// creation order.
+    pub async fn undelivered_actions(&self, machine_id: &str) -> Result<Vec<ActionRecord>> {
+        let machine_id = machine_id.to_owned();
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {ACTION_COLUMNS} FROM actions t WHERE t.machine_id = ?1 \
+                 AND t.status IN ('Pending', 'InProgress') ORDER BY t.seq"
+            );
+            Ok(conn
+                .prepare_cached(&sql)?
+                .query_map([machine_id], action_from_row)?
+                .collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    /// The agent of `machine_id` starts `action_id`: `Pending -> InProgress`.
+    /// Returns the action as it is afterwards; an action of another machine
+    /// is `NotFound`.
+    pub async fn start_action(
+        &self,
+        machine_id: &str,
+        action_id: &str,
+        now: i64,
+    ) -> Result<ActionRecord> {
+        let (machine_id, action_id) = (machine_id.to_owned(), action_id.to_owned());
+        self.write(move |conn| {
+            let action = get_action(conn, &action_id)?
+                .filter(|a| a.machine_id == machine_id)
+                .ok_or(StoreError::NotFound)?;
+            if action.status == "Pending" {
+                conn.prepare_cached(
+                    "UPDATE actions SET status = 'InProgress', updated_at = ?2 WHERE id = ?1",
+                )?
+                .execute(params![action_id, now])?;
+                return get_action(conn, &action_id)?.ok_or(StoreError::NotFound);
+            }
+            Ok(action)
+        })
+        .await
+    }
+
+    /// Records the outcome of an action reported by the agent of
+    /// `machine_id`. The action's status changes only if it was still in
+    /// flight; what is in force on the machine is recorded either way.
+    pub async fn finish_action(
+        &self,
+        machine_id: &str,
+        action_id: &str,
+        outcome: Outcome,
+        now: i64,
+    ) -> Result<ActionRecord> {
+        let (machine_id, action_id) = (machine_id.to_owned(), action_id.to_owned());
+        self.write(move |conn| {
+            let action = get_action(conn, &action_id)?
+                .filter(|a| a.machine_id == machine_id)
+                .ok_or(StoreError::NotFound)?;
+            if matches!(action.status.as_str(), "Pending" | "InProgress") {
+                let (status, hresult, info) = if outcome.succeeded {
+                    ("Succeeded", 0, None)
+                } else {
+                    let hresult = if outcome.error_hresult == 0 { -2147467259 } else { outcome.error_hresult };
+                    ("Failed", hresult, Some(outcome.reason.clone().unwrap_or_else(|| "The agent could not apply the action.".to_owned())))
+                };
+                conn.prepare_cached(
+                    "UPDATE actions SET status = ?2, updated_at = ?3, error_hresult = ?4, \
+                     troubleshoot_info = ?5 WHERE id = ?1",
+                )?
+                .execute(params![action_id, status, now, hresult, info])?;
+            }
+            conn.prepare_cached("UPDATE machines SET isolation_scope = ?2, last_seen = MAX(last_seen, ?3) WHERE id = ?1")?
+                .execute(params![machine_id, outcome.enforced_scope, now])?;
+            refresh_isolation_state(conn, &machine_id)?;
+            get_action(conn, &action_id)?.ok_or(StoreError::NotFound)
+        })
+        .await
+    }
+
+    /// Times out actions not received before `pending_before` or not
+    /// finished before `in_progress_before`; returns the ones it changed.
+    pub async fn expire_actions(
+        &self,
+        pending_before: i64,
+        in_progress_before: i64,
+        now: i64,
+    ) -> Result<Vec<ActionRecord>> {
+        let candidates: Vec<String> = self
+            .read(move |conn| {
+                Ok(conn
+                    .prepare_cached(
+                        "SELECT id FROM actions WHERE (status = 'Pending' AND created_at < ?1) \
+                         OR (status = 'InProgress' AND updated_at < ?2)",
+                    )?
+                    .query_map(params![pending_before, in_progress_before], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?)
+            })
+            .await?;
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(move |conn| {
+            let mut changed = Vec::new();
+            for id in candidates {
+                let Some(action) = get_action(conn, &id)? else { continue };
+                let info = match action.status.as_str() {
+                    "Pending" if action.created_at < pending_before => {
+                        "The machine did not receive the action within the delivery window."
+                    }
+                    "InProgress" if action.updated_at < in_progress_before => {
+                        "The machine did not report completion within the apply deadline."
+                    }
+                    _ => continue,
+                };
+                conn.prepare_cached(
+                    "UPDATE actions SET status = 'TimeOut', updated_at = ?2, troubleshoot_info = ?3 \
+                     WHERE id = ?1",
+                )?
+                .execute(params![id, now, info])?;
+                refresh_isolation_state(conn, &action.machine_id)?;
+                if let Some(action) = get_action(conn, &id)? {
+                    changed.push(action);
+                }
+            }
+            Ok(changed)
+        })
+        .await
+    }
+}
+
+fn app_from_row(row: &Row<'_>) -> rusqlite::Result<App> {
+    let permissions: String = row.get(3)?;
+    Ok(App {
+        client_id: row.get(0)?,
+        name: row.get(1)?,
+        secret_hash: row.get(2)?,
+        permissions: permissions.split_whitespace().map(str::to_owned).collect(),
+        created_at: row.get(4)?,
+    })
+}
+
+fn get_machine_by_id(conn: &Connection, id: &str) -> Result<Option<MachineRecord>> {
+    let sql = format!("SELECT {MACHINE_COLUMNS} FROM machines t WHERE t.id = ?1");
+    let machine = conn
+        .prepare_cached(&sql)?
+        .query_row([id], machine_from_row)
+        .optional()?;
+    match machine {
+        Some(mut m) => {
+            load_machine_children(conn, &mut m)?;
+            Ok(Some(m))
+        }
+        None => Ok(None),
+    }
+}
