@@ -152,28 +152,27 @@ fn local_addresses() -> Vec<HostAddress> {
             let trimmed = line.trim();
             if let Some(ip) = trimmed.strip_prefix("|-- ") {
                 last_ip = Some(ip.to_owned());
-            } else if trimmed.contains("/32 host LOCAL") {
-                if let Some(ip) = last_ip.take() {
-                    if !out.iter().any(|a| a.ip_address == ip) {
-                        let loopback = ip.starts_with("127.");
-                        out.insert(
-                            0,
-                            HostAddress {
-                                ip_address: ip,
-                                interface_type: Some(
-                                    if loopback {
-                                        "SoftwareLoopback"
-                                    } else {
-                                        "Ethernet"
-                                    }
-                                    .into(),
-                                ),
-                                operational_status: Some("Up".into()),
-                                mac_address: None,
-                            },
-                        );
-                    }
-                }
+            } else if trimmed.contains("/32 host LOCAL")
+                && let Some(ip) = last_ip.take()
+                && !out.iter().any(|a| a.ip_address == ip)
+            {
+                let loopback = ip.starts_with("127.");
+                out.insert(
+                    0,
+                    HostAddress {
+                        ip_address: ip,
+                        interface_type: Some(
+                            if loopback {
+                                "SoftwareLoopback"
+                            } else {
+                                "Ethernet"
+                            }
+                            .into(),
+                        ),
+                        operational_status: Some("Up".into()),
+                        mac_address: None,
+                    },
+                );
             }
         }
     }

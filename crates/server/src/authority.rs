@@ -31,19 +31,40 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/{tenant}/discovery/keys", get(keys))
 }
 
-fn oauth_error(status: StatusCode, error: &str, description: impl Into<String>) -> Response {
-    let body = OAuthError {
-        error: error.to_owned(),
-        error_description: description.into(),
-    };
-    let mut response = (status, axum::Json(body)).into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, "no-store".parse().expect("header"));
-    response
+/// An RFC 6749 error answer.
+struct OAuthFailure {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
 }
 
-fn check_tenant(state: &AppState, tenant: &str) -> Result<(), Response> {
+fn oauth_error(
+    status: StatusCode,
+    error: &'static str,
+    description: impl Into<String>,
+) -> OAuthFailure {
+    OAuthFailure {
+        status,
+        error,
+        description: description.into(),
+    }
+}
+
+impl IntoResponse for OAuthFailure {
+    fn into_response(self) -> Response {
+        let body = OAuthError {
+            error: self.error.to_owned(),
+            error_description: self.description,
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, "no-store".parse().expect("header"));
+        response
+    }
+}
+
+fn check_tenant(state: &AppState, tenant: &str) -> Result<(), OAuthFailure> {
     if tenant.eq_ignore_ascii_case(&state.tenant_id) {
         Ok(())
     } else {
@@ -65,7 +86,7 @@ async fn discovery(
     headers: HeaderMap,
 ) -> Response {
     if let Err(e) = check_tenant(&state, &tenant) {
-        return e;
+        return e.into_response();
     }
     let base = format!("{}/{}", base_url(&headers, &state), state.tenant_id);
     axum::Json(OpenIdConfiguration {
@@ -89,7 +110,7 @@ async fn discovery(
 
 async fn keys(State(state): State<Arc<AppState>>, Path(tenant): Path<String>) -> Response {
     if let Err(e) = check_tenant(&state, &tenant) {
-        return e;
+        return e.into_response();
     }
     axum::Json(Jwks {
         keys: vec![state.signing_key.jwk()],
@@ -130,7 +151,7 @@ async fn token(
 ) -> Response {
     match issue_token(&state, &tenant, &headers, &body, version).await {
         Ok(response) => response,
-        Err(response) => response,
+        Err(failure) => failure.into_response(),
     }
 }
 
@@ -140,8 +161,8 @@ async fn issue_token(
     headers: &HeaderMap,
     body: &[u8],
     version: Version,
-) -> Result<Response, Response> {
-    let bad = |error: &str, description: &str| {
+) -> Result<Response, OAuthFailure> {
+    let bad = |error: &'static str, description: &str| {
         Err(oauth_error(StatusCode::BAD_REQUEST, error, description))
     };
     check_tenant(state, tenant)?;

@@ -227,31 +227,57 @@ fn render_error(mut response: Response, request_id: &str) -> Response {
     rendered
 }
 
+/// A body over the limit is still read (and discarded) up to this size, so
+/// that the client, still sending, gets to read the 413 instead of a reset.
+const MAX_DRAIN: usize = 1024 * 1024;
+
 /// Reads the whole body up to [`MAX_BODY`] before anything else looks at the
 /// request, so that an oversized body is refused first (413 before 401).
 async fn buffer_body(request: Request) -> Result<Request, ApiError> {
+    // A session upgrade has no body to read, and reading would wait forever.
+    if request.headers().contains_key(header::UPGRADE) {
+        return Ok(request);
+    }
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+    if declared.is_some_and(|n| n > MAX_DRAIN as u64) {
         return Err(ApiError::too_large());
     }
-    // A session upgrade has no body to read, and reading would wait forever.
-    if request.headers().contains_key(header::UPGRADE) {
-        return Ok(request);
-    }
-    let (parts, body) = request.into_parts();
-    let limited = http_body_util::Limited::new(body, MAX_BODY);
-    let bytes = match limited.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(ApiError::too_large()),
+    let (parts, mut body) = request.into_parts();
+    let mut kept = Vec::new();
+    let mut total = 0usize;
+    let read_all = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Err(ApiError::invalid_body(
+                    "The request body could not be read.",
+                ));
+            };
+            if let Ok(data) = frame.into_data() {
+                total += data.len();
+                if total <= MAX_BODY {
+                    kept.extend_from_slice(&data);
+                } else if total > MAX_DRAIN {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(30), read_all).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
         Err(_) => {
             return Err(ApiError::invalid_body(
-                "The request body could not be read.",
+                "The request body was not sent in time.",
             ));
         }
-    };
-    Ok(Request::from_parts(parts, Body::from(bytes)))
+    }
+    if total > MAX_BODY {
+        return Err(ApiError::too_large());
+    }
+    Ok(Request::from_parts(parts, Body::from(kept)))
 }

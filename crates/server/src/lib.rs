@@ -332,7 +332,7 @@ async fn flush_liveness(state: Arc<AppState>) {
         tokio::time::sleep(Duration::from_secs(2)).await;
         state.gateway.flush(&state.store).await;
         rounds += 1;
-        if rounds % 5 == 0 {
+        if rounds.is_multiple_of(5) {
             state.gateway.close_revoked(&state.store).await;
         }
     }

@@ -467,8 +467,8 @@ fn reusable_server_cert(
     key_path: &Path,
     now: i64,
 ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
-    if !cert_path.exists() || !key_path.exists() {
-        bail!("none exists yet");
+    for path in [cert_path, key_path] {
+        ensure!(path.exists(), "{} does not exist yet", path.display());
     }
     let cert_pem =
         fs::read(cert_path).with_context(|| format!("cannot read {}", cert_path.display()))?;
@@ -682,7 +682,8 @@ fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     Ok(out)
 }
 
-/// A random positive 127-bit serial number (RFC 5280 allows up to 20 octets).
+/// A random positive 16-octet serial number, 126 bits of it random (RFC 5280
+/// allows up to 20 octets; the fixed bits keep it positive and 16 octets long).
 fn random_serial() -> Result<SerialNumber> {
     let mut bytes = random_bytes::<16>()?;
     bytes[0] = (bytes[0] & 0x7f) | 0x40;

@@ -364,16 +364,44 @@ fn write_facts(conn: &Connection, machine_id: &str, facts: &Facts) -> Result<()>
     Ok(())
 }
 
-fn list<T, F: FieldSql>(
-    conn: &Connection,
-    table: &str,
-    columns: &str,
+/// How to read one entity's table.
+struct Table<T> {
+    name: &'static str,
+    columns: &'static str,
     column_count: usize,
-    query: &Query<F>,
-    ctx: &SqlContext,
     from_row: fn(&Row<'_>) -> rusqlite::Result<T>,
     seq_of: fn(&T) -> i64,
+}
+
+const ACTIONS: Table<ActionRecord> = Table {
+    name: "actions",
+    columns: ACTION_COLUMNS,
+    column_count: ACTION_COLUMN_COUNT,
+    from_row: action_from_row,
+    seq_of: |a| a.seq,
+};
+
+const MACHINES: Table<MachineRecord> = Table {
+    name: "machines",
+    columns: MACHINE_COLUMNS,
+    column_count: MACHINE_COLUMN_COUNT,
+    from_row: machine_from_row,
+    seq_of: |m| m.seq,
+};
+
+fn list<T, F: FieldSql>(
+    conn: &Connection,
+    table: &Table<T>,
+    query: &Query<F>,
+    ctx: &SqlContext,
 ) -> Result<Page<T>> {
+    let (columns, column_count, from_row, seq_of) = (
+        table.columns,
+        table.column_count,
+        table.from_row,
+        table.seq_of,
+    );
+    let table = table.name;
     let built = query::build(query, ctx, "machine_tags");
     let sql = format!(
         "SELECT {columns}{} FROM {table} t WHERE {}{}",
@@ -581,16 +609,7 @@ impl Store {
         ctx: SqlContext,
     ) -> Result<Page<MachineRecord>> {
         self.read(move |conn| {
-            let mut page = list(
-                conn,
-                "machines",
-                MACHINE_COLUMNS,
-                MACHINE_COLUMN_COUNT,
-                &query,
-                &ctx,
-                machine_from_row,
-                |m| m.seq,
-            )?;
+            let mut page = list(conn, &MACHINES, &query, &ctx)?;
             for machine in &mut page.items {
                 load_machine_children(conn, machine)?;
             }
@@ -715,19 +734,8 @@ impl Store {
         query: Query<ActionField>,
         ctx: SqlContext,
     ) -> Result<Page<ActionRecord>> {
-        self.read(move |conn| {
-            list(
-                conn,
-                "actions",
-                ACTION_COLUMNS,
-                ACTION_COLUMN_COUNT,
-                &query,
-                &ctx,
-                action_from_row,
-                |a| a.seq,
-            )
-        })
-        .await
+        self.read(move |conn| list(conn, &ACTIONS, &query, &ctx))
+            .await
     }
 
     /// Cancels a `Pending` action; `WrongStatus` names the status otherwise.

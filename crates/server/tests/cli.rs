@@ -1,0 +1,319 @@
+//! The `cordon` binary: `serve`, the admin commands, and durability across
+//! a SIGKILL.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn cordon() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cordon"))
+}
+
+fn run_json(args: &[&str]) -> Value {
+    let output = cordon().args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `cordon serve` process, killed on drop.
+struct Served {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(data_dir: &Path) -> Served {
+    serve_on(data_dir, free_port())
+}
+
+fn serve_on(data_dir: &Path, port: u16) -> Served {
+    let mut child = cordon()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("CORDON_DATA_DIR", data_dir)
+        .env("CORDON_RATE_LIMIT_PER_MINUTE", "0")
+        .env("CORDON_RATE_LIMIT_PER_HOUR", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut printed = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("CA file:") {
+            break;
+        }
+    }
+    assert!(printed.contains("Tenant id:"), "{printed}");
+    assert!(
+        printed.contains(&data_dir.join("ca.pem").display().to_string()),
+        "{printed}"
+    );
+    std::thread::spawn(move || for _ in lines {});
+    Served {
+        child,
+        url: format!("https://localhost:{port}"),
+    }
+}
+
+async fn token(url: &str, ca: &Path, app: &Value) -> String {
+    let mut http = agent::HttpsClient::new(agent::https::tls_config(ca).unwrap(), url).unwrap();
+    let reply = http
+        .request(
+            http::Method::POST,
+            &format!("/{}/oauth2/v2.0/token", app["tenantId"].as_str().unwrap()),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", app["clientId"].as_str().unwrap()),
+                ("client_secret", app["clientSecret"].as_str().unwrap()),
+                ("scope", "https://api.securitycenter.microsoft.com/.default"),
+            ]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    reply.json().unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn serve_help_documents_every_environment_variable() {
+    let output = cordon().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for var in [
+        "CORDON_DATA_DIR",
+        "CORDON_LISTEN",
+        "CORDON_PUBLIC_URL",
+        "CORDON_TLS_CERT",
+        "CORDON_TLS_KEY",
+        "CORDON_TLS_SAN",
+        "CORDON_ACTION_EXPIRY",
+        "CORDON_RATE_LIMIT_PER_MINUTE",
+        "CORDON_RATE_LIMIT_PER_HOUR",
+    ] {
+        assert!(help.contains(var), "{var} missing from:\n{help}");
+    }
+    let output = cordon()
+        .args(["serve", "--public-url", "http://plain.example"])
+        .env(
+            "CORDON_DATA_DIR",
+            std::env::temp_dir().join("cordon-unused"),
+        )
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("https://"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_work_beside_a_running_server() {
+    let dir = TempDir::new("cli");
+    let data = dir.0.to_str().unwrap().to_owned();
+    let served = serve(&dir.0);
+    let ca = dir.0.join("ca.pem");
+
+    let app = run_json(&[
+        "app",
+        "create",
+        "--data-dir",
+        &data,
+        "--name",
+        "Playbook",
+        "--permission",
+        "Machine.Isolate",
+        "--permission",
+        "Machine.Read.All",
+        "--json",
+    ]);
+    let secret = app["clientSecret"].as_str().unwrap();
+    assert!(!secret.starts_with('-'));
+    assert!(app["tenantId"].as_str().unwrap().len() == 36);
+    // Only a hash of the secret is stored.
+    let db = std::fs::read(dir.0.join("cordon.db")).unwrap();
+    let wal = std::fs::read(dir.0.join("cordon.db-wal")).unwrap_or_default();
+    for bytes in [db, wal] {
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "secret stored in clear"
+        );
+    }
+    let list = run_json(&["app", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(list[0]["clientId"], app["clientId"]);
+    assert_eq!(
+        list[0]["permissions"],
+        serde_json::json!(["Machine.Isolate", "Machine.Read.All"])
+    );
+    let bad = cordon()
+        .args([
+            "app",
+            "create",
+            "--data-dir",
+            &data,
+            "--name",
+            "x",
+            "--permission",
+            "Machine.Everything",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+
+    let token = token(&served.url, &ca, &app).await;
+    let enroll = run_json(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--expires-in",
+        "24h",
+        "--max-uses",
+        "2",
+        "--json",
+    ]);
+    let enroll_token = enroll["token"].as_str().unwrap();
+    assert!(!enroll_token.starts_with('-'));
+    for name in ["a1", "a2"] {
+        let state = TempDir::new("agent");
+        agent::enroll(&served.url, enroll_token, &ca, &state.0, Some(name))
+            .await
+            .unwrap();
+    }
+    let state = TempDir::new("agent");
+    let err = agent::enroll(&served.url, enroll_token, &ca, &state.0, Some("a3"))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("used up"), "{err}");
+    let machines = run_json(&["machine", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(machines.as_array().unwrap().len(), 2);
+
+    let mut api = Api {
+        http: agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &served.url).unwrap(),
+        token,
+    };
+    assert_eq!(api.get("/api/machines").await.status, 200);
+    let output = cordon()
+        .args([
+            "app",
+            "delete",
+            "--data-dir",
+            &data,
+            app["clientId"].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_error(&api.get("/api/machines").await, 401, "Unauthorized");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_actions_survive_a_sigkill() {
+    let dir = TempDir::new("durable");
+    let data = dir.0.to_str().unwrap().to_owned();
+    let ca = dir.0.join("ca.pem");
+    let served = serve(&dir.0);
+    let app = run_json(&[
+        "app",
+        "create",
+        "--data-dir",
+        &data,
+        "--name",
+        "Playbook",
+        "--permission",
+        "Machine.Isolate",
+        "--permission",
+        "Machine.Read.All",
+        "--json",
+    ]);
+    let enroll = run_json(&["enroll-token", "create", "--data-dir", &data, "--json"]);
+    let mut machines = Vec::new();
+    let mut states = Vec::new();
+    for i in 0..40 {
+        let state = TempDir::new("agent");
+        let identity = agent::enroll(
+            &served.url,
+            enroll["token"].as_str().unwrap(),
+            &ca,
+            &state.0,
+            Some(&format!("d{i}")),
+        )
+        .await
+        .unwrap();
+        machines.push(identity.machine_id);
+        states.push(state);
+    }
+    let token = token(&served.url, &ca, &app).await;
+
+    // A burst of isolate requests; the server dies the moment the last 201 arrives.
+    let mut tasks = Vec::new();
+    for machine in machines.clone() {
+        let mut api = Api {
+            http: agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &served.url)
+                .unwrap(),
+            token: token.clone(),
+        };
+        tasks.push(tokio::spawn(async move { api.isolate(&machine).await }));
+    }
+    let mut acknowledged = Vec::new();
+    for task in tasks {
+        let reply = task.await.unwrap();
+        assert_eq!(reply.status, 201, "{:?}", reply.body);
+        acknowledged.push(reply.json().unwrap()["id"].as_str().unwrap().to_owned());
+    }
+    let port: u16 = served.url.rsplit(':').next().unwrap().parse().unwrap();
+    let pid = served.child.id();
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    drop(served);
+
+    // Same address, so the tokens' issuer is the same.
+    let served = serve_on(&dir.0, port);
+    let mut api = Api {
+        http: agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &served.url).unwrap(),
+        token: token.clone(),
+    };
+    for id in &acknowledged {
+        let action = api.action(id).await;
+        assert_eq!(action["status"], "Pending", "{action}");
+    }
+    let list = api
+        .get("/api/machineactions?$count=true")
+        .await
+        .json()
+        .unwrap();
+    assert_eq!(list["@odata.count"], 40);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
