@@ -1,0 +1,446 @@
+//! `cordon-bench`: measures the server as BENCHMARKS.md reports it.
+//!
+//! It runs a release `cordon serve` as a separate process on loopback (the
+//! binary next to this one), prepares machines in its data directory, and
+//! drives it over HTTPS with keep-alive connections: isolate/unisolate
+//! throughput and latency with durable commits, GET of one action, and the
+//! time from a 201 to the pushed action's arrival at a connected agent.
+//! Each figure is the median of several rounds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent::HttpsClient;
+use anyhow::{Context, bail};
+use http::Method;
+use proto::agent::{Enforced, ServerMessage};
+
+const ROUNDS: usize = 3;
+const CONCURRENCY: usize = 32;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    values[values.len() / 2]
+}
+
+struct Server {
+    child: Child,
+    url: String,
+    ca: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(data: &Path) -> anyhow::Result<Server> {
+    let exe = std::env::current_exe()?.with_file_name("cordon");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new(&exe)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("CORDON_DATA_DIR", data)
+        .env("CORDON_RATE_LIMIT_PER_MINUTE", "0")
+        .env("CORDON_RATE_LIMIT_PER_HOUR", "0")
+        .env("CORDON_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot run {} (build it with --release first)",
+                exe.display()
+            )
+        })?;
+    let ca = data.join("ca.pem");
+    let server = Server {
+        child,
+        url: format!("https://localhost:{port}"),
+        ca,
+    };
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && server.ca.exists() {
+            return Ok(server);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the server did not start")
+}
+
+async fn client(server: &Server) -> anyhow::Result<HttpsClient> {
+    HttpsClient::new(agent::https::tls_config(&server.ca)?, &server.url)
+}
+
+async fn token(
+    server: &Server,
+    tenant: &str,
+    client_id: &str,
+    secret: &str,
+) -> anyhow::Result<String> {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_secret", secret),
+            ("scope", "https://api.securitycenter.microsoft.com/.default"),
+        ])
+        .finish();
+    let reply = client(server)
+        .await?
+        .request(
+            Method::POST,
+            &format!("/{tenant}/oauth2/v2.0/token"),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            body,
+        )
+        .await?;
+    Ok(reply.json()?["access_token"]
+        .as_str()
+        .context("no token")?
+        .to_owned())
+}
+
+/// Runs `requests` (path, body) over `CONCURRENCY` connections; returns the
+/// wall time and every request's latency. Every reply must have `expect`.
+async fn load(
+    server: &Server,
+    token: &str,
+    method: Method,
+    requests: Vec<(String, Option<String>)>,
+    expect: u16,
+) -> anyhow::Result<(Duration, Vec<Duration>)> {
+    let requests = Arc::new(std::sync::Mutex::new(requests));
+    let auth = Arc::new(format!("Bearer {token}"));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let requests = requests.clone();
+        let auth = auth.clone();
+        let method = method.clone();
+        let mut http = client(server).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let next = requests.lock().expect("lock").pop();
+                let Some((path, body)) = next else { break };
+                let t0 = Instant::now();
+                let reply = http
+                    .request(
+                        method.clone(),
+                        &path,
+                        &[
+                            ("authorization", &auth),
+                            ("content-type", "application/json"),
+                        ],
+                        body.unwrap_or_default(),
+                    )
+                    .await?;
+                latencies.push(t0.elapsed());
+                if reply.status.as_u16() != expect {
+                    bail!(
+                        "{path}: {} {}",
+                        reply.status,
+                        String::from_utf8_lossy(&reply.body)
+                    );
+                }
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    let wall = started.elapsed();
+    all.sort();
+    Ok((wall, all))
+}
+
+fn report(label: &str, rates: &mut [f64], p50s: &mut [f64], p99s: &mut [f64]) {
+    println!(
+        "{label:<34} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   (median of {} rounds; rounds: {})",
+        median(rates),
+        median(p50s),
+        median(p99s),
+        rates.len(),
+        rates
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let machines: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(2000);
+    let data = std::env::temp_dir().join(format!("cordon-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data)?;
+
+    // Prepare the data directory: an app and `machines` enrolled machines.
+    let store = server::open_store(&data)?;
+    let tenant = server::tenant_id(&store).await?;
+    let client_id = server::crypto::new_guid();
+    let secret = server::crypto::new_secret();
+    store
+        .create_app(store::App {
+            client_id: client_id.clone(),
+            name: "bench".into(),
+            secret_hash: server::crypto::hash_secret(&secret),
+            permissions: vec!["Machine.Isolate".into(), "Machine.Read.All".into()],
+            created_at: server::now_nanos(),
+        })
+        .await?;
+    let enroll_token = server::crypto::new_secret();
+    store
+        .create_enroll_token(store::EnrollToken {
+            id: server::crypto::new_guid(),
+            token_hash: server::crypto::sha256_hex(enroll_token.as_bytes()),
+            created_at: server::now_nanos(),
+            expires_at: None,
+            max_uses: None,
+        })
+        .await?;
+    let mut ids = Vec::new();
+    for i in 0..machines {
+        let id = server::crypto::new_machine_id();
+        store
+            .enroll_machine(
+                server::crypto::sha256_hex(enroll_token.as_bytes()),
+                id.clone(),
+                vec![0; 32],
+                store::Facts {
+                    computer_dns_name: format!("bench-{i}"),
+                    ..Default::default()
+                },
+                server::now_nanos(),
+            )
+            .await?;
+        ids.push(id);
+    }
+    drop(store);
+
+    let server = start_server(&data)?;
+    let token = token(&server, &tenant, &client_id, &secret).await?;
+    println!(
+        "cordon-bench: {machines} machines, {CONCURRENCY} connections, {ROUNDS} rounds, server pid {}",
+        server.child.id()
+    );
+
+    // Isolate, then (after cancelling) unisolate every machine: each a durable commit.
+    let (mut rates, mut p50s, mut p99s) = (Vec::new(), Vec::new(), Vec::new());
+    let mut last_actions: Vec<String> = Vec::new();
+    for round in 0..ROUNDS {
+        let kind = if round % 2 == 0 {
+            "isolate"
+        } else {
+            "unisolate"
+        };
+        let requests = ids
+            .iter()
+            .map(|id| {
+                (
+                    format!("/api/machines/{id}/{kind}"),
+                    Some(r#"{"Comment":"bench"}"#.to_owned()),
+                )
+            })
+            .collect();
+        let (wall, latencies) = load(&server, &token, Method::POST, requests, 201).await?;
+        rates.push(latencies.len() as f64 / wall.as_secs_f64());
+        p50s.push(percentile(&latencies, 0.5).as_secs_f64() * 1e3);
+        p99s.push(percentile(&latencies, 0.99).as_secs_f64() * 1e3);
+        // Free the machines for the next round.
+        let mut http = client(&server).await?;
+        let auth = format!("Bearer {token}");
+        let mut link = Some("/api/machineactions?$filter=status%20eq%20'Pending'".to_owned());
+        last_actions.clear();
+        while let Some(path) = link {
+            let page = http
+                .request(Method::GET, &path, &[("authorization", &auth)], Vec::new())
+                .await?
+                .json()?;
+            for a in page["value"].as_array().context("value")? {
+                last_actions.push(a["id"].as_str().context("id")?.to_owned());
+            }
+            link = page["@odata.nextLink"]
+                .as_str()
+                .map(|l| l[server.url.len()..].to_owned());
+        }
+        let cancels = last_actions
+            .iter()
+            .map(|id| {
+                (
+                    format!("/api/machineactions/{id}/cancel"),
+                    Some("{}".to_owned()),
+                )
+            })
+            .collect();
+        load(&server, &token, Method::POST, cancels, 200).await?;
+    }
+    report(
+        "isolate/unisolate (durable)",
+        &mut rates,
+        &mut p50s,
+        &mut p99s,
+    );
+
+    // GET one action.
+    let (mut rates, mut p50s, mut p99s) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let requests = (0..20_000)
+            .map(|i| {
+                (
+                    format!(
+                        "/api/machineactions/{}",
+                        last_actions[i % last_actions.len()]
+                    ),
+                    None,
+                )
+            })
+            .collect();
+        let (wall, latencies) = load(&server, &token, Method::GET, requests, 200).await?;
+        rates.push(latencies.len() as f64 / wall.as_secs_f64());
+        p50s.push(percentile(&latencies, 0.5).as_secs_f64() * 1e3);
+        p99s.push(percentile(&latencies, 0.99).as_secs_f64() * 1e3);
+    }
+    report(
+        "GET /api/machineactions/{id}",
+        &mut rates,
+        &mut p50s,
+        &mut p99s,
+    );
+
+    // 201 -> pushed action at a connected agent.
+    let state = data.join("agent");
+    let identity = agent::enroll(
+        &server.url,
+        &enroll_token,
+        &server.ca,
+        &state,
+        Some("push-target"),
+    )
+    .await?;
+    let mut session = agent::Session::open(
+        &identity,
+        agent::host_facts(Some("push-target")),
+        Enforced::NotIsolated,
+    )
+    .await?;
+    let mut http = client(&server).await?;
+    let auth = format!("Bearer {token}");
+    let mut after_201 = Vec::new();
+    let mut from_request = Vec::new();
+    for i in 0..400 {
+        let kind = if i % 2 == 0 { "isolate" } else { "unisolate" };
+        let t0 = Instant::now();
+        let reply = http
+            .request(
+                Method::POST,
+                &format!("/api/machines/{}/{kind}", identity.machine_id),
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
+                r#"{"Comment":"push bench"}"#,
+            )
+            .await?;
+        let t_201 = Instant::now();
+        if reply.status != 201 {
+            bail!(
+                "push round: {} {}",
+                reply.status,
+                String::from_utf8_lossy(&reply.body)
+            );
+        }
+        let id = reply.json()?["id"].as_str().context("id")?.to_owned();
+        let arrived = loop {
+            match tokio::time::timeout(Duration::from_secs(5), session.recv()).await?? {
+                ServerMessage::Action(order) if order.action_id == id => break Instant::now(),
+                _ => continue,
+            }
+        };
+        after_201.push(arrived.saturating_duration_since(t_201));
+        from_request.push(arrived - t0);
+        // Complete it so the next one can be created.
+        agent_complete(&mut session, &id, kind).await?;
+        loop {
+            let action = http
+                .request(
+                    Method::GET,
+                    &format!("/api/machineactions/{id}"),
+                    &[("authorization", &auth)],
+                    Vec::new(),
+                )
+                .await?
+                .json()?;
+            if action["status"] == "Succeeded" {
+                break;
+            }
+        }
+    }
+    after_201.sort();
+    from_request.sort();
+    println!(
+        "201 -> action at agent               p50 {:>6.3} ms   p99 {:>6.3} ms   (0 = arrived before the client read the 201; {} actions)",
+        percentile(&after_201, 0.5).as_secs_f64() * 1e3,
+        percentile(&after_201, 0.99).as_secs_f64() * 1e3,
+        after_201.len()
+    );
+    println!(
+        "request sent -> action at agent      p50 {:>6.3} ms   p99 {:>6.3} ms",
+        percentile(&from_request, 0.5).as_secs_f64() * 1e3,
+        percentile(&from_request, 0.99).as_secs_f64() * 1e3,
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}
+
+async fn agent_complete(session: &mut agent::Session, id: &str, kind: &str) -> anyhow::Result<()> {
+    use proto::agent::AgentMessage;
+    session
+        .send(&AgentMessage::Ack {
+            action_id: id.into(),
+        })
+        .await?;
+    loop {
+        if let ServerMessage::Proceed { action_id } = session.recv().await?
+            && action_id == id
+        {
+            break;
+        }
+    }
+    let enforced = if kind == "isolate" {
+        Enforced::Full
+    } else {
+        Enforced::NotIsolated
+    };
+    session
+        .send(&AgentMessage::Result {
+            action_id: id.into(),
+            succeeded: true,
+            error_h_result: 0,
+            reason: None,
+            enforced,
+        })
+        .await?;
+    Ok(())
+}
