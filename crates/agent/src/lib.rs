@@ -3,9 +3,12 @@
 //! The binary (`cordon-agent`) is a thin front on this; the server's tests
 //! use the same code as their test agent.
 
+pub mod enforce;
 pub mod https;
 pub mod identity;
+pub mod runner;
 pub mod session;
+pub mod state;
 
 pub use https::{HttpsClient, Reply};
 pub use identity::{Identity, enroll, host_facts};

@@ -1,8 +1,11 @@
-//! `cordon-agent`: enrolls this machine with a Cordon server.
+//! `cordon-agent`: enrolls this machine and enforces isolation.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use agent::runner::{self, DEFAULT_AGENT_GID, Options};
+use agent::state::{Loaded, StateFile};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -25,8 +28,11 @@ enum Command {
         /// The CA certificate the server's certificate chains to.
         #[arg(long)]
         ca_file: PathBuf,
-        /// Where the agent keeps its key and state.
-        #[arg(long, default_value = "/var/lib/cordon-agent")]
+        #[arg(
+            long,
+            env = "CORDON_AGENT_STATE_DIR",
+            default_value = "/var/lib/cordon-agent"
+        )]
         state_dir: PathBuf,
         /// Computer name to report instead of the host name.
         #[arg(long)]
@@ -34,11 +40,63 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Keep a session with the server and execute isolation actions.
+    Run {
+        #[arg(
+            long,
+            env = "CORDON_AGENT_STATE_DIR",
+            default_value = "/var/lib/cordon-agent"
+        )]
+        state_dir: PathBuf,
+        /// Computer name to report instead of the host name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Group id of the agent's sockets: the only ones isolation lets reach the server.
+        #[arg(long, env = "CORDON_AGENT_GID", default_value_t = DEFAULT_AGENT_GID)]
+        agent_gid: u32,
+        /// Seconds the management channel has to prove itself after new rules.
+        #[arg(long, default_value_t = 10)]
+        verify_timeout: u64,
+        /// Longest wait between reconnection attempts, in seconds.
+        #[arg(long, default_value_t = 60)]
+        max_backoff: u64,
+    },
+    /// Say what is enforced now (saved intent and the kernel's table).
+    Status {
+        #[arg(
+            long,
+            env = "CORDON_AGENT_STATE_DIR",
+            default_value = "/var/lib/cordon-agent"
+        )]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put the saved state in force without any network (run at boot).
+    ApplySaved {
+        #[arg(
+            long,
+            env = "CORDON_AGENT_STATE_DIR",
+            default_value = "/var/lib/cordon-agent"
+        )]
+        state_dir: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {
@@ -48,35 +106,95 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Enroll {
-                server,
-                token,
-                ca_file,
-                state_dir,
-                name,
-                json,
-            } => {
-                let identity =
-                    agent::enroll(&server, &token, &ca_file, &state_dir, name.as_deref()).await?;
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({ "machineId": identity.machine_id })
-                    );
-                } else {
-                    println!("Enrolled as machine {}.", identity.machine_id);
-                }
-                anyhow::Ok(())
-            }
-        }
-    });
-    match result {
+    match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cordon-agent: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Enroll {
+            server,
+            token,
+            ca_file,
+            state_dir,
+            name,
+            json,
+        } => {
+            let identity =
+                agent::enroll(&server, &token, &ca_file, &state_dir, name.as_deref()).await?;
+            let response = proto::agent::EnrollResponse {
+                machine_id: identity.machine_id.clone(),
+            };
+            if json {
+                println!("{}", serde_json::to_string(&response)?);
+            } else {
+                println!("Enrolled as machine {}.", identity.machine_id);
+            }
+            Ok(())
+        }
+        Command::Run {
+            state_dir,
+            name,
+            agent_gid,
+            verify_timeout,
+            max_backoff,
+        } => {
+            runner::run(Options {
+                state_dir,
+                name,
+                agent_gid,
+                verify_timeout: Duration::from_secs(verify_timeout.max(1)),
+                max_backoff: Duration::from_secs(max_backoff.max(1)),
+            })
+            .await
+        }
+        Command::Status { state_dir, json } => {
+            let loaded = StateFile::new(&state_dir).load();
+            let table = agent::enforce::Enforcer::open().and_then(|mut e| e.table_present());
+            let (intent, note) = match &loaded {
+                Loaded::Nothing => ("NotIsolated".to_owned(), None),
+                Loaded::Good(s) => (format!("{:?}", s.enforced), None),
+                Loaded::Recovered(s, why) => (format!("{:?}", s.enforced), Some(why.clone())),
+                Loaded::Corrupt(why) => ("Unknown".to_owned(), Some(why.clone())),
+            };
+            let table_text = match &table {
+                Ok(true) => "present",
+                Ok(false) => "absent",
+                Err(_) => "unknown (no access to netlink)",
+            };
+            if json {
+                let status = proto::agent::AgentStatus {
+                    intent: intent.clone(),
+                    table: table_text.to_owned(),
+                    note: note.clone(),
+                };
+                println!("{}", serde_json::to_string(&status)?);
+            } else {
+                let shown = match intent.as_str() {
+                    "Full" => "Isolated (Full)",
+                    "Selective" => "Isolated (Selective)",
+                    "NotIsolated" => "Not isolated",
+                    other => other,
+                };
+                println!("Intended: {shown}");
+                println!("Cordon's table in the kernel: {table_text}");
+                if let Some(note) = note {
+                    println!("Note: {note}");
+                }
+            }
+            Ok(())
+        }
+        Command::ApplySaved { state_dir } => {
+            let file = StateFile::new(&state_dir);
+            let mut enforcer = agent::enforce::Enforcer::open()?;
+            let state = runner::reapply_saved(&file, &mut enforcer)?;
+            println!("Applied the saved state: {:?}.", state.enforced);
+            Ok(())
         }
     }
 }

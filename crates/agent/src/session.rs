@@ -20,6 +20,8 @@ pub struct Session {
     reader: BufReader<ReadHalf<Io>>,
     writer: WriteHalf<Io>,
     pub heartbeat_seconds: u64,
+    /// The server's address this session is connected to.
+    pub peer: std::net::SocketAddr,
     line: Vec<u8>,
 }
 
@@ -32,6 +34,7 @@ impl Session {
     ) -> anyhow::Result<Session> {
         let (host, port) = parse_server(&identity.server)?;
         let tls = connect_tls(identity.tls.clone(), &host, port).await?;
+        let peer = tls.get_ref().0.peer_addr()?;
         let exporter = tls
             .get_ref()
             .1
@@ -65,6 +68,7 @@ impl Session {
             reader: BufReader::new(read),
             writer,
             heartbeat_seconds: 30,
+            peer,
             line: Vec::new(),
         };
         let nonce = match session.recv().await? {
@@ -105,20 +109,26 @@ impl Session {
     }
 
     /// The next message from the server; an error when the session ends.
+    /// Cancel-safe: a partly read line is kept for the next call.
     pub async fn recv(&mut self) -> anyhow::Result<ServerMessage> {
-        self.line.clear();
-        let read = (&mut self.reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut self.line)
-            .await?;
-        if read == 0 {
-            bail!("the server closed the session");
+        loop {
+            if let Some(end) = self.line.iter().position(|b| *b == b'\n') {
+                let parsed = serde_json::from_slice(&self.line[..end]);
+                self.line.drain(..=end);
+                return parsed.context("the server sent an invalid message");
+            }
+            if self.line.len() > MAX_LINE {
+                bail!("the server sent an over-long message");
+            }
+            let room = (MAX_LINE + 1 - self.line.len()) as u64;
+            let read = (&mut self.reader)
+                .take(room)
+                .read_until(b'\n', &mut self.line)
+                .await?;
+            if read == 0 {
+                bail!("the server closed the session");
+            }
         }
-        if self.line.last() != Some(&b'\n') {
-            bail!("the server sent an over-long or truncated message");
-        }
-        serde_json::from_slice(&self.line[..self.line.len() - 1])
-            .context("the server sent an invalid message")
     }
 }
 

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 /// Path of the enrollment endpoint.
 pub const ENROLL_PATH: &str = "/agent/v1/enroll";
+/// Path of the health endpoint an agent uses to prove its channel works.
+pub const HEALTH_PATH: &str = "/agent/v1/health";
 /// Path of the session endpoint (HTTP/1.1 upgrade).
 pub const SESSION_PATH: &str = "/agent/v1/session";
 /// Value of the `Upgrade` header that opens a session.
@@ -167,6 +169,9 @@ pub enum AgentMessage {
     Heartbeat { enforced: Enforced },
     /// New host facts.
     Facts(HostFacts),
+    /// Someone removed or changed Cordon's table; the agent restored it.
+    #[serde(rename_all = "camelCase")]
+    Tamper { detail: String, restored: bool },
 }
 
 /// What `cordon-agent enroll` keeps in its state directory (`identity.json`).
@@ -176,4 +181,48 @@ pub struct StoredIdentity {
     pub machine_id: String,
     /// Base URL of the server, such as `https://cordon.example.com:8443`.
     pub server: String,
+}
+
+/// What the agent keeps on disk about what it enforces (`state.json`),
+/// written before success is reported and re-applied at start and boot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedState {
+    pub enforced: Enforced,
+    /// The server's addresses when isolation was applied.
+    #[serde(default)]
+    pub server_addresses: Vec<String>,
+    #[serde(default)]
+    pub server_port: u16,
+    #[serde(default)]
+    pub agent_gid: u32,
+    /// The action that set this state, if any.
+    #[serde(default)]
+    pub action_id: Option<String>,
+    pub updated: String,
+    /// Outcomes of recent actions, so that a redelivered action is answered
+    /// with the result it already had instead of being applied twice.
+    #[serde(default)]
+    pub recent: Vec<ActionOutcome>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ActionOutcome {
+    pub action_id: String,
+    pub succeeded: bool,
+    pub error_h_result: i64,
+    pub reason: Option<String>,
+    pub enforced: Enforced,
+}
+
+/// `cordon-agent status --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// `NotIsolated`, `Full`, `Selective` or `Unknown` (state file unreadable).
+    pub intent: String,
+    /// `present`, `absent` or `unknown`.
+    pub table: String,
+    pub note: Option<String>,
 }

@@ -125,4 +125,8 @@ pub struct Machine {
     pub ip_addresses: Vec<IpAddress>,
     pub isolation_state: String,
     pub isolation_scope: Option<String>,
+    /// Cordon: how often the agent found its isolation rules removed or
+    /// changed (and restored them), and when it last did.
+    pub tamper_count: i64,
+    pub last_tamper_date_time_utc: Option<String>,
 }

@@ -564,5 +564,7 @@ pub fn machine_entity(state: &AppState, m: &MachineRecord) -> Machine {
             .collect(),
         isolation_state: m.isolation_state.clone(),
         isolation_scope: m.isolation_scope.clone(),
+        tamper_count: m.tamper_count,
+        last_tamper_date_time_utc: m.last_tamper_at.map(format_utc),
     }
 }

@@ -38,6 +38,13 @@ pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route(proto::agent::ENROLL_PATH, post(enroll))
         .route(SESSION_PATH, get(session))
+        .route(proto::agent::HEALTH_PATH, get(health))
+}
+
+/// What an agent fetches over a fresh connection to prove that its
+/// management channel works through newly applied rules.
+async fn health() -> Response {
+    (StatusCode::OK, "ok").into_response()
 }
 
 enum Outbound {
@@ -597,7 +604,9 @@ where
                         Ok(Ok(Some(()))) => {}
                     }
                     state.gateway.touch(&machine_id);
-                    let message = match serde_json::from_slice::<AgentMessage>(&line) {
+                    let parsed = serde_json::from_slice::<AgentMessage>(&line);
+                    line.clear();
+                    let message = match parsed {
                         Ok(m) => m,
                         Err(e) => {
                             refuse(&mut writer, "ProtocolError", &format!("invalid message: {e}")).await;
@@ -677,6 +686,18 @@ async fn handle(
                     None
                 }
             }
+        }
+        AgentMessage::Tamper { detail, restored } => {
+            let detail: String = detail
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(500)
+                .collect();
+            tracing::warn!(%detail, restored, "agent reports its isolation rules were tampered with");
+            if let Err(e) = state.store.record_tamper(machine_id, detail, now).await {
+                tracing::warn!(error = %e, "could not record a tamper report");
+            }
+            None
         }
         AgentMessage::Result {
             action_id,

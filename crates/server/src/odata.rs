@@ -109,6 +109,8 @@ pub const MACHINE_PROPERTIES: &[&str] = &[
     "ipAddresses",
     "isolationState",
     "isolationScope",
+    "tamperCount",
+    "lastTamperDateTimeUtc",
 ];
 
 /// The largest `$top`.
@@ -1234,7 +1236,7 @@ mod tests {
             assert!(MACHINE_PROPERTIES.contains(&f.name), "{}", f.name);
         }
         assert_eq!(ACTION_PROPERTIES.len(), 20);
-        assert_eq!(MACHINE_PROPERTIES.len(), 26);
+        assert_eq!(MACHINE_PROPERTIES.len(), 28);
         assert_eq!(
             MACHINE_FIELDS
                 .iter()

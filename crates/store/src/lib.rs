@@ -63,7 +63,7 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
 }
 
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("migration2.sql")];
 
 fn open_connection(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;

@@ -65,6 +65,9 @@ pub struct MachineRecord {
     pub isolation_scope: Option<String>,
     pub facts: Facts,
     pub tags: Vec<String>,
+    /// How often the agent reported its table tampered with, and the last time.
+    pub tamper_count: i64,
+    pub last_tamper_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -242,8 +245,9 @@ fn action_from_row(row: &Row<'_>) -> rusqlite::Result<ActionRecord> {
 const MACHINE_COLUMNS: &str = "t.seq, t.id, t.public_key, t.revoked, t.computer_dns_name, \
      t.first_seen, t.last_seen, t.os_platform, t.os_version, t.os_processor, t.os_architecture, \
      t.os_build, t.agent_version, t.last_ip_address, t.last_external_ip_address, \
-     t.onboarding_status, t.rbac_group_id, t.isolation_state, t.isolation_scope";
-const MACHINE_COLUMN_COUNT: usize = 19;
+     t.onboarding_status, t.rbac_group_id, t.isolation_state, t.isolation_scope, \
+     t.tamper_count, t.last_tamper_at";
+const MACHINE_COLUMN_COUNT: usize = 21;
 
 fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     Ok(MachineRecord {
@@ -270,6 +274,8 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
             addresses: Vec::new(),
         },
         tags: Vec::new(),
+        tamper_count: row.get(19)?,
+        last_tamper_at: row.get(20)?,
     })
 }
 
@@ -648,6 +654,20 @@ impl Store {
             conn.prepare_cached("UPDATE machines SET isolation_scope = ?2 WHERE id = ?1")?
                 .execute(params![machine_id, scope])?;
             refresh_isolation_state(conn, &machine_id)
+        })
+        .await
+    }
+
+    /// Records that the machine's agent found its table tampered with.
+    pub async fn record_tamper(&self, machine_id: &str, detail: String, now: i64) -> Result<()> {
+        let machine_id = machine_id.to_owned();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE machines SET tamper_count = tamper_count + 1, last_tamper_at = ?2, \
+                 last_tamper_detail = ?3 WHERE id = ?1",
+            )?
+            .execute(params![machine_id, now, detail])?;
+            Ok(())
         })
         .await
     }

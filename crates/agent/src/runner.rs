@@ -1,0 +1,475 @@
+//! `cordon-agent run`: re-apply what is saved, keep one session with the
+//! server, execute pushed actions, send heartbeats, and restore the table
+//! when someone tampers with it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use proto::agent::{ActionOrder, ActionOutcome, AgentMessage, Enforced, SavedState, ServerMessage};
+use tokio::sync::mpsc;
+
+use crate::enforce::Enforcer;
+use crate::https::{HttpsClient, parse_server};
+use crate::identity::{Identity, host_facts};
+use crate::session::Session;
+use crate::state::{Loaded, StateFile, empty_state, remember};
+
+/// The group id the agent's sockets carry unless told otherwise; only
+/// sockets of this group may use the management channel under isolation.
+pub const DEFAULT_AGENT_GID: u32 = 61742;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub state_dir: PathBuf,
+    pub name: Option<String>,
+    pub agent_gid: u32,
+    /// How long the management channel has to prove itself after an apply.
+    pub verify_timeout: Duration,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+/// The agent's working state: what is enforced and the kernel handle.
+pub struct Agent {
+    pub identity: Identity,
+    pub options: Options,
+    pub state: SavedState,
+    file: StateFile,
+    enforcer: Enforcer,
+}
+
+/// Makes every socket the agent opens carry `gid`, the identity the
+/// isolation rules let through.
+pub fn adopt_agent_gid(gid: u32) -> anyhow::Result<()> {
+    // glibc applies setegid to every thread of the process.
+    if unsafe { libc::setegid(gid) } != 0 {
+        bail!(
+            "cannot switch to group id {gid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Loads the saved state and puts it in force, failing safe: a corrupt
+/// state file with Cordon's table in the kernel keeps the table as it is.
+pub fn reapply_saved(file: &StateFile, enforcer: &mut Enforcer) -> anyhow::Result<SavedState> {
+    match file.load() {
+        Loaded::Nothing => Ok(empty_state()),
+        Loaded::Good(state) => {
+            enforcer.apply(&state)?;
+            tracing::info!(enforced = ?state.enforced, "saved state re-applied");
+            Ok(state)
+        }
+        Loaded::Recovered(state, problem) => {
+            tracing::warn!(%problem, "state file unreadable; re-applying the previous good copy");
+            enforcer.apply(&state)?;
+            file.save(&state)?;
+            Ok(state)
+        }
+        Loaded::Corrupt(problem) => {
+            if enforcer.table_present()? {
+                bail!(
+                    "{problem}; Cordon's table is in force and stays in force (fail safe) until an action or an operator replaces the state file"
+                );
+            }
+            bail!("{problem}; no isolation is in force")
+        }
+    }
+}
+
+impl Agent {
+    pub fn start(options: Options) -> anyhow::Result<Agent> {
+        let identity = Identity::load(&options.state_dir)?;
+        let file = StateFile::new(&options.state_dir);
+        let mut enforcer = Enforcer::open()?;
+        let state = reapply_saved(&file, &mut enforcer)?;
+        Ok(Agent {
+            identity,
+            options,
+            state,
+            file,
+            enforcer,
+        })
+    }
+
+    fn outcome_of(&self, action_id: &str) -> Option<ActionOutcome> {
+        self.state
+            .recent
+            .iter()
+            .find(|o| o.action_id == action_id)
+            .cloned()
+    }
+
+    /// Every address the server's name resolves to, plus the one the
+    /// session is connected to.
+    async fn server_addresses(
+        &self,
+        peer: Option<SocketAddr>,
+    ) -> anyhow::Result<(Vec<String>, u16)> {
+        let (host, port) = parse_server(&self.identity.server)?;
+        let mut addresses: Vec<String> = Vec::new();
+        match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(resolved) => {
+                for a in resolved {
+                    let ip = a.ip().to_string();
+                    if !addresses.contains(&ip) {
+                        addresses.push(ip);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, %host, "cannot resolve the server"),
+        }
+        if let Some(peer) = peer {
+            let ip = peer.ip().to_canonical().to_string();
+            if !addresses.contains(&ip) {
+                addresses.push(ip);
+            }
+        }
+        if addresses.is_empty() {
+            bail!("the server's name {host} resolves to no address");
+        }
+        Ok((addresses, port))
+    }
+
+    /// Proves the management channel works: a fresh TLS connection to the
+    /// server and one request, within the verify timeout.
+    async fn prove_channel(&self) -> anyhow::Result<()> {
+        let attempt = async {
+            let mut client = HttpsClient::new(self.identity.tls.clone(), &self.identity.server)?;
+            let reply = client
+                .request(
+                    http::Method::GET,
+                    proto::agent::HEALTH_PATH,
+                    &[],
+                    Vec::new(),
+                )
+                .await?;
+            if !reply.status.is_success() {
+                bail!("the server answered {}", reply.status);
+            }
+            anyhow::Ok(())
+        };
+        match tokio::time::timeout(self.options.verify_timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => bail!(
+                "no answer within {} s",
+                self.options.verify_timeout.as_secs_f32()
+            ),
+        }
+    }
+
+    /// Applies an action: the new rules in one batch, read back, the
+    /// channel proven, the state saved; otherwise the previous state is
+    /// restored. Returns the outcome to report.
+    pub async fn execute(
+        &mut self,
+        order: &ActionOrder,
+        peer: Option<SocketAddr>,
+    ) -> ActionOutcome {
+        let failed = |reason: String, enforced: Enforced| ActionOutcome {
+            action_id: order.action_id.clone(),
+            succeeded: false,
+            error_h_result: -2147467259,
+            reason: Some(reason),
+            enforced,
+        };
+        let previous = self.state.clone();
+        let target = match (order.action_type.as_str(), order.scope.as_deref()) {
+            ("Isolate", Some("Selective")) => {
+                return failed(
+                    "Selective isolation is not supported by this agent version; the machine is unchanged.".into(),
+                    previous.enforced,
+                );
+            }
+            ("Isolate", _) => Enforced::Full,
+            ("Unisolate", _) => Enforced::NotIsolated,
+            (other, _) => {
+                return failed(format!("unknown action type '{other}'"), previous.enforced);
+            }
+        };
+        let (addresses, port) = if target == Enforced::NotIsolated {
+            (Vec::new(), 0)
+        } else {
+            match self.server_addresses(peer).await {
+                Ok(found) => found,
+                Err(e) => return failed(format!("{e:#}"), previous.enforced),
+            }
+        };
+        let mut next = SavedState {
+            enforced: target,
+            server_addresses: addresses,
+            server_port: port,
+            agent_gid: self.options.agent_gid,
+            action_id: Some(order.action_id.clone()),
+            updated: proto::time::format_utc(now_nanos()),
+            recent: previous.recent.clone(),
+        };
+        let started = std::time::Instant::now();
+        if let Err(e) = self.enforcer.apply(&next) {
+            let restored = self.enforcer.apply(&previous).is_ok();
+            return failed(
+                format!("could not apply the rules: {e:#}{}", restore_note(restored)),
+                previous.enforced,
+            );
+        }
+        let in_force = started.elapsed();
+        if let Err(e) = self.prove_channel().await {
+            let restored = self.enforcer.apply(&previous).is_ok();
+            return failed(
+                format!(
+                    "the management channel did not work through the new rules: {e:#}{}",
+                    restore_note(restored)
+                ),
+                previous.enforced,
+            );
+        }
+        let outcome = ActionOutcome {
+            action_id: order.action_id.clone(),
+            succeeded: true,
+            error_h_result: 0,
+            reason: None,
+            enforced: target,
+        };
+        remember(&mut next, outcome.clone());
+        if let Err(e) = self.file.save(&next) {
+            let restored = self.enforcer.apply(&previous).is_ok();
+            return failed(
+                format!("could not save the state: {e:#}{}", restore_note(restored)),
+                previous.enforced,
+            );
+        }
+        tracing::info!(
+            action_id = %order.action_id,
+            enforced = ?target,
+            rules_in_force_us = in_force.as_micros() as u64,
+            proven_ms = started.elapsed().as_millis() as u64,
+            "action applied"
+        );
+        self.state = next;
+        outcome
+    }
+
+    /// Records a failed outcome too, so a redelivery gets the same answer.
+    fn remember_failure(&mut self, outcome: &ActionOutcome) {
+        if !outcome.succeeded {
+            let mut state = self.state.clone();
+            remember(&mut state, outcome.clone());
+            if self.file.save(&state).is_ok() {
+                self.state = state;
+            }
+        }
+    }
+
+    /// Checks the table after a change notification; restores it if it
+    /// differs. Returns a description when something was restored.
+    pub fn check_tamper(&mut self) -> Option<(String, bool)> {
+        match self.enforcer.intact(&self.state) {
+            Ok(true) => None,
+            Ok(false) | Err(_) => {
+                let restored = self.enforcer.apply(&self.state).is_ok();
+                let detail = format!(
+                    "Cordon's table was removed or changed while the machine was {:?}",
+                    self.state.enforced
+                );
+                if restored {
+                    tracing::warn!(%detail, "tampering undone");
+                } else {
+                    tracing::error!(%detail, "tampering detected and the table could not be restored");
+                }
+                Some((detail, restored))
+            }
+        }
+    }
+}
+
+fn restore_note(restored: bool) -> &'static str {
+    if restored {
+        "; the previous state was restored"
+    } else {
+        "; restoring the previous state failed too"
+    }
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Exponential backoff with full jitter: a random wait in [0, min(cap, base·2^n)].
+fn backoff(attempt: u32, cap: Duration) -> Duration {
+    let base = Duration::from_millis(500);
+    let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
+    let mut bytes = [0u8; 8];
+    let _ = SystemRandom::new().fill(&mut bytes);
+    let fraction = u64::from_le_bytes(bytes) as f64 / u64::MAX as f64;
+    ceiling.mul_f64(fraction)
+}
+
+/// Watches nftables notifications on a thread of its own and tells the
+/// agent when its table may have been touched by someone else.
+fn spawn_tamper_watch(own_port: u32) -> mpsc::UnboundedReceiver<()> {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("tamper-watch".into())
+        .spawn(move || {
+            let mut monitor = match nft::Monitor::open() {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch nftables changes; tampering will be noticed only at heartbeats");
+                    return;
+                }
+            };
+            loop {
+                match monitor.wait_for_foreign_change(own_port) {
+                    Ok(true) => {
+                        if sender.send(()).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "nftables watch failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .expect("thread");
+    receiver
+}
+
+/// Runs the agent until it is stopped. Stopping never lifts isolation.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    if let Err(e) = adopt_agent_gid(options.agent_gid) {
+        tracing::warn!(error = %e, "the management channel can't be told apart from other traffic");
+    }
+    let mut agent = Agent::start(options)?;
+    let mut tamper = spawn_tamper_watch(agent.enforcer.port_id());
+    let mut pending_reports: Vec<AgentMessage> = Vec::new();
+    let mut attempt = 0u32;
+    loop {
+        let facts = host_facts(agent.options.name.as_deref());
+        match Session::open(&agent.identity, facts, agent.state.enforced).await {
+            Ok(mut session) => {
+                attempt = 0;
+                tracing::info!(server = %agent.identity.server, "session open");
+                for report in pending_reports.drain(..) {
+                    let _ = session.send(&report).await;
+                }
+                match serve(&mut agent, &mut session, &mut tamper, &mut pending_reports).await {
+                    Ok(()) => tracing::info!("session ended"),
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "session ended"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot open a session");
+                if e.to_string().contains("(Revoked)") || e.to_string().contains("(UnknownMachine)")
+                {
+                    return Err(e.context("the server no longer accepts this machine"));
+                }
+            }
+        }
+        let wait = backoff(attempt, agent.options.max_backoff);
+        attempt = attempt.saturating_add(1);
+        // Keep restoring the table while disconnected.
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                Some(()) = tamper.recv() => {
+                    if let Some((detail, restored)) = agent.check_tamper() {
+                        pending_reports.push(AgentMessage::Tamper { detail, restored });
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn serve(
+    agent: &mut Agent,
+    session: &mut Session,
+    tamper: &mut mpsc::UnboundedReceiver<()>,
+    pending_reports: &mut Vec<AgentMessage>,
+) -> anyhow::Result<()> {
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_secs(session.heartbeat_seconds.max(1)));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let peer = Some(session.peer);
+    loop {
+        tokio::select! {
+            message = session.recv() => {
+                match message? {
+                    ServerMessage::Action(order) => {
+                        if order.machine_id != agent.identity.machine_id {
+                            tracing::warn!(action_id = %order.action_id, "refused an action addressed to another machine");
+                            continue;
+                        }
+                        if !matches!(order.action_type.as_str(), "Isolate" | "Unisolate") {
+                            tracing::warn!(action_id = %order.action_id, action_type = %order.action_type, "refused an action of an unknown type");
+                            continue;
+                        }
+                        if let Some(outcome) = agent.outcome_of(&order.action_id) {
+                            // Delivered again: report what happened, don't apply twice.
+                            session.send(&result_message(&outcome)).await?;
+                            continue;
+                        }
+                        session.send(&AgentMessage::Ack { action_id: order.action_id.clone() }).await?;
+                        // Wait for the go-ahead. A repeated delivery of the
+                        // same action may come first; it is skipped.
+                        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                        loop {
+                            let answer = tokio::time::timeout_at(deadline, session.recv()).await
+                                .context("no answer to the acknowledgement")??;
+                            match answer {
+                                ServerMessage::Proceed { action_id } if action_id == order.action_id => {
+                                    let outcome = agent.execute(&order, peer).await;
+                                    agent.remember_failure(&outcome);
+                                    session.send(&result_message(&outcome)).await?;
+                                    break;
+                                }
+                                ServerMessage::Withdrawn { action_id, status } if action_id == order.action_id => {
+                                    tracing::info!(%action_id, %status, "action withdrawn by the server");
+                                    break;
+                                }
+                                ServerMessage::Refused { code, reason } => {
+                                    bail!("the server ended the session: {reason} ({code})")
+                                }
+                                other => tracing::debug!(?other, "skipped while waiting for the go-ahead"),
+                            }
+                        }
+                    }
+                    ServerMessage::Refused { code, reason } => bail!("the server ended the session: {reason} ({code})"),
+                    other => tracing::debug!(?other, "ignored message"),
+                }
+            }
+            _ = heartbeat.tick() => {
+                session.send(&AgentMessage::Heartbeat { enforced: agent.state.enforced }).await?;
+            }
+            Some(()) = tamper.recv() => {
+                if let Some((detail, restored)) = agent.check_tamper() {
+                    let report = AgentMessage::Tamper { detail, restored };
+                    if session.send(&report).await.is_err() {
+                        pending_reports.push(report);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn result_message(outcome: &ActionOutcome) -> AgentMessage {
+    AgentMessage::Result {
+        action_id: outcome.action_id.clone(),
+        succeeded: outcome.succeeded,
+        error_h_result: outcome.error_h_result,
+        reason: outcome.reason.clone(),
+        enforced: outcome.enforced,
+    }
+}

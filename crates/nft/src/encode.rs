@@ -1,0 +1,487 @@
+//! Encoding a [`policy::Ruleset`] as ONE nftables batch with libnftnl.
+//!
+//! Apply must be atomic (DESIGN.md, "What the agent allows"): the batch
+//! re-creates Cordon's whole table in a single transaction (add table,
+//! delete table, add table, sets, elements, chains, rules), so the kernel
+//! either switches to the new table at once or keeps the old one. Removing
+//! the table is "add table + delete table", which succeeds whether or not
+//! the table existed.
+//!
+//! The mapping of each [`Match`] to nftables expressions mirrors what the
+//! `nft` tool emits for the `Display` form of the policy (checked with
+//! `nft --debug=netlink`), so `nft list table inet cordon` reads our rules
+//! back in nft syntax. Values the kernel keeps in host byte order (meta
+//! keys, `ct mark`, `ct state`) are compared with native-endian bytes;
+//! packet fields (ports, addresses) with network-order bytes.
+
+use std::ffi::CString;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
+use std::ptr::NonNull;
+
+use nftnl::expr::{
+    Bitwise, Cmp, CmpOp, Conntrack, Expression, IcmpCode, Icmpv6HeaderField, Immediate,
+    Ipv4HeaderField, Ipv6HeaderField, Meta, NetworkHeaderField, Payload, Register, RejectionType,
+    States, TransportHeaderField, Verdict,
+};
+use nftnl::nftnl_sys as sys;
+use nftnl::set::{Set, SetKey};
+use nftnl::{Batch, Chain, ChainType, FinalizedBatch, MsgType, ProtoFamily, Rule, Table};
+use policy::{Action, Family, Hook, Match, Protocol, Ruleset};
+
+use crate::NftError;
+
+/// One message of the batch, to say in plain words which one the kernel
+/// refused.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Step {
+    AddTable,
+    DeleteTable,
+    AddSet(&'static str),
+    AddElements(&'static str),
+    AddChain(&'static str),
+    AddRule {
+        chain: &'static str,
+        index: usize,
+        comment: &'static str,
+    },
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let table = policy::TABLE;
+        match self {
+            Step::AddTable => write!(f, "add table inet {table}"),
+            Step::DeleteTable => write!(f, "delete table inet {table}"),
+            Step::AddSet(name) => write!(f, "add set {name}"),
+            Step::AddElements(name) => write!(f, "add the elements of set {name}"),
+            Step::AddChain(name) => write!(f, "add chain {name}"),
+            Step::AddRule {
+                chain,
+                index,
+                comment,
+            } => write!(f, "add rule {} of chain {chain} (\"{comment}\")", index + 1),
+        }
+    }
+}
+
+/// A finished batch and what each of its messages does.
+pub(crate) struct Encoded {
+    pub batch: FinalizedBatch,
+    pub steps: Vec<Step>,
+}
+
+impl Encoded {
+    /// Sequence numbers of the batch's own messages (not the batch begin and
+    /// end markers); each carries `NLM_F_ACK`, so each gets an answer.
+    pub fn step_seqs(&self) -> Range<u32> {
+        let all = self.batch.sequence_numbers();
+        // nftnl also numbers (and asks acks for) the begin and end markers
+        // on kernels >= 6.10, where the kernel answers them.
+        let framed = all.len() == self.steps.len() + 2;
+        let first = all.start + u32::from(framed);
+        first..first + self.steps.len() as u32
+    }
+
+    /// What the message with this sequence number asked for.
+    pub fn describe(&self, seq: u32) -> String {
+        let steps = self.step_seqs();
+        if steps.contains(&seq) {
+            format!(
+                "the batch at \"{}\"",
+                self.steps[(seq - steps.start) as usize]
+            )
+        } else {
+            // The batch begin marker (seq 0 on kernels < 6.10, or the first
+            // number) also carries errors of the commit as a whole.
+            "the batch as a whole".to_owned()
+        }
+    }
+}
+
+fn cstring(what: &str, value: &str) -> Result<CString, NftError> {
+    CString::new(value)
+        .map_err(|_| NftError::Encode(format!("{what} {value:?} contains a NUL byte")))
+}
+
+/// Builds the batch that makes the kernel's table equal `ruleset` (or
+/// removes it, for `None`).
+pub(crate) fn encode(ruleset: Option<&Ruleset>) -> Result<Encoded, NftError> {
+    let table_name = cstring("table name", policy::TABLE)?;
+    let table = Table::new(&table_name, ProtoFamily::Inet);
+    let mut batch = Batch::new();
+    let mut steps = Vec::new();
+
+    // "add" first so that the "delete" cannot fail with ENOENT.
+    batch.add(&table, MsgType::Add);
+    steps.push(Step::AddTable);
+    batch.add(&table, MsgType::Del);
+    steps.push(Step::DeleteTable);
+
+    if let Some(ruleset) = ruleset {
+        batch.add(&table, MsgType::Add);
+        steps.push(Step::AddTable);
+        for (i, set) in ruleset.sets.iter().enumerate() {
+            let id = set_id(i);
+            match set.family {
+                Family::V4 => {
+                    add_set::<Ipv4Addr>(&mut batch, &mut steps, &table, set, id, |a| match a {
+                        IpAddr::V4(v4) => Some(v4),
+                        IpAddr::V6(_) => None,
+                    })?
+                }
+                Family::V6 => {
+                    add_set::<Ipv6Addr>(&mut batch, &mut steps, &table, set, id, |a| match a {
+                        IpAddr::V6(v6) => Some(v6),
+                        IpAddr::V4(_) => None,
+                    })?
+                }
+            }
+        }
+        for chain in &ruleset.chains {
+            let name = cstring("chain name", chain.name)?;
+            let mut nft_chain = Chain::new(&name, &table);
+            nft_chain.set_hook(
+                match chain.hook {
+                    Hook::Input => nftnl::Hook::In,
+                    Hook::Output => nftnl::Hook::Out,
+                    Hook::Forward => nftnl::Hook::Forward,
+                },
+                chain.priority,
+            );
+            nft_chain.set_type(ChainType::Filter);
+            nft_chain.set_policy(nftnl::Policy::Drop);
+            batch.add(&nft_chain, MsgType::Add);
+            steps.push(Step::AddChain(chain.name));
+
+            for (index, rule) in chain.rules.iter().enumerate() {
+                let step = Step::AddRule {
+                    chain: chain.name,
+                    index,
+                    comment: rule.comment,
+                };
+                let mut nft_rule = Rule::new(&nft_chain);
+                for m in &rule.matches {
+                    add_match(&mut nft_rule, m, ruleset)
+                        .map_err(|e| NftError::Encode(format!("{step}: {e}")))?;
+                }
+                add_action(&mut nft_rule, rule.action);
+                if !rule.comment.is_empty() {
+                    let comment = cstring("rule comment", rule.comment)?;
+                    nft_rule
+                        .set_comment(&comment)
+                        .map_err(|e| NftError::Encode(format!("{step}: {e}")))?;
+                }
+                batch.add(&nft_rule, MsgType::Add);
+                steps.push(step);
+            }
+        }
+    }
+    Ok(Encoded {
+        batch: batch.finalize(),
+        steps,
+    })
+}
+
+/// Set ids name sets within one batch (rules refer to a new set by id);
+/// they only need to be unique in the batch.
+fn set_id(index: usize) -> u32 {
+    index as u32 + 1
+}
+
+/// The elements of a set without duplicates (the kernel refuses a batch
+/// that adds the same element twice), in their first order.
+pub(crate) fn distinct(elements: &[IpAddr]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::with_capacity(elements.len());
+    for a in elements {
+        if !out.contains(a) {
+            out.push(*a);
+        }
+    }
+    out
+}
+
+fn add_set<K: SetKey>(
+    batch: &mut Batch,
+    steps: &mut Vec<Step>,
+    table: &Table,
+    set: &policy::Set,
+    id: u32,
+    key: impl Fn(IpAddr) -> Option<K>,
+) -> Result<(), NftError> {
+    let name = cstring("set name", set.name)?;
+    let mut nft_set = Set::<K>::new_named(&name, id, table, ProtoFamily::Inet);
+    for address in distinct(&set.elements) {
+        let k = key(address).ok_or_else(|| {
+            NftError::Encode(format!(
+                "set {} holds {} addresses, not {address}",
+                set.name,
+                match set.family {
+                    Family::V4 => "IPv4",
+                    Family::V6 => "IPv6",
+                }
+            ))
+        })?;
+        nft_set.add(&k);
+    }
+    batch.add(&nft_set, MsgType::Add);
+    steps.push(Step::AddSet(set.name));
+    // An empty set yields no element message at all.
+    for message in nft_set.elems_iter() {
+        batch.add(&message, MsgType::Add);
+        steps.push(Step::AddElements(set.name));
+    }
+    Ok(())
+}
+
+/// `lookup` of register 1 in a named set. nftnl's own `Lookup` needs the
+/// `Set` object; this one names the set (and its batch id when the set is
+/// created in the same batch), so a rule can refer to any set by name.
+struct SetLookup {
+    name: CString,
+    id: Option<u32>,
+}
+
+impl Expression for SetLookup {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: nftnl_expr_alloc returns a fresh expression or NULL
+        // (checked); the setters copy the values (the string included), and
+        // the caller (Rule::add_expr) hands ownership to the rule.
+        unsafe {
+            let Some(expr) = NonNull::new(sys::nftnl_expr_alloc(c"lookup".as_ptr())) else {
+                // Out of memory for a few bytes: do what libstd does.
+                std::process::abort();
+            };
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_LOOKUP_SREG as u16,
+                libc::NFT_REG_1 as u32,
+            );
+            sys::nftnl_expr_set_str(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_LOOKUP_SET as u16,
+                self.name.as_ptr(),
+            );
+            if let Some(id) = self.id {
+                sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SET_ID as u16, id);
+            }
+            expr
+        }
+    }
+}
+
+/// Transport header field at `offset`, `len` bytes (`th sport/dport`).
+fn transport(offset: u32, len: u32) -> Payload {
+    // nftnl names these fields `*_bits` but passes them on unchanged as the
+    // kernel's byte offset and length.
+    Payload::Transport(TransportHeaderField::Raw {
+        offset_bits: offset,
+        length_bits: len,
+    })
+}
+
+fn address(family: Family, source: bool) -> Payload {
+    Payload::Network(match (family, source) {
+        (Family::V4, true) => NetworkHeaderField::Ipv4(Ipv4HeaderField::Saddr),
+        (Family::V4, false) => NetworkHeaderField::Ipv4(Ipv4HeaderField::Daddr),
+        (Family::V6, true) => NetworkHeaderField::Ipv6(Ipv6HeaderField::Saddr),
+        (Family::V6, false) => NetworkHeaderField::Ipv6(Ipv6HeaderField::Daddr),
+    })
+}
+
+fn add_match(rule: &mut Rule<'_>, m: &Match, ruleset: &Ruleset) -> Result<(), String> {
+    match *m {
+        Match::InputLoopback | Match::OutputLoopback => {
+            rule.add_expr(if *m == Match::InputLoopback {
+                &Meta::IifType
+            } else {
+                &Meta::OifType
+            });
+            // dev->type is a u16 in host byte order.
+            rule.add_expr(&Cmp::new(CmpOp::Eq, libc::ARPHRD_LOOPBACK));
+        }
+        Match::Family(family) => {
+            rule.add_expr(&Meta::NfProto);
+            let proto = match family {
+                Family::V4 => libc::NFPROTO_IPV4,
+                Family::V6 => libc::NFPROTO_IPV6,
+            };
+            rule.add_expr(&Cmp::new(CmpOp::Eq, proto as u8));
+        }
+        Match::Protocol(protocol) => {
+            rule.add_expr(&Meta::L4Proto);
+            let number = match protocol {
+                Protocol::Tcp => libc::IPPROTO_TCP,
+                Protocol::Udp => libc::IPPROTO_UDP,
+                Protocol::Icmpv6 => libc::IPPROTO_ICMPV6,
+            };
+            rule.add_expr(&Cmp::new(CmpOp::Eq, number as u8));
+        }
+        Match::SourceInSet(family, name) | Match::DestInSet(family, name) => {
+            let source = matches!(m, Match::SourceInSet(..));
+            rule.add_expr(&address(family, source));
+            let id = ruleset.sets.iter().position(|s| s.name == name).map(set_id);
+            let name = CString::new(name).map_err(|_| format!("set name {name:?} contains NUL"))?;
+            rule.add_expr(&SetLookup { name, id });
+        }
+        Match::SourcePrefix(prefix, len) => {
+            let (family, bytes) = match prefix {
+                IpAddr::V4(a) => (Family::V4, a.octets().to_vec()),
+                IpAddr::V6(a) => (Family::V6, a.octets().to_vec()),
+            };
+            let bits = bytes.len() * 8;
+            let len = usize::from(len);
+            if len > bits {
+                return Err(format!("prefix {prefix}/{len} is longer than {bits} bits"));
+            }
+            let mask: Vec<u8> = (0..bytes.len())
+                .map(|i| {
+                    let ones = len.saturating_sub(i * 8).min(8);
+                    (0xff_u16 << (8 - ones)) as u8
+                })
+                .collect();
+            let network: Vec<u8> = bytes.iter().zip(&mask).map(|(b, m)| b & m).collect();
+            rule.add_expr(&address(family, true));
+            if len < bits {
+                let zeros = vec![0u8; bytes.len()];
+                rule.add_expr(&Bitwise::new(&mask[..], &zeros[..]));
+            }
+            rule.add_expr(&Cmp::new(CmpOp::Eq, &network[..]));
+        }
+        Match::SourcePort(port) | Match::DestPort(port) => {
+            let offset = if matches!(m, Match::SourcePort(_)) {
+                0
+            } else {
+                2
+            };
+            rule.add_expr(&transport(offset, 2));
+            // Packet bytes: network order (nftnl's u16 would be host order).
+            rule.add_expr(&Cmp::new(CmpOp::Eq, &port.to_be_bytes()[..]));
+        }
+        Match::Ct(states) => {
+            let mut mask = States::empty();
+            mask.set(States::ESTABLISHED, states.established);
+            mask.set(States::RELATED, states.related);
+            if mask.is_empty() {
+                return Err("a ct state match with no state never matches".to_owned());
+            }
+            rule.add_expr(&Conntrack::State);
+            rule.add_expr(&Bitwise::new(mask.bits(), 0u32));
+            rule.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
+        }
+        Match::CtMark(mark) => {
+            rule.add_expr(&Conntrack::Mark { set: false });
+            rule.add_expr(&Cmp::new(CmpOp::Eq, mark));
+        }
+        Match::SocketGid(gid) => {
+            rule.add_expr(&Meta::SkGid);
+            rule.add_expr(&Cmp::new(CmpOp::Eq, gid));
+        }
+        Match::Icmpv6Type(t) => {
+            rule.add_expr(&Payload::Transport(TransportHeaderField::Icmpv6(
+                Icmpv6HeaderField::Type,
+            )));
+            rule.add_expr(&Cmp::new(CmpOp::Eq, t));
+        }
+        Match::HopLimit(h) => {
+            rule.add_expr(&Payload::Network(NetworkHeaderField::Ipv6(
+                Ipv6HeaderField::HopLimit,
+            )));
+            rule.add_expr(&Cmp::new(CmpOp::Eq, h));
+        }
+    }
+    Ok(())
+}
+
+fn add_action(rule: &mut Rule<'_>, action: Action) {
+    match action {
+        Action::Accept => rule.add_expr(&Verdict::Accept),
+        Action::MarkAndAccept(mark) => {
+            rule.add_expr(&Immediate::new(mark, Register::Reg1));
+            rule.add_expr(&Conntrack::Mark { set: true });
+            rule.add_expr(&Verdict::Accept);
+        }
+        Action::RejectTcpReset => rule.add_expr(&Verdict::Reject(RejectionType::TcpRst)),
+        // In an inet table nftnl encodes this as icmpx (type 2), code 3.
+        Action::RejectAdminProhibited => rule.add_expr(&Verdict::Reject(RejectionType::Icmp(
+            IcmpCode::AdminProhibited,
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policy::{Isolation, Policy, Scope};
+
+    fn full() -> Ruleset {
+        policy::render(&Policy::Isolated(Isolation {
+            scope: Scope::Full,
+            server_addresses: vec!["198.18.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+            server_port: 8443,
+            agent_gid: 61742,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn full_ruleset_is_one_message_per_object() {
+        let ruleset = full();
+        let encoded = encode(Some(&ruleset)).unwrap();
+        let rules: usize = ruleset.chains.iter().map(|c| c.rules.len()).sum();
+        // add, delete, add table; 2 sets with one element message each;
+        // 3 chains; the rules.
+        assert_eq!(encoded.steps.len(), 3 + 2 * 2 + 3 + rules);
+        assert_eq!(encoded.step_seqs().len(), encoded.steps.len());
+        let bytes: usize = encoded.batch.iter().map(<[u8]>::len).sum();
+        assert!(bytes > 0);
+        let seqs = encoded.step_seqs();
+        assert_eq!(
+            encoded.describe(seqs.end - 1),
+            "the batch at \"add chain forward\""
+        );
+        assert_eq!(
+            encoded.describe(seqs.start + 8),
+            "the batch at \"add rule 1 of chain input (\"loopback\")\""
+        );
+        assert_eq!(encoded.describe(0), "the batch as a whole");
+    }
+
+    #[test]
+    fn removal_is_add_then_delete() {
+        let encoded = encode(None).unwrap();
+        assert!(matches!(
+            encoded.steps[..],
+            [Step::AddTable, Step::DeleteTable]
+        ));
+    }
+
+    #[test]
+    fn empty_set_has_no_element_message() {
+        let mut ruleset = full();
+        ruleset.sets[1].elements.clear();
+        let encoded = encode(Some(&ruleset)).unwrap();
+        let element_steps = encoded
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::AddElements(_)))
+            .count();
+        assert_eq!(element_steps, 1);
+    }
+
+    #[test]
+    fn address_of_the_wrong_family_is_refused_before_sending() {
+        let mut ruleset = full();
+        ruleset.sets[0].elements.push("fd00::2".parse().unwrap());
+        let err = encode(Some(&ruleset)).err().unwrap();
+        assert!(err.to_string().contains("mgmt_v4"), "{err}");
+    }
+
+    #[test]
+    fn duplicates_are_dropped() {
+        let a: IpAddr = "198.18.0.1".parse().unwrap();
+        let b: IpAddr = "198.18.0.2".parse().unwrap();
+        assert_eq!(distinct(&[a, b, a]), vec![a, b]);
+    }
+}
