@@ -169,6 +169,7 @@ impl Agent {
         &mut self,
         order: &ActionOrder,
         peer: Option<SocketAddr>,
+        received: std::time::Instant,
     ) -> ActionOutcome {
         let failed = |reason: String, enforced: Enforced| ActionOutcome {
             action_id: order.action_id.clone(),
@@ -217,6 +218,7 @@ impl Agent {
             );
         }
         let in_force = started.elapsed();
+        let received_to_in_force = received.elapsed();
         if let Err(e) = self.prove_channel().await {
             let restored = self.enforcer.apply(&previous).is_ok();
             return failed(
@@ -245,7 +247,8 @@ impl Agent {
         tracing::info!(
             action_id = %order.action_id,
             enforced = ?target,
-            rules_in_force_us = in_force.as_micros() as u64,
+            apply_us = in_force.as_micros() as u64,
+            received_to_in_force_us = received_to_in_force.as_micros() as u64,
             proven_ms = started.elapsed().as_millis() as u64,
             "action applied"
         );
@@ -407,6 +410,7 @@ async fn serve(
             message = session.recv() => {
                 match message? {
                     ServerMessage::Action(order) => {
+                        let received = std::time::Instant::now();
                         if order.machine_id != agent.identity.machine_id {
                             tracing::warn!(action_id = %order.action_id, "refused an action addressed to another machine");
                             continue;
@@ -429,7 +433,7 @@ async fn serve(
                                 .context("no answer to the acknowledgement")??;
                             match answer {
                                 ServerMessage::Proceed { action_id } if action_id == order.action_id => {
-                                    let outcome = agent.execute(&order, peer).await;
+                                    let outcome = agent.execute(&order, peer, received).await;
                                     agent.remember_failure(&outcome);
                                     session.send(&result_message(&outcome)).await?;
                                     break;

@@ -219,13 +219,23 @@ async fn signing_key(store: &store::Store) -> anyhow::Result<jwt::SigningKey> {
 /// Starts the server: store, keys, certificate, listener and background
 /// tasks. Returns once it accepts connections.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    start_with(config, vec![listener]).await
+}
+
+/// Like [`start`], on listeners the caller opened (the first one decides
+/// the default public URL). Tests use it to serve on a listener opened in a
+/// lab network namespace and another on loopback.
+pub async fn start_with(
+    config: Config,
+    listeners: Vec<std::net::TcpListener>,
+) -> anyhow::Result<RunningServer> {
     let store = open_store(&config.data_dir)?;
     let tenant_id = tenant_id(&store).await?;
     let signing_key = signing_key(&store).await?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let local_addr = listener.local_addr()?;
+    let first = listeners.first().context("no listener")?;
+    let local_addr = first.local_addr()?;
     let listen_host = match local_addr.ip() {
         ip if ip.is_unspecified() => "localhost".to_owned(),
         std::net::IpAddr::V6(ip) => format!("[{ip}]"),
@@ -241,12 +251,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         TlsSource::Files { cert, key } => tls::load_operator(cert, key)?,
         TlsSource::SelfSigned { extra_names } => {
             let mut names = vec!["localhost".to_owned()];
-            let ip = local_addr.ip();
-            if ip.is_unspecified() {
-                names.push("127.0.0.1".into());
-                names.push("::1".into());
-            } else {
-                names.push(ip.to_string());
+            for listener in &listeners {
+                let ip = listener.local_addr()?.ip();
+                if ip.is_unspecified() {
+                    names.push("127.0.0.1".into());
+                    names.push("::1".into());
+                } else {
+                    names.push(ip.to_string());
+                }
             }
             if let Some(host) = public_url
                 .strip_prefix("https://")
@@ -285,11 +297,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tokio::spawn(expire_actions(state.clone())),
         tokio::spawn(flush_liveness(state.clone())),
     ];
-    tasks.push(tokio::spawn(accept_loop(
-        listener,
-        tokio_rustls::TlsAcceptor::from(tls_config),
-        app(state.clone()),
-    )));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+    let router = app(state.clone());
+    // The accept loops come last: `wait` waits for the last task.
+    for listener in listeners {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            acceptor.clone(),
+            router.clone(),
+        )));
+    }
     Ok(RunningServer {
         local_addr,
         tenant_id,
