@@ -6,8 +6,12 @@ use std::net::IpAddr;
 use anyhow::{Context, bail};
 use proto::agent::{Enforced, SavedState};
 
-/// The policy a saved state stands for.
-pub fn policy_for(state: &SavedState) -> anyhow::Result<policy::Policy> {
+/// The policy a saved state stands for, with its exclusions resolved for
+/// this host (see `exclusions::resolve`).
+pub fn policy_for(
+    state: &SavedState,
+    exclusions: &[policy::Exclusion],
+) -> anyhow::Result<policy::Policy> {
     let scope = match state.enforced {
         Enforced::NotIsolated => return Ok(policy::Policy::NotIsolated),
         Enforced::Full => policy::Scope::Full,
@@ -29,6 +33,7 @@ pub fn policy_for(state: &SavedState) -> anyhow::Result<policy::Policy> {
         server_addresses: addresses,
         server_port: state.server_port,
         agent_gid: state.agent_gid,
+        exclusions: exclusions.to_vec(),
     }))
 }
 
@@ -50,8 +55,12 @@ impl Enforcer {
     }
 
     /// Applies `state` in one batch and reads it back.
-    pub fn apply(&mut self, state: &SavedState) -> anyhow::Result<()> {
-        let ruleset = policy::render(&policy_for(state)?);
+    pub fn apply(
+        &mut self,
+        state: &SavedState,
+        exclusions: &[policy::Exclusion],
+    ) -> anyhow::Result<()> {
+        let ruleset = policy::render(&policy_for(state, exclusions)?);
         self.firewall
             .apply(ruleset.as_ref())
             .context("the kernel refused the ruleset")?;
@@ -62,8 +71,12 @@ impl Enforcer {
     }
 
     /// Whether the kernel holds exactly what `state` stands for.
-    pub fn intact(&mut self, state: &SavedState) -> anyhow::Result<bool> {
-        let ruleset = policy::render(&policy_for(state)?);
+    pub fn intact(
+        &mut self,
+        state: &SavedState,
+        exclusions: &[policy::Exclusion],
+    ) -> anyhow::Result<bool> {
+        let ruleset = policy::render(&policy_for(state, exclusions)?);
         Ok(self.firewall.verify(ruleset.as_ref())?)
     }
 

@@ -4,6 +4,7 @@
 //! use the same code as their test agent.
 
 pub mod enforce;
+pub mod exclusions;
 pub mod https;
 pub mod identity;
 pub mod runner;

@@ -193,8 +193,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::ApplySaved { state_dir } => {
             let file = StateFile::new(&state_dir);
+            let identity = agent::Identity::load(&state_dir)?;
             let mut enforcer = agent::enforce::Enforcer::open()?;
-            let state = runner::reapply_saved(&file, &mut enforcer)?;
+            let (state, _) = runner::reapply_saved(&file, &mut enforcer, &identity.machine_id)?;
             println!("Applied the saved state: {:?}.", state.enforced);
             Ok(())
         }

@@ -8,10 +8,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use proto::agent::{ActionOrder, ActionOutcome, AgentMessage, Enforced, SavedState, ServerMessage};
+use proto::agent::{
+    ActionOrder, ActionOutcome, AgentMessage, Enforced, ExclusionSpec, SavedState, ServerMessage,
+};
 use tokio::sync::mpsc;
 
 use crate::enforce::Enforcer;
+use crate::exclusions::{self, Placer};
 use crate::https::{HttpsClient, parse_server};
 use crate::identity::{Identity, host_facts};
 use crate::session::Session;
@@ -37,8 +40,25 @@ pub struct Agent {
     pub identity: Identity,
     pub options: Options,
     pub state: SavedState,
+    /// The state's exclusions, resolved for this host.
+    exclusions: Vec<policy::Exclusion>,
+    /// The latest exclusion rule set from the server, and its version.
+    latest: Option<(i64, Vec<ExclusionSpec>)>,
+    placer: Placer,
     file: StateFile,
     enforcer: Enforcer,
+}
+
+/// Resolves a state's exclusions (Selective only).
+fn resolve_for(state: &SavedState, machine_id: &str) -> anyhow::Result<exclusions::Resolved> {
+    if state.enforced == Enforced::Selective {
+        exclusions::resolve(&state.exclusions, machine_id)
+    } else {
+        Ok(exclusions::Resolved {
+            rules: Vec::new(),
+            placements: Vec::new(),
+        })
+    }
 }
 
 /// Makes every socket the agent opens carry `gid`, the identity the
@@ -56,20 +76,24 @@ pub fn adopt_agent_gid(gid: u32) -> anyhow::Result<()> {
 
 /// Loads the saved state and puts it in force, failing safe: a corrupt
 /// state file with Cordon's table in the kernel keeps the table as it is.
-pub fn reapply_saved(file: &StateFile, enforcer: &mut Enforcer) -> anyhow::Result<SavedState> {
-    match file.load() {
-        Loaded::Nothing => Ok(empty_state()),
-        Loaded::Good(state) => {
-            enforcer.apply(&state)?;
-            tracing::info!(enforced = ?state.enforced, "saved state re-applied");
-            Ok(state)
+pub fn reapply_saved(
+    file: &StateFile,
+    enforcer: &mut Enforcer,
+    machine_id: &str,
+) -> anyhow::Result<(SavedState, exclusions::Resolved)> {
+    let (state, recovered) = match file.load() {
+        Loaded::Nothing => {
+            let state = empty_state();
+            return Ok((
+                state,
+                exclusions::Resolved {
+                    rules: Vec::new(),
+                    placements: Vec::new(),
+                },
+            ));
         }
-        Loaded::Recovered(state, problem) => {
-            tracing::warn!(%problem, "state file unreadable; re-applying the previous good copy");
-            enforcer.apply(&state)?;
-            file.save(&state)?;
-            Ok(state)
-        }
+        Loaded::Good(state) => (state, None),
+        Loaded::Recovered(state, problem) => (state, Some(problem)),
         Loaded::Corrupt(problem) => {
             if enforcer.table_present()? {
                 bail!(
@@ -78,7 +102,17 @@ pub fn reapply_saved(file: &StateFile, enforcer: &mut Enforcer) -> anyhow::Resul
             }
             bail!("{problem}; no isolation is in force")
         }
+    };
+    if let Some(problem) = &recovered {
+        tracing::warn!(%problem, "state file unreadable; re-applying the previous good copy");
     }
+    let resolved = resolve_for(&state, machine_id)?;
+    enforcer.apply(&state, &resolved.rules)?;
+    if recovered.is_some() {
+        file.save(&state)?;
+    }
+    tracing::info!(enforced = ?state.enforced, "saved state re-applied");
+    Ok((state, resolved))
 }
 
 impl Agent {
@@ -86,11 +120,20 @@ impl Agent {
         let identity = Identity::load(&options.state_dir)?;
         let file = StateFile::new(&options.state_dir);
         let mut enforcer = Enforcer::open()?;
-        let state = reapply_saved(&file, &mut enforcer)?;
+        let (state, resolved) = reapply_saved(&file, &mut enforcer, &identity.machine_id)?;
+        let placer = Placer::start();
+        placer.update(resolved.placements);
+        // From here on every socket the agent opens carries its group id.
+        if let Err(e) = adopt_agent_gid(options.agent_gid) {
+            tracing::warn!(error = %e, "the management channel can't be told apart from other traffic");
+        }
         Ok(Agent {
             identity,
             options,
             state,
+            exclusions: resolved.rules,
+            latest: None,
+            placer,
             file,
             enforcer,
         })
@@ -180,12 +223,7 @@ impl Agent {
         };
         let previous = self.state.clone();
         let target = match (order.action_type.as_str(), order.scope.as_deref()) {
-            ("Isolate", Some("Selective")) => {
-                return failed(
-                    "Selective isolation is not supported by this agent version; the machine is unchanged.".into(),
-                    previous.enforced,
-                );
-            }
+            ("Isolate", Some("Selective")) => Enforced::Selective,
             ("Isolate", _) => Enforced::Full,
             ("Unisolate", _) => Enforced::NotIsolated,
             (other, _) => {
@@ -200,18 +238,38 @@ impl Agent {
                 Err(e) => return failed(format!("{e:#}"), previous.enforced),
             }
         };
+        let (exclusion_version, specs) = match (target, &self.latest) {
+            (Enforced::Selective, Some((version, rules))) => (Some(*version), rules.clone()),
+            (Enforced::Selective, None) => (Some(0), Vec::new()),
+            _ => (None, Vec::new()),
+        };
         let mut next = SavedState {
             enforced: target,
             server_addresses: addresses,
             server_port: port,
             agent_gid: self.options.agent_gid,
             action_id: Some(order.action_id.clone()),
+            exclusions: specs,
+            exclusion_version,
             updated: proto::time::format_utc(now_nanos()),
             recent: previous.recent.clone(),
         };
+        let resolved = match resolve_for(&next, &self.identity.machine_id) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                return failed(
+                    format!(
+                        "an exclusion rule can't be honoured on this host: {e:#}; the machine is unchanged"
+                    ),
+                    previous.enforced,
+                );
+            }
+        };
+        let previous_placements = self.placer.placements();
+        self.placer.update(resolved.placements.clone());
         let started = std::time::Instant::now();
-        if let Err(e) = self.enforcer.apply(&next) {
-            let restored = self.enforcer.apply(&previous).is_ok();
+        if let Err(e) = self.enforcer.apply(&next, &resolved.rules) {
+            let restored = self.restore(&previous, previous_placements);
             return failed(
                 format!("could not apply the rules: {e:#}{}", restore_note(restored)),
                 previous.enforced,
@@ -220,7 +278,7 @@ impl Agent {
         let in_force = started.elapsed();
         let received_to_in_force = received.elapsed();
         if let Err(e) = self.prove_channel().await {
-            let restored = self.enforcer.apply(&previous).is_ok();
+            let restored = self.restore(&previous, previous_placements);
             return failed(
                 format!(
                     "the management channel did not work through the new rules: {e:#}{}",
@@ -238,7 +296,7 @@ impl Agent {
         };
         remember(&mut next, outcome.clone());
         if let Err(e) = self.file.save(&next) {
-            let restored = self.enforcer.apply(&previous).is_ok();
+            let restored = self.restore(&previous, previous_placements);
             return failed(
                 format!("could not save the state: {e:#}{}", restore_note(restored)),
                 previous.enforced,
@@ -253,7 +311,81 @@ impl Agent {
             "action applied"
         );
         self.state = next;
+        self.exclusions = resolved.rules;
         outcome
+    }
+
+    /// Puts `previous` back in force after a failed change.
+    fn restore(
+        &mut self,
+        previous: &SavedState,
+        placements: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    ) -> bool {
+        self.placer.update(placements);
+        self.enforcer.apply(previous, &self.exclusions).is_ok()
+    }
+
+    /// A new exclusion rule set from the server: remembered, and applied at
+    /// once (atomically) when the machine is isolated Selectively.
+    pub fn exclusions_changed(
+        &mut self,
+        version: i64,
+        rules: Vec<ExclusionSpec>,
+    ) -> Option<AgentMessage> {
+        self.latest = Some((version, rules.clone()));
+        if self.state.enforced != Enforced::Selective
+            || self.state.exclusion_version == Some(version)
+        {
+            return None;
+        }
+        let mut next = self.state.clone();
+        next.exclusions = rules;
+        next.exclusion_version = Some(version);
+        next.updated = proto::time::format_utc(now_nanos());
+        let previous_placements = self.placer.placements();
+        let outcome = resolve_for(&next, &self.identity.machine_id).and_then(|resolved| {
+            self.placer.update(resolved.placements.clone());
+            self.enforcer.apply(&next, &resolved.rules)?;
+            self.file.save(&next)?;
+            Ok(resolved)
+        });
+        match outcome {
+            Ok(resolved) => {
+                tracing::info!(
+                    version,
+                    rules = resolved.rules.len(),
+                    "exclusion rules applied"
+                );
+                self.state = next;
+                self.exclusions = resolved.rules;
+                Some(AgentMessage::ExclusionsApplied {
+                    version,
+                    succeeded: true,
+                    reason: None,
+                })
+            }
+            Err(e) => {
+                let previous = self.state.clone();
+                let restored = self.restore(&previous, previous_placements);
+                let reason = format!("{e:#}{}", restore_note(restored));
+                tracing::warn!(version, %reason, "exclusion rules not applied");
+                Some(AgentMessage::ExclusionsApplied {
+                    version,
+                    succeeded: false,
+                    reason: Some(reason),
+                })
+            }
+        }
+    }
+
+    /// The heartbeat: what is in force, and which exclusion rules.
+    fn heartbeat(&self) -> AgentMessage {
+        AgentMessage::Heartbeat {
+            enforced: self.state.enforced,
+            exclusion_version: (self.state.enforced == Enforced::Selective)
+                .then_some(self.state.exclusion_version)
+                .flatten(),
+        }
     }
 
     /// Records a failed outcome too, so a redelivery gets the same answer.
@@ -270,10 +402,10 @@ impl Agent {
     /// Checks the table after a change notification; restores it if it
     /// differs. Returns a description when something was restored.
     pub fn check_tamper(&mut self) -> Option<(String, bool)> {
-        match self.enforcer.intact(&self.state) {
+        match self.enforcer.intact(&self.state, &self.exclusions) {
             Ok(true) => None,
             Ok(false) | Err(_) => {
-                let restored = self.enforcer.apply(&self.state).is_ok();
+                let restored = self.enforcer.apply(&self.state, &self.exclusions).is_ok();
                 let detail = format!(
                     "Cordon's table was removed or changed while the machine was {:?}",
                     self.state.enforced
@@ -348,9 +480,6 @@ fn spawn_tamper_watch(own_port: u32) -> mpsc::UnboundedReceiver<()> {
 
 /// Runs the agent until it is stopped. Stopping never lifts isolation.
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    if let Err(e) = adopt_agent_gid(options.agent_gid) {
-        tracing::warn!(error = %e, "the management channel can't be told apart from other traffic");
-    }
     let mut agent = Agent::start(options)?;
     let mut tamper = spawn_tamper_watch(agent.enforcer.port_id());
     let mut pending_reports: Vec<AgentMessage> = Vec::new();
@@ -449,12 +578,17 @@ async fn serve(
                             }
                         }
                     }
+                    ServerMessage::Exclusions { version, rules } => {
+                        if let Some(report) = agent.exclusions_changed(version, rules) {
+                            session.send(&report).await?;
+                        }
+                    }
                     ServerMessage::Refused { code, reason } => bail!("the server ended the session: {reason} ({code})"),
                     other => tracing::debug!(?other, "ignored message"),
                 }
             }
             _ = heartbeat.tick() => {
-                session.send(&AgentMessage::Heartbeat { enforced: agent.state.enforced }).await?;
+                session.send(&agent.heartbeat()).await?;
             }
             Some(()) = tamper.recv() => {
                 if let Some((detail, restored)) = agent.check_tamper() {

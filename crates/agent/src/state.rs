@@ -92,6 +92,8 @@ pub fn empty_state() -> SavedState {
         server_port: 0,
         agent_gid: 0,
         action_id: None,
+        exclusions: Vec::new(),
+        exclusion_version: None,
         updated: proto::time::format_utc(0),
         recent: Vec::new(),
     }

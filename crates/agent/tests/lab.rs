@@ -41,12 +41,26 @@ struct Env {
     api: HttpsClient,
     token: String,
     enroll_token: String,
+    machines: Vec<String>,
 }
 
 impl Drop for Env {
     fn drop(&mut self) {
         self.server.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+        // Agents killed while isolated Selectively keep their exclusion
+        // cgroups (still needed by the rules); the lab is gone, so remove them.
+        if let Some(root) = agent::exclusions::cgroup2_root() {
+            for id in &self.machines {
+                let mine = root.join(format!("cordon-{}", &id[..12]));
+                if let Ok(entries) = std::fs::read_dir(&mine) {
+                    for entry in entries.flatten() {
+                        let _ = std::fs::remove_dir(entry.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(&mine);
+            }
+        }
     }
 }
 
@@ -99,7 +113,11 @@ impl Env {
                 client_id: client_id.clone(),
                 name: "Lab SOAR".into(),
                 secret_hash: server::crypto::hash_secret(&secret),
-                permissions: vec!["Machine.Isolate".into(), "Machine.Read.All".into()],
+                permissions: vec![
+                    "Machine.Isolate".into(),
+                    "Machine.Read.All".into(),
+                    "Machine.ReadWrite.All".into(),
+                ],
                 created_at: server::now_nanos(),
             })
             .await
@@ -153,6 +171,7 @@ impl Env {
             api,
             token,
             enroll_token,
+            machines: Vec::new(),
         })
     }
 
@@ -210,6 +229,7 @@ impl Env {
             .as_str()
             .unwrap()
             .to_owned();
+        self.machines.push(machine_id.clone());
         RunningAgent {
             log: self.dir.join(format!("agent-{short}.log")),
             host,
@@ -304,6 +324,58 @@ impl Env {
             .await
             .unwrap();
         (reply.status.as_u16(), reply.json().unwrap_or(Value::Null))
+    }
+
+    async fn isolate_selective(&mut self, agent: &RunningAgent) -> Value {
+        let (status, created) = self
+            .call(
+                Method::POST,
+                &format!("/api/machines/{}/isolate", agent.machine_id),
+                Some(serde_json::json!({"Comment": "lab selective", "IsolationType": "Selective"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{created}");
+        self.wait_final(agent, created["id"].as_str().unwrap(), "Succeeded")
+            .await
+    }
+
+    async fn wait_final(&mut self, agent: &RunningAgent, id: &str, expect: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, action) = self
+                .call(Method::GET, &format!("/api/machineactions/{id}"), None)
+                .await;
+            let status = action["status"].as_str().unwrap_or_default().to_owned();
+            if status != "Pending" && status != "InProgress" {
+                assert_eq!(status, expect, "{action}\nagent log:\n{}", log_of(agent));
+                return action;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{action}\nagent log:\n{}",
+                log_of(agent)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn add_rule(&mut self, rule: Value) -> String {
+        let (status, created) = self
+            .call(Method::POST, "/api/isolationExclusionRules", Some(rule))
+            .await;
+        assert_eq!(status, 201, "{created}");
+        created["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Runs a program (a copy of curl) inside `host`: does it fetch ext's page?
+    fn fetch_with(&self, host: &Host, program: &Path, to: SocketAddr) -> bool {
+        let url = format!("http://{to}/");
+        let out = blocking(|| {
+            self.lab
+                .exec(host, program.to_str().unwrap(), &["-s", "-m", "2", &url])
+        })
+        .unwrap();
+        out.status.success() && String::from_utf8_lossy(&out.stdout) == lab::HTTP_BODY
     }
 
     async fn request(&mut self, machine_id: &str, kind: &str) -> (u16, Value) {
@@ -746,5 +818,169 @@ async fn a_server_name_with_two_addresses_keeps_working_under_isolation() {
     assert!(env.server.state.gateway.is_connected(&m1.machine_id));
     env.act(&m1, "unisolate", "Succeeded").await;
     assert_eq!(env.table(&m1.host), None);
+    env.kill(&mut m1);
+}
+
+/// Copies of curl at two paths: only one of them is excluded.
+fn curl_copies(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let curl = ["/usr/bin/curl", "/bin/curl"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())?;
+    let (allowed, other) = (
+        dir.join("allowed").join("curl"),
+        dir.join("other").join("curl"),
+    );
+    for copy in [&allowed, &other] {
+        std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+        std::fs::copy(&curl, copy).unwrap();
+    }
+    Some((allowed, other))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selective_isolation_lets_through_exactly_the_excluded_application() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut env) = Env::new(&[]).await else {
+        return;
+    };
+    let Some((allowed, other)) = curl_copies(&env.dir) else {
+        eprintln!("skipped: needs curl to copy as the test application");
+        return;
+    };
+    let rule = serde_json::json!({"Name": "lab curl", "ExecutablePath": allowed.display().to_string(), "Direction": "Outbound"});
+    env.add_rule(rule).await;
+    let mut m1 = env.enroll("m1", None, None);
+    env.run(&mut m1, None, 10);
+    env.wait_connected(&m1).await;
+    let web = env.ext_v4(HTTP);
+    assert!(env.fetch_with(&m1.host, &other, web), "before isolation");
+
+    let action = env.isolate_selective(&m1).await;
+    assert_eq!(action["scope"], "Selective");
+    let machine = env.machine(&m1.machine_id).await;
+    assert_eq!(machine["isolationScope"], "Selective");
+    // Started after isolation: the excluded binary gets through, its twin doesn't.
+    assert!(
+        env.fetch_with(&m1.host, &allowed, web),
+        "excluded binary\n{}",
+        log_of(&m1)
+    );
+    assert!(
+        !env.fetch_with(&m1.host, &other, web),
+        "identical binary at another path"
+    );
+    assert_eq!(env.reach(&m1.host), NONE, "everything else stays cut");
+
+    // Selective -> Full drops every exclusion.
+    env.act(&m1, "isolate", "Succeeded").await;
+    assert!(
+        !env.fetch_with(&m1.host, &allowed, web),
+        "Full ignores the exclusions"
+    );
+    env.act(&m1, "unisolate", "Succeeded").await;
+    // The agent removed the cgroups it made.
+    let root = agent::exclusions::cgroup2_root().unwrap();
+    let mine = root.join(format!("cordon-{}", &m1.machine_id[..12]));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while mine.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!mine.exists(), "{} left behind", mine.display());
+    env.kill(&mut m1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_rules_work_by_direction_and_change_live() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut env) = Env::new(&[]).await else {
+        return;
+    };
+    let ext = env.ext.v4;
+    env.add_rule(serde_json::json!({"Name": "ext web", "RemoteAddresses": format!("{ext}"), "RemotePorts": "8080", "Direction": "Outbound"})).await;
+    let mut m1 = env.enroll("m1", None, None);
+    env.run(&mut m1, None, 10);
+    env.wait_connected(&m1).await;
+    let _m1_service = blocking(|| env.lab.start_responders(&m1.host, 7101, 7102, 8180)).unwrap();
+    let m1_service = SocketAddr::new(IpAddr::V4(m1.host.v4), 7101);
+    env.isolate_selective(&m1).await;
+
+    // Any process reaches ext:8080, and nothing else.
+    assert!(
+        blocking(|| lab::http_get(&env.lab, &m1.host, env.ext_v4(HTTP), PROBE))
+            .unwrap()
+            .is_some()
+    );
+    assert!(!blocking(|| lab::tcp_echo(&env.lab, &m1.host, env.ext_v4(TCP), PROBE)).unwrap());
+    assert!(
+        !blocking(|| lab::tcp_echo(&env.lab, &env.ext, m1_service, PROBE)).unwrap(),
+        "no inbound rule yet"
+    );
+    let version_before = env.machine(&m1.machine_id).await["exclusionRulesVersion"].clone();
+
+    // An inbound rule added while isolated starts working within five seconds.
+    let added = Instant::now();
+    let inbound = env
+        .add_rule(serde_json::json!({"Name": "ext to m1", "RemoteAddresses": [format!("{ext}/32")], "RemotePorts": ["7101"], "Direction": "Inbound"}))
+        .await;
+    loop {
+        if blocking(|| lab::tcp_echo(&env.lab, &env.ext, m1_service, PROBE)).unwrap() {
+            break;
+        }
+        assert!(
+            added.elapsed() < Duration::from_secs(5),
+            "inbound rule not in force\n{}",
+            log_of(&m1)
+        );
+    }
+    println!("lab: rule added -> enforced in {:?}", added.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let version = env.machine(&m1.machine_id).await["exclusionRulesVersion"].clone();
+        if version != version_before && !version.is_null() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the machine doesn't show the applied rule-set version"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !blocking(|| lab::udp_echo(
+            &env.lab,
+            &env.ext,
+            SocketAddr::new(IpAddr::V4(m1.host.v4), 7102),
+            PROBE
+        ))
+        .unwrap(),
+        "only the rule's port"
+    );
+
+    // Removing it stops it.
+    let removed = Instant::now();
+    let (status, _) = env
+        .call(
+            Method::DELETE,
+            &format!("/api/isolationExclusionRules/{inbound}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    loop {
+        if !blocking(|| lab::tcp_echo(&env.lab, &env.ext, m1_service, PROBE)).unwrap() {
+            break;
+        }
+        assert!(
+            removed.elapsed() < Duration::from_secs(5),
+            "inbound rule still in force"
+        );
+    }
+    println!("lab: rule removed -> enforced in {:?}", removed.elapsed());
+    assert!(
+        blocking(|| lab::http_get(&env.lab, &m1.host, env.ext_v4(HTTP), PROBE))
+            .unwrap()
+            .is_some()
+    );
     env.kill(&mut m1);
 }

@@ -23,7 +23,7 @@ use std::ptr::NonNull;
 use nftnl::expr::{
     Bitwise, Cmp, CmpOp, Conntrack, Expression, IcmpCode, Icmpv6HeaderField, Immediate,
     Ipv4HeaderField, Ipv6HeaderField, Meta, NetworkHeaderField, Payload, Register, RejectionType,
-    States, TransportHeaderField, Verdict,
+    Socket, SocketKey, States, TransportHeaderField, Verdict,
 };
 use nftnl::nftnl_sys as sys;
 use nftnl::set::{Set, SetKey};
@@ -325,7 +325,8 @@ fn add_match(rule: &mut Rule<'_>, m: &Match, ruleset: &Ruleset) -> Result<(), St
             let name = CString::new(name).map_err(|_| format!("set name {name:?} contains NUL"))?;
             rule.add_expr(&SetLookup { name, id });
         }
-        Match::SourcePrefix(prefix, len) => {
+        Match::SourcePrefix(prefix, len) | Match::DestPrefix(prefix, len) => {
+            let source = matches!(m, Match::SourcePrefix(..));
             let (family, bytes) = match prefix {
                 IpAddr::V4(a) => (Family::V4, a.octets().to_vec()),
                 IpAddr::V6(a) => (Family::V6, a.octets().to_vec()),
@@ -342,7 +343,7 @@ fn add_match(rule: &mut Rule<'_>, m: &Match, ruleset: &Ruleset) -> Result<(), St
                 })
                 .collect();
             let network: Vec<u8> = bytes.iter().zip(&mask).map(|(b, m)| b & m).collect();
-            rule.add_expr(&address(family, true));
+            rule.add_expr(&address(family, source));
             if len < bits {
                 let zeros = vec![0u8; bytes.len()];
                 rule.add_expr(&Bitwise::new(&mask[..], &zeros[..]));
@@ -358,6 +359,24 @@ fn add_match(rule: &mut Rule<'_>, m: &Match, ruleset: &Ruleset) -> Result<(), St
             rule.add_expr(&transport(offset, 2));
             // Packet bytes: network order (nftnl's u16 would be host order).
             rule.add_expr(&Cmp::new(CmpOp::Eq, &port.to_be_bytes()[..]));
+        }
+        Match::DestPortRange(first, last) => {
+            if first > last {
+                return Err(format!("port range {first}-{last} is empty"));
+            }
+            rule.add_expr(&transport(2, 2));
+            // Network byte order compares like the numbers (the kernel memcmps).
+            if first == last {
+                rule.add_expr(&Cmp::new(CmpOp::Eq, &first.to_be_bytes()[..]));
+            } else {
+                rule.add_expr(&Cmp::new(CmpOp::Gte, &first.to_be_bytes()[..]));
+                rule.add_expr(&Cmp::new(CmpOp::Lte, &last.to_be_bytes()[..]));
+            }
+        }
+        Match::SocketCgroup(cgroup) => {
+            // The id of the socket's cgroup ancestor at `level` (host order, 8 bytes).
+            rule.add_expr(&Socket::new(SocketKey::CgroupV2, cgroup.level));
+            rule.add_expr(&Cmp::new(CmpOp::Eq, cgroup.id));
         }
         Match::Ct(states) => {
             let mut mask = States::empty();
@@ -421,6 +440,7 @@ mod tests {
             server_addresses: vec!["198.18.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
             server_port: 8443,
             agent_gid: 61742,
+            exclusions: Vec::new(),
         }))
         .unwrap()
     }

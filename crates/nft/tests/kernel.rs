@@ -122,6 +122,7 @@ fn ruleset(addresses: &[&str]) -> Ruleset {
             .collect(),
         server_port: 8443,
         agent_gid: 61742,
+        exclusions: Vec::new(),
     }))
     .expect("an isolated policy has a table")
 }
@@ -192,6 +193,72 @@ fn full_ruleset_applies_reads_back_and_nft_agrees() {
         }
         assert_eq!(listing.matches("policy drop").count(), 3);
     });
+}
+
+#[test]
+fn selective_exclusions_apply_with_cgroup_prefix_and_port_range_matches() {
+    in_fresh_netns(
+        "selective_exclusions_apply_with_cgroup_prefix_and_port_range_matches",
+        |ns| {
+            use std::os::unix::fs::MetadataExt;
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            let root = mounts
+                .lines()
+                .find_map(|l| {
+                    let (left, right) = l.split_once(" - ")?;
+                    right
+                        .starts_with("cgroup2 ")
+                        .then(|| left.split_whitespace().nth(4).unwrap().to_owned())
+                })
+                .expect("cgroup2 mounted");
+            let id = std::fs::metadata(&root).unwrap().ino();
+            let rs = policy::render(&Policy::Isolated(Isolation {
+                scope: Scope::Selective,
+                server_addresses: vec!["198.18.0.1".parse().unwrap()],
+                server_port: 8443,
+                agent_gid: 61742,
+                exclusions: vec![
+                    policy::Exclusion {
+                        name: "app".into(),
+                        cgroup: Some(policy::CgroupMatch { level: 0, id }),
+                        inbound: false,
+                        outbound: true,
+                        remote: vec![],
+                        ports: vec![],
+                    },
+                    policy::Exclusion {
+                        name: "web".into(),
+                        cgroup: None,
+                        inbound: true,
+                        outbound: true,
+                        remote: vec![
+                            ("198.18.0.0".parse().unwrap(), 24),
+                            ("fd00::".parse().unwrap(), 64),
+                        ],
+                        ports: vec![(9000, 9100)],
+                    },
+                ],
+            }))
+            .unwrap();
+            let mut fw = Firewall::open().unwrap();
+            fw.apply(Some(&rs)).unwrap();
+            assert!(fw.verify(Some(&rs)).unwrap());
+            let listing = ns.nft_ok(&["list", "table", "inet", "cordon"]);
+            for expected in [
+                "socket cgroupv2 level 0",
+                "ip daddr 198.18.0.0/24",
+                "ip6 saddr fd00::/64",
+                "9000",
+                "9100",
+                "ct mark set 0x434f5245",
+            ] {
+                assert!(
+                    listing.contains(expected),
+                    "nft's listing lacks {expected:?}:\n{listing}"
+                );
+            }
+        },
+    );
 }
 
 #[test]

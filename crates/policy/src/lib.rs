@@ -17,6 +17,8 @@ pub const AGENT_MARK: u32 = 0x434f_5244;
 /// Priority of Cordon's base chains: after conntrack (-200), before the
 /// usual filter priority (0).
 pub const PRIORITY: i32 = -10;
+/// Connection mark for connections an exclusion rule let through.
+pub const EXCLUDED_MARK: u32 = 0x434f_5245;
 /// Named sets holding the management server's addresses.
 pub const MGMT_V4: &str = "mgmt_v4";
 pub const MGMT_V6: &str = "mgmt_v6";
@@ -44,6 +46,31 @@ pub struct Isolation {
     /// The group id the agent's sockets are created with; only sockets of
     /// this group may use the management channel and DNS.
     pub agent_gid: u32,
+    /// What Selective isolation lets through besides; Full ignores them.
+    pub exclusions: Vec<Exclusion>,
+}
+
+/// One exclusion rule, resolved for this host. Conditions are ANDed; an
+/// empty list or `None` matches anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exclusion {
+    pub name: String,
+    /// The processes it covers: sockets in this cgroup (v2).
+    pub cgroup: Option<CgroupMatch>,
+    pub inbound: bool,
+    pub outbound: bool,
+    /// Remote prefixes (address, prefix length).
+    pub remote: Vec<(IpAddr, u8)>,
+    /// Service ports (remote for outbound, local for inbound), inclusive ranges.
+    pub ports: Vec<(u16, u16)>,
+}
+
+/// A cgroup v2 directory, as the kernel identifies it: its depth below the
+/// root and its id (the directory's inode number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupMatch {
+    pub level: u32,
+    pub id: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +115,12 @@ pub enum Match {
     DestInSet(Family, &'static str),
     /// Source address within a prefix.
     SourcePrefix(IpAddr, u8),
+    /// Destination address within a prefix.
+    DestPrefix(IpAddr, u8),
+    /// Destination port within an inclusive range.
+    DestPortRange(u16, u16),
+    /// The packet's socket belongs to this cgroup (or one below it).
+    SocketCgroup(CgroupMatch),
     SourcePort(u16),
     DestPort(u16),
     Ct(CtStates),
@@ -248,6 +281,21 @@ pub fn render(policy: &Policy) -> Option<Ruleset> {
         ));
     }
 
+    let selective: &[Exclusion] = if isolation.scope == Scope::Selective {
+        &isolation.exclusions
+    } else {
+        &[]
+    };
+    let (excluded_in, excluded_out) = exclusion_rules(selective);
+    if !selective.is_empty() {
+        input.push(rule(
+            vec![CtMark(EXCLUDED_MARK), Ct(ESTABLISHED_RELATED)],
+            Accept,
+            "replies on connections an exclusion let through",
+        ));
+    }
+    input.extend(excluded_in);
+
     let mut output = vec![rule(vec![OutputLoopback], Accept, "loopback")];
     for (family, set) in [(self::Family::V4, MGMT_V4), (self::Family::V6, MGMT_V6)] {
         output.push(rule(
@@ -306,6 +354,14 @@ pub fn render(policy: &Policy) -> Option<Ruleset> {
             "IPv6 neighbour and router discovery (on-link only)",
         ));
     }
+    if !selective.is_empty() {
+        output.push(rule(
+            vec![CtMark(EXCLUDED_MARK), Ct(ESTABLISHED_RELATED)],
+            Accept,
+            "replies on connections an exclusion let through",
+        ));
+    }
+    output.extend(excluded_out);
     output.push(rule(
         vec![Protocol(self::Protocol::Tcp)],
         RejectTcpReset,
@@ -353,6 +409,74 @@ pub fn render(policy: &Policy) -> Option<Ruleset> {
     })
 }
 
+/// The input and output rules of Selective isolation's exclusions: one rule
+/// per combination of remote prefix, port range (TCP and UDP) and direction.
+fn exclusion_rules(exclusions: &[Exclusion]) -> (Vec<Rule>, Vec<Rule>) {
+    let (mut input, mut output) = (Vec::new(), Vec::new());
+    for exclusion in exclusions {
+        let prefixes: Vec<Option<(IpAddr, u8)>> = if exclusion.remote.is_empty() {
+            vec![None]
+        } else {
+            exclusion.remote.iter().copied().map(Some).collect()
+        };
+        let ports: Vec<Option<(Protocol, u16, u16)>> = if exclusion.ports.is_empty() {
+            vec![None]
+        } else {
+            exclusion
+                .ports
+                .iter()
+                .flat_map(|&(first, last)| {
+                    [Protocol::Tcp, Protocol::Udp].map(|p| Some((p, first, last)))
+                })
+                .collect()
+        };
+        for prefix in &prefixes {
+            for port in &ports {
+                for inbound in [true, false] {
+                    if (inbound && !exclusion.inbound) || (!inbound && !exclusion.outbound) {
+                        continue;
+                    }
+                    let mut matches = Vec::new();
+                    if let Some((addr, _)) = prefix {
+                        matches.push(Match::Family(if addr.is_ipv4() {
+                            Family::V4
+                        } else {
+                            Family::V6
+                        }));
+                    }
+                    if let Some((protocol, _, _)) = port {
+                        matches.push(Match::Protocol(*protocol));
+                    }
+                    if let Some((addr, len)) = prefix {
+                        matches.push(if inbound {
+                            Match::SourcePrefix(*addr, *len)
+                        } else {
+                            Match::DestPrefix(*addr, *len)
+                        });
+                    }
+                    if let Some((_, first, last)) = port {
+                        matches.push(Match::DestPortRange(*first, *last));
+                    }
+                    if let Some(cgroup) = exclusion.cgroup {
+                        matches.push(Match::SocketCgroup(cgroup));
+                    }
+                    let rule = Rule {
+                        matches,
+                        action: Action::MarkAndAccept(EXCLUDED_MARK),
+                        comment: "exclusion",
+                    };
+                    if inbound {
+                        input.push(rule);
+                    } else {
+                        output.push(rule);
+                    }
+                }
+            }
+        }
+    }
+    (input, output)
+}
+
 fn family_word(family: Family) -> &'static str {
     match family {
         Family::V4 => "ip",
@@ -388,6 +512,13 @@ impl fmt::Display for Match {
                 let word = if addr.is_ipv4() { "ip" } else { "ip6" };
                 write!(f, "{word} saddr {addr}/{len}")
             }
+            Match::DestPrefix(addr, len) => {
+                let word = if addr.is_ipv4() { "ip" } else { "ip6" };
+                write!(f, "{word} daddr {addr}/{len}")
+            }
+            Match::DestPortRange(first, last) if first == last => write!(f, "th dport {first}"),
+            Match::DestPortRange(first, last) => write!(f, "th dport {first}-{last}"),
+            Match::SocketCgroup(c) => write!(f, "socket cgroupv2 level {} {}", c.level, c.id),
             Match::SourcePort(p) => write!(f, "th sport {p}"),
             Match::DestPort(p) => write!(f, "th dport {p}"),
             Match::Ct(states) => {
@@ -468,7 +599,98 @@ mod tests {
             server_addresses: vec!["198.18.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
             server_port: 8443,
             agent_gid: 61742,
+            exclusions: vec![Exclusion {
+                name: "ignored by Full".into(),
+                cgroup: None,
+                inbound: true,
+                outbound: true,
+                remote: vec![("198.18.0.9".parse().unwrap(), 32)],
+                ports: vec![],
+            }],
         })
+    }
+
+    fn selective(exclusions: Vec<Exclusion>) -> Ruleset {
+        let Policy::Isolated(mut isolation) = full() else {
+            unreachable!()
+        };
+        isolation.scope = Scope::Selective;
+        isolation.exclusions = exclusions;
+        render(&Policy::Isolated(isolation)).unwrap()
+    }
+
+    fn lines(ruleset: &Ruleset, chain: usize) -> Vec<String> {
+        ruleset.chains[chain]
+            .rules
+            .iter()
+            .filter(|r| r.comment.contains("exclusion"))
+            .map(|r| {
+                let mut words: Vec<String> = r.matches.iter().map(ToString::to_string).collect();
+                words.push(r.action.to_string());
+                words.join(" ")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn selective_lets_through_exactly_the_exclusions() {
+        let rules = selective(vec![
+            Exclusion {
+                name: "curl to ext".into(),
+                cgroup: Some(CgroupMatch { level: 2, id: 4242 }),
+                inbound: false,
+                outbound: true,
+                remote: vec![],
+                ports: vec![],
+            },
+            Exclusion {
+                name: "web".into(),
+                cgroup: None,
+                inbound: true,
+                outbound: true,
+                remote: vec![
+                    ("198.18.0.4".parse().unwrap(), 32),
+                    ("fd00::".parse().unwrap(), 64),
+                ],
+                ports: vec![(8080, 8080), (9000, 9100)],
+            },
+        ]);
+        assert_eq!(
+            lines(&rules, 0),
+            [
+                "ct mark 0x434f5245 ct state { established, related } accept",
+                "meta nfproto ipv4 meta l4proto tcp ip saddr 198.18.0.4/32 th dport 8080 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv4 meta l4proto udp ip saddr 198.18.0.4/32 th dport 8080 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv4 meta l4proto tcp ip saddr 198.18.0.4/32 th dport 9000-9100 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv4 meta l4proto udp ip saddr 198.18.0.4/32 th dport 9000-9100 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv6 meta l4proto tcp ip6 saddr fd00::/64 th dport 8080 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv6 meta l4proto udp ip6 saddr fd00::/64 th dport 8080 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv6 meta l4proto tcp ip6 saddr fd00::/64 th dport 9000-9100 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv6 meta l4proto udp ip6 saddr fd00::/64 th dport 9000-9100 ct mark set 0x434f5245 accept",
+            ]
+        );
+        let out = lines(&rules, 1);
+        assert_eq!(
+            out[0],
+            "ct mark 0x434f5245 ct state { established, related } accept"
+        );
+        assert_eq!(
+            out[1],
+            "socket cgroupv2 level 2 4242 ct mark set 0x434f5245 accept"
+        );
+        assert_eq!(out.len(), 10);
+        // The exclusions come before the final rejects.
+        let output = &rules.chains[1].rules;
+        assert_eq!(
+            output[output.len() - 1].action,
+            Action::RejectAdminProhibited
+        );
+    }
+
+    #[test]
+    fn full_ignores_the_exclusions_always() {
+        let rendered = render(&full()).unwrap();
+        assert!(lines(&rendered, 0).is_empty() && lines(&rendered, 1).is_empty());
     }
 
     #[test]

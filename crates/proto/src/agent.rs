@@ -120,6 +120,12 @@ pub enum ServerMessage {
     /// Answer to `Ack`: go ahead and apply.
     #[serde(rename_all = "camelCase")]
     Proceed { action_id: String },
+    /// The isolation exclusion rules, sent after `Welcome` and whenever they
+    /// change. Only Selective isolation honours them.
+    Exclusions {
+        version: i64,
+        rules: Vec<ExclusionSpec>,
+    },
     /// Answer to `Ack`: the action is no longer to be applied (cancelled,
     /// timed out, or already finished).
     #[serde(rename_all = "camelCase")]
@@ -166,7 +172,22 @@ pub enum AgentMessage {
         enforced: Enforced,
     },
     /// Liveness, with what is in force now.
-    Heartbeat { enforced: Enforced },
+    #[serde(rename_all = "camelCase")]
+    Heartbeat {
+        enforced: Enforced,
+        /// The exclusion rule-set version in force (Selective isolation only).
+        #[serde(default)]
+        exclusion_version: Option<i64>,
+    },
+    /// The outcome of applying an exclusion rule set received while
+    /// isolated Selectively.
+    #[serde(rename_all = "camelCase")]
+    ExclusionsApplied {
+        version: i64,
+        succeeded: bool,
+        #[serde(default)]
+        reason: Option<String>,
+    },
     /// New host facts.
     Facts(HostFacts),
     /// Someone removed or changed Cordon's table; the agent restored it.
@@ -199,6 +220,11 @@ pub struct SavedState {
     /// The action that set this state, if any.
     #[serde(default)]
     pub action_id: Option<String>,
+    /// The exclusion rules in force (Selective only) and their version.
+    #[serde(default)]
+    pub exclusions: Vec<ExclusionSpec>,
+    #[serde(default)]
+    pub exclusion_version: Option<i64>,
     pub updated: String,
     /// Outcomes of recent actions, so that a redelivered action is answered
     /// with the result it already had instead of being applied twice.
@@ -225,4 +251,35 @@ pub struct AgentStatus {
     /// `present`, `absent` or `unknown`.
     pub table: String,
     pub note: Option<String>,
+}
+
+/// One isolation exclusion rule as the agent receives it. Conditions are
+/// ANDed; an absent condition matches anything.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExclusionSpec {
+    pub id: String,
+    pub name: String,
+    /// Absolute path of an executable whose processes are excluded.
+    #[serde(default)]
+    pub executable_path: Option<String>,
+    /// A systemd unit (such as `sshd.service`) whose processes are excluded.
+    #[serde(default)]
+    pub systemd_unit: Option<String>,
+    /// `Inbound`, `Outbound`, or none for both.
+    #[serde(default)]
+    pub direction: Option<String>,
+    /// Remote addresses as CIDR prefixes (`198.18.0.4/32`, `fd00::/64`).
+    #[serde(default)]
+    pub remote_addresses: Vec<String>,
+    /// Ports of the connection's service side: the remote port of an
+    /// outbound connection, the local port of an inbound one.
+    #[serde(default)]
+    pub remote_ports: Vec<PortRange>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
 }

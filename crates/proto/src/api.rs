@@ -129,4 +129,27 @@ pub struct Machine {
     /// changed (and restored them), and when it last did.
     pub tamper_count: i64,
     pub last_tamper_date_time_utc: Option<String>,
+    /// Cordon: the exclusion rule-set version the agent runs (Selective
+    /// isolation only).
+    pub exclusion_rules_version: Option<i64>,
+}
+
+/// Cordon extension: an isolation exclusion rule (`/api/isolationExclusionRules`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExclusionRule {
+    pub id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub executable_path: Option<String>,
+    pub systemd_unit: Option<String>,
+    /// `Inbound`, `Outbound` or `Both`.
+    pub direction: String,
+    pub remote_addresses: Vec<String>,
+    /// Ports and ranges, such as `22` or `8000-8100`.
+    pub remote_ports: Vec<String>,
+    pub created_date_time_utc: String,
+    pub last_update_date_time_utc: String,
+    /// The rule-set version this rule's last change produced.
+    pub version: i64,
 }

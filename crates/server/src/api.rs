@@ -1,4 +1,5 @@
-//! The public REST API: machines and machine actions.
+//! The public REST API: machines and machine actions (the isolation
+//! exclusion rules are in `exclusions.rs`).
 //!
 //! Each handler checks a request in the contract's order: body size and
 //! authentication happen before it runs (middleware and the [`Principal`]
@@ -39,6 +40,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/machineactions/{id}", get(get_action))
         .route("/machineactions/{id}/cancel", post(cancel))
         .route("/openapi.json", get(openapi))
+        .merge(crate::exclusions::routes())
 }
 
 /// The `{id}` of the path, decoded; a path that is not UTF-8 is an
@@ -61,7 +63,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdParam {
     }
 }
 
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -75,7 +77,7 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Parses a JSON object body into `T`; anything else is `InvalidRequestBody`.
-fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid_body(format!("The request body is not valid JSON: {e}.")))?;
     if !value.is_object() {
@@ -130,7 +132,7 @@ fn action_id_param(id: &str) -> Result<String, ApiError> {
 }
 
 /// Echoes client text in messages only in short, printable form.
-fn shorten(text: &str) -> String {
+pub(crate) fn shorten(text: &str) -> String {
     let mut out: String = text.chars().filter(|c| !c.is_control()).take(64).collect();
     if text.chars().count() > 64 {
         out.push('…');
@@ -412,7 +414,12 @@ async fn openapi(
 }
 
 /// `<base>/api/$metadata#<what>`, with the API prefix the client used.
-fn context_url(headers: &HeaderMap, state: &AppState, uri: &axum::http::Uri, what: &str) -> String {
+pub(crate) fn context_url(
+    headers: &HeaderMap,
+    state: &AppState,
+    uri: &axum::http::Uri,
+    what: &str,
+) -> String {
     let prefix = if uri.path().starts_with("/api/v1.0/") {
         "/api/v1.0"
     } else {
@@ -428,7 +435,7 @@ fn to_object<T: serde::Serialize>(entity: T) -> Map<String, Value> {
     }
 }
 
-fn entity_response<T: serde::Serialize>(
+pub(crate) fn entity_response<T: serde::Serialize>(
     status: StatusCode,
     context: &str,
     entity: T,
@@ -566,5 +573,6 @@ pub fn machine_entity(state: &AppState, m: &MachineRecord) -> Machine {
         isolation_scope: m.isolation_scope.clone(),
         tamper_count: m.tamper_count,
         last_tamper_date_time_utc: m.last_tamper_at.map(format_utc),
+        exclusion_rules_version: m.exclusion_version,
     }
 }

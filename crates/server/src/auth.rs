@@ -32,6 +32,8 @@ pub enum Permission {
     Isolate,
     /// Read machines and machine actions.
     Read,
+    /// Read and change settings: the isolation exclusion rules.
+    Settings,
 }
 
 /// The authenticated caller.
@@ -55,6 +57,7 @@ impl Principal {
                 &["Machine.Read.All", "Machine.ReadWrite.All"],
                 &["Machine.Read", "Machine.ReadWrite"],
             ),
+            Permission::Settings => (&["Machine.ReadWrite.All"], &["Machine.ReadWrite"]),
         };
         let granted = self.roles.iter().any(|r| roles.contains(&r.as_str()))
             || self.scopes.iter().any(|s| scopes.contains(&s.as_str()));

@@ -84,6 +84,11 @@ impl ApiError {
     pub fn not_found(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::NOT_FOUND, "ResourceNotFound", message)
     }
+    /// Cordon: the request would break a uniqueness rule (an exclusion
+    /// rule's name).
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::CONFLICT, "Conflict", message)
+    }
     pub fn unsupported_media_type() -> ApiError {
         Self::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

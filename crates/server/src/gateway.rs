@@ -7,6 +7,10 @@
 //! nonce together with the TLS exporter value of this very connection.
 //! Everything an agent sends is checked against its own machine id, so an
 //! agent can never read or change another machine's actions.
+//!
+//! Every session gets the isolation exclusion rules right after `welcome`,
+//! and again whenever their version changes ([`Gateway::push_exclusions`]);
+//! the agent reports which version it runs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,7 +53,15 @@ async fn health() -> Response {
 
 enum Outbound {
     Message(ServerMessage),
-    Close { code: &'static str, reason: String },
+    /// An `exclusions` message, serialized once for every session.
+    Exclusions {
+        version: i64,
+        line: Arc<Vec<u8>>,
+    },
+    Close {
+        code: &'static str,
+        reason: String,
+    },
 }
 
 struct SessionHandle {
@@ -64,6 +76,8 @@ pub struct Gateway {
     seen: Mutex<HashMap<String, i64>>,
     flushed_seen: Mutex<HashMap<String, i64>>,
     next_conn_id: AtomicU64,
+    /// The newest exclusion rule-set version pushed to the sessions.
+    exclusions_pushed: Mutex<i64>,
 }
 
 impl Gateway {
@@ -77,6 +91,36 @@ impl Gateway {
                 .sender
                 .send(Outbound::Message(ServerMessage::Action(order(action))));
         }
+    }
+
+    /// Sends an exclusion rule set to every live session, unless one as new
+    /// was pushed already (so racing pushers never send an older set last).
+    /// A session opened later reads the set itself after `welcome`.
+    pub fn push_exclusions(&self, set: &store::ExclusionRuleSet) {
+        let mut pushed = self.exclusions_pushed.lock().expect("exclusions lock");
+        if set.version <= *pushed {
+            return;
+        }
+        *pushed = set.version;
+        let line = Arc::new(message_line(&crate::exclusions::message(set)));
+        let sessions = self.sessions.lock().expect("sessions lock");
+        tracing::info!(
+            version = set.version,
+            rules = set.rules.len(),
+            sessions = sessions.len(),
+            "pushing exclusion rules"
+        );
+        for session in sessions.values() {
+            let _ = session.sender.send(Outbound::Exclusions {
+                version: set.version,
+                line: line.clone(),
+            });
+        }
+    }
+
+    /// The newest exclusion rule-set version pushed to the sessions.
+    pub fn exclusions_pushed(&self) -> i64 {
+        *self.exclusions_pushed.lock().expect("exclusions lock")
     }
 
     pub fn is_connected(&self, machine_id: &str) -> bool {
@@ -419,13 +463,21 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(
     }
 }
 
+fn message_line(message: &ServerMessage) -> Vec<u8> {
+    let mut line = serde_json::to_vec(message).expect("server message serializes");
+    line.push(b'\n');
+    line
+}
+
 async fn send<W: AsyncWrite + Unpin>(
     writer: &mut W,
     message: &ServerMessage,
 ) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(message).expect("server message serializes");
-    line.push(b'\n');
-    writer.write_all(&line).await?;
+    send_line(writer, &message_line(message)).await
+}
+
+async fn send_line<W: AsyncWrite + Unpin>(writer: &mut W, line: &[u8]) -> std::io::Result<()> {
+    writer.write_all(line).await?;
     writer.flush().await
 }
 
@@ -533,7 +585,10 @@ where
         serve_session(
             state,
             machine_id,
-            machine.isolation_scope,
+            Reported {
+                scope: machine.isolation_scope,
+                exclusion_version: machine.exclusion_version,
+            },
             facts,
             enforced,
             reader,
@@ -544,10 +599,48 @@ where
     .await;
 }
 
+/// What the store knows of a machine's enforced state, as last recorded by
+/// this session; a report that differs is written to the store.
+struct Reported {
+    scope: Option<String>,
+    exclusion_version: Option<i64>,
+}
+
+impl Reported {
+    async fn record_scope(&mut self, state: &AppState, machine_id: &str, scope: Option<String>) {
+        if scope == self.scope {
+            return;
+        }
+        self.scope = scope.clone();
+        if let Err(e) = state.store.set_enforced(machine_id, scope).await {
+            tracing::warn!(error = %e, "could not record the enforced state");
+        }
+        // Only Selective isolation runs exclusion rules.
+        if self.scope.as_deref() != Some("Selective") {
+            self.record_exclusion_version(state, machine_id, None).await;
+        }
+    }
+
+    async fn record_exclusion_version(
+        &mut self,
+        state: &AppState,
+        machine_id: &str,
+        version: Option<i64>,
+    ) {
+        if version == self.exclusion_version {
+            return;
+        }
+        self.exclusion_version = version;
+        if let Err(e) = state.store.set_exclusion_version(machine_id, version).await {
+            tracing::warn!(error = %e, "could not record the exclusion rule version");
+        }
+    }
+}
+
 async fn serve_session<R, W>(
     state: Arc<AppState>,
     machine_id: String,
-    known_scope: Option<String>,
+    mut reported: Reported,
     facts: HostFacts,
     enforced: Enforced,
     mut reader: BufReader<R>,
@@ -565,11 +658,13 @@ where
         }
         Err(reason) => tracing::info!(%reason, "host facts ignored"),
     }
-    let mut scope = enforced_scope(enforced);
-    if scope != known_scope
-        && let Err(e) = state.store.set_enforced(&machine_id, scope.clone()).await
-    {
-        tracing::warn!(error = %e, "could not record the enforced state");
+    reported
+        .record_scope(&state, &machine_id, enforced_scope(enforced))
+        .await;
+    if reported.scope.as_deref() != Some("Selective") {
+        reported
+            .record_exclusion_version(&state, &machine_id, None)
+            .await;
     }
     let (conn_id, mut outbound) = state.gateway.register(&machine_id);
     state.gateway.touch(&machine_id);
@@ -583,6 +678,19 @@ where
             },
         )
         .await?;
+        // Registered first, then read: a change committed after this read
+        // is pushed to this session too.
+        let mut exclusions_sent = match state.store.exclusion_rule_set().await {
+            Ok(set) => {
+                send(&mut writer, &crate::exclusions::message(&set)).await?;
+                set.version
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "session: cannot read the exclusion rules");
+                refuse(&mut writer, "Unavailable", "try again later").await;
+                return Ok(());
+            }
+        };
         for action in state.store.undelivered_actions(&machine_id).await.unwrap_or_default() {
             send(&mut writer, &ServerMessage::Action(order(&action))).await?;
         }
@@ -613,12 +721,18 @@ where
                             return Ok(());
                         }
                     };
-                    if let Some(reply) = handle(&state, &machine_id, &mut scope, message).await {
+                    if let Some(reply) = handle(&state, &machine_id, &mut reported, message).await {
                         send(&mut writer, &reply).await?;
                     }
                 }
                 out = outbound.recv() => match out {
                     Some(Outbound::Message(message)) => send(&mut writer, &message).await?,
+                    Some(Outbound::Exclusions { version, line }) => {
+                        if version > exclusions_sent {
+                            exclusions_sent = version;
+                            send_line(&mut writer, &line).await?;
+                        }
+                    }
                     Some(Outbound::Close { code, reason }) => {
                         refuse(&mut writer, code, &reason).await;
                         return Ok(());
@@ -637,19 +751,42 @@ where
 async fn handle(
     state: &AppState,
     machine_id: &str,
-    scope: &mut Option<String>,
+    reported: &mut Reported,
     message: AgentMessage,
 ) -> Option<ServerMessage> {
     let now = crate::now_nanos();
     match message {
         AgentMessage::Hello { .. } => None,
-        AgentMessage::Heartbeat { enforced } => {
-            let reported = enforced_scope(enforced);
-            if reported != *scope {
-                *scope = reported.clone();
-                if let Err(e) = state.store.set_enforced(machine_id, reported).await {
-                    tracing::warn!(error = %e, "could not record the enforced state");
-                }
+        AgentMessage::Heartbeat {
+            enforced,
+            exclusion_version,
+        } => {
+            reported
+                .record_scope(state, machine_id, enforced_scope(enforced))
+                .await;
+            reported
+                .record_exclusion_version(state, machine_id, exclusion_version)
+                .await;
+            None
+        }
+        AgentMessage::ExclusionsApplied {
+            version,
+            succeeded,
+            reason,
+        } => {
+            if succeeded {
+                tracing::info!(version, "agent applied the exclusion rules");
+                reported
+                    .record_exclusion_version(state, machine_id, Some(version))
+                    .await;
+            } else {
+                let reason: String = reason
+                    .unwrap_or_default()
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(1000)
+                    .collect();
+                tracing::warn!(version, %reason, "agent could not apply the exclusion rules");
             }
             None
         }
@@ -706,13 +843,19 @@ async fn handle(
             reason,
             enforced,
         } => {
-            let reported = enforced_scope(enforced);
-            *scope = reported.clone();
+            let enforced = enforced_scope(enforced);
+            // finish_action records the scope itself.
+            reported.scope = enforced.clone();
+            if enforced.as_deref() != Some("Selective") {
+                reported
+                    .record_exclusion_version(state, machine_id, None)
+                    .await;
+            }
             let outcome = Outcome {
                 succeeded,
                 error_hresult: error_h_result,
                 reason: reason.map(|r| r.chars().take(1000).collect()),
-                enforced_scope: reported,
+                enforced_scope: enforced,
             };
             match state
                 .store

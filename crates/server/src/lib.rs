@@ -9,6 +9,7 @@ pub mod auth;
 pub mod authority;
 pub mod crypto;
 pub mod error;
+pub mod exclusions;
 pub mod gateway;
 pub mod jwt;
 pub mod odata;
@@ -296,6 +297,7 @@ pub async fn start_with(
     let mut tasks = vec![
         tokio::spawn(expire_actions(state.clone())),
         tokio::spawn(flush_liveness(state.clone())),
+        tokio::spawn(watch_exclusions(state.clone())),
     ];
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
     let router = app(state.clone());
@@ -353,6 +355,22 @@ async fn flush_liveness(state: Arc<AppState>) {
         rounds += 1;
         if rounds.is_multiple_of(5) {
             state.gateway.close_revoked(&state.store).await;
+        }
+    }
+}
+
+/// Pushes the exclusion rules to every agent session when their version
+/// changed without this server pushing it: `cordon exclusion add|remove`
+/// runs in another process, on the same database.
+async fn watch_exclusions(state: Arc<AppState>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match state.store.exclusion_version().await {
+            Ok(version) if version > state.gateway.exclusions_pushed() => {
+                exclusions::publish(&state).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read the exclusion rule version"),
         }
     }
 }

@@ -34,6 +34,9 @@ enum Command {
     /// Manage enrolled machines.
     #[command(subcommand)]
     Machine(MachineCommand),
+    /// Manage the isolation exclusion rules (what Selective isolation lets through).
+    #[command(subcommand)]
+    Exclusion(ExclusionCommand),
 }
 
 #[derive(Args)]
@@ -90,7 +93,8 @@ enum AppCommand {
         /// Display name (the `requestor` of its actions).
         #[arg(long)]
         name: String,
-        /// Application permission (repeatable): Machine.Isolate, Machine.Read.All, Machine.ReadWrite.All.
+        /// Application permission (repeatable): Machine.Isolate, Machine.Read.All,
+        /// Machine.ReadWrite.All (which also allows managing isolation exclusion rules).
         #[arg(long = "permission", required = true)]
         permissions: Vec<String>,
         #[arg(long)]
@@ -143,6 +147,55 @@ enum MachineCommand {
         #[command(flatten)]
         data: DataDir,
         machine_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExclusionCommand {
+    /// Add a rule. Conditions are ANDed; a rule needs at least one of
+    /// --executable, --unit, --remote-address and --remote-port. Agents
+    /// isolated Selectively get the new rules within seconds.
+    Add {
+        #[command(flatten)]
+        data: DataDir,
+        /// Unique name (case-insensitive).
+        #[arg(long)]
+        name: String,
+        /// What the rule is for (at most 1000 characters).
+        #[arg(long)]
+        description: Option<String>,
+        /// Absolute path of an executable whose processes are let through
+        /// (not together with --unit).
+        #[arg(long = "executable")]
+        executable_path: Option<String>,
+        /// A systemd unit (.service, .scope or .slice) whose processes are let through.
+        #[arg(long = "unit")]
+        systemd_unit: Option<String>,
+        /// Inbound, Outbound or Both (the default).
+        #[arg(long)]
+        direction: Option<String>,
+        /// Remote IPv4/IPv6 address or CIDR prefix (repeatable, or comma-separated).
+        #[arg(long = "remote-address")]
+        remote_addresses: Vec<String>,
+        /// Remote port or range such as 8000-8100 (repeatable, or comma-separated).
+        #[arg(long = "remote-port")]
+        remote_ports: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the rules.
+    List {
+        #[command(flatten)]
+        data: DataDir,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a rule, by id or name.
+    Remove {
+        #[command(flatten)]
+        data: DataDir,
+        /// The rule's id or its name (case-insensitive).
+        name_or_id: String,
     },
 }
 
@@ -207,6 +260,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::App(command) => app_command(command).await,
         Command::EnrollToken(command) => enroll_token_command(command).await,
         Command::Machine(command) => machine_command(command).await,
+        Command::Exclusion(command) => exclusion_command(command).await,
     }
 }
 
@@ -470,6 +524,122 @@ async fn machine_command(command: MachineCommand) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+async fn exclusion_command(command: ExclusionCommand) -> anyhow::Result<()> {
+    use server::exclusions::{self, Field, RuleInput};
+    let field = |value: Option<String>| value.map_or(Field::Absent, Field::Value);
+    let list = |values: Vec<String>| {
+        if values.is_empty() {
+            Field::Absent
+        } else {
+            Field::Value(values)
+        }
+    };
+    match command {
+        ExclusionCommand::Add {
+            data,
+            name,
+            description,
+            executable_path,
+            systemd_unit,
+            direction,
+            remote_addresses,
+            remote_ports,
+            json,
+        } => {
+            // The API's own checks, with the API's messages.
+            let fields = exclusions::new_rule(RuleInput {
+                name: Field::Value(name),
+                description: field(description),
+                executable_path: field(executable_path),
+                systemd_unit: field(systemd_unit),
+                direction: field(direction),
+                remote_addresses: list(remote_addresses),
+                remote_ports: list(remote_ports),
+            })
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let store = server::open_store(&data.data_dir)?;
+            let rule = exclusions::create_rule(&store, fields)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            if json {
+                println!("{}", serde_json::to_string(&exclusions::entity(&rule))?);
+            } else {
+                println!(
+                    "Added exclusion rule '{}' ({}); rule-set version {}.",
+                    rule.fields.name, rule.id, rule.version
+                );
+            }
+            Ok(())
+        }
+        ExclusionCommand::List { data, json } => {
+            let store = server::open_store(&data.data_dir)?;
+            let rules = store.list_exclusion_rules().await?;
+            if json {
+                let list: Vec<_> = rules.iter().map(exclusions::entity).collect();
+                println!("{}", serde_json::to_string(&list)?);
+            } else if rules.is_empty() {
+                println!("No exclusion rules.");
+            } else {
+                for rule in &rules {
+                    println!("{}", describe_rule(&exclusions::entity(rule)));
+                }
+            }
+            Ok(())
+        }
+        ExclusionCommand::Remove { data, name_or_id } => {
+            let store = server::open_store(&data.data_dir)?;
+            let by_id = if crypto::is_guid(&name_or_id) {
+                store
+                    .get_exclusion_rule(&name_or_id.to_ascii_lowercase())
+                    .await?
+            } else {
+                None
+            };
+            let rule = match by_id {
+                Some(rule) => rule,
+                None => store
+                    .get_exclusion_rule_by_name(&name_or_id)
+                    .await?
+                    .with_context(|| {
+                        format!("no exclusion rule has the id or name '{name_or_id}'")
+                    })?,
+            };
+            exclusions::delete_rule(&store, &rule.id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            println!(
+                "Removed exclusion rule '{}' ({}).",
+                rule.fields.name, rule.id
+            );
+            Ok(())
+        }
+    }
+}
+
+/// One line of `cordon exclusion list`.
+fn describe_rule(rule: &proto::api::ExclusionRule) -> String {
+    let mut conditions = Vec::new();
+    if let Some(path) = &rule.executable_path {
+        conditions.push(format!("executable {path}"));
+    }
+    if let Some(unit) = &rule.systemd_unit {
+        conditions.push(format!("unit {unit}"));
+    }
+    if !rule.remote_addresses.is_empty() {
+        conditions.push(format!("addresses {}", rule.remote_addresses.join(",")));
+    }
+    if !rule.remote_ports.is_empty() {
+        conditions.push(format!("ports {}", rule.remote_ports.join(",")));
+    }
+    format!(
+        "{}  {}  {}  {}",
+        rule.id,
+        rule.name,
+        rule.direction,
+        conditions.join(" and ")
+    )
 }
 
 #[cfg(test)]

@@ -111,6 +111,7 @@ pub const MACHINE_PROPERTIES: &[&str] = &[
     "isolationScope",
     "tamperCount",
     "lastTamperDateTimeUtc",
+    "exclusionRulesVersion",
 ];
 
 /// The largest `$top`.
@@ -1236,7 +1237,7 @@ mod tests {
             assert!(MACHINE_PROPERTIES.contains(&f.name), "{}", f.name);
         }
         assert_eq!(ACTION_PROPERTIES.len(), 20);
-        assert_eq!(MACHINE_PROPERTIES.len(), 28);
+        assert_eq!(MACHINE_PROPERTIES.len(), 29);
         assert_eq!(
             MACHINE_FIELDS
                 .iter()

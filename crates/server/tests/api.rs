@@ -372,6 +372,7 @@ async fn an_agent_cannot_touch_another_machines_actions() {
     session
         .send(&AgentMessage::Heartbeat {
             enforced: Enforced::NotIsolated,
+            exclusion_version: None,
         })
         .await
         .unwrap();
@@ -441,6 +442,7 @@ async fn heartbeats_and_facts_fill_the_machine() {
     session
         .send(&AgentMessage::Heartbeat {
             enforced: Enforced::NotIsolated,
+            exclusion_version: None,
         })
         .await
         .unwrap();
@@ -850,6 +852,8 @@ async fn the_openapi_document_describes_the_served_paths() {
         "/machineactions",
         "/machineactions/{id}",
         "/machineactions/{id}/cancel",
+        "/isolationExclusionRules",
+        "/isolationExclusionRules/{id}",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} missing");
     }

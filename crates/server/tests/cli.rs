@@ -317,3 +317,165 @@ async fn acknowledged_actions_survive_a_sigkill() {
     assert_eq!(list["@odata.count"], 40);
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+fn run_fails(args: &[&str]) -> String {
+    let output = cordon().args(args).output().unwrap();
+    assert!(!output.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The next message of a session, which must be the exclusion rules, within 2 s.
+async fn next_exclusions(session: &mut agent::Session) -> (i64, Vec<proto::agent::ExclusionSpec>) {
+    let message = tokio::time::timeout(Duration::from_secs(2), session.recv())
+        .await
+        .expect("exclusion rules within 2 s")
+        .expect("session open");
+    exclusions_of(message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusion_commands_reach_connected_agents() {
+    let dir = TempDir::new("exclusion-cli");
+    let data = dir.0.to_str().unwrap().to_owned();
+    let served = serve(&dir.0);
+    let ca = dir.0.join("ca.pem");
+    let enroll = run_json(&["enroll-token", "create", "--data-dir", &data, "--json"]);
+    let state = TempDir::new("agent");
+    let identity = agent::enroll(
+        &served.url,
+        enroll["token"].as_str().unwrap(),
+        &ca,
+        &state.0,
+        Some("e1"),
+    )
+    .await
+    .unwrap();
+    let mut session = agent::Session::open(
+        &identity,
+        agent::host_facts(Some("e1")),
+        proto::agent::Enforced::NotIsolated,
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_exclusions(&mut session).await, (0, vec![]));
+
+    // Added in another process: the server notices and pushes within 2 s.
+    let rule = run_json(&[
+        "exclusion",
+        "add",
+        "--data-dir",
+        &data,
+        "--name",
+        "Monitoring",
+        "--description",
+        "Prometheus scrapes",
+        "--direction",
+        "inbound",
+        "--remote-address",
+        "198.18.0.0/24,fd00::1",
+        "--remote-address",
+        "10.9.8.7",
+        "--remote-port",
+        "9100",
+        "--remote-port",
+        "9200-9300",
+        "--json",
+    ]);
+    assert_eq!(rule["name"], "Monitoring");
+    assert_eq!(rule["direction"], "Inbound");
+    assert_eq!(
+        rule["remoteAddresses"],
+        serde_json::json!(["198.18.0.0/24", "fd00::1/128", "10.9.8.7/32"])
+    );
+    assert_eq!(
+        rule["remotePorts"],
+        serde_json::json!(["9100", "9200-9300"])
+    );
+    assert_eq!(rule["version"], 1);
+    let (version, rules) = next_exclusions(&mut session).await;
+    assert_eq!(version, 1);
+    assert_eq!(rules[0].id, rule["id"].as_str().unwrap());
+    assert_eq!(rules[0].remote_addresses.len(), 3);
+
+    // The API's own checks and messages.
+    for (args, says) in [
+        (
+            vec!["--name", "monitoring", "--remote-port", "22"],
+            "already exists",
+        ),
+        (
+            vec!["--name", "x", "--executable", "bin/sh"],
+            "absolute path",
+        ),
+        (
+            vec!["--name", "x", "--remote-address", "10.0.0.0/40"],
+            "10.0.0.0/40",
+        ),
+        (
+            vec!["--name", "x", "--remote-port", "0"],
+            "RemotePorts: '0'",
+        ),
+        (
+            vec!["--name", "x", "--direction", "Inbound"],
+            "at least one condition",
+        ),
+        (vec!["--name", "x", "--unit", "sshd"], "SystemdUnit"),
+    ] {
+        let mut full = vec!["exclusion", "add", "--data-dir", &data];
+        full.extend(args);
+        let stderr = run_fails(&full);
+        assert!(stderr.contains(says), "{full:?}: {stderr}");
+    }
+
+    run_json(&[
+        "exclusion",
+        "add",
+        "--data-dir",
+        &data,
+        "--name",
+        "Backups",
+        "--executable",
+        "/usr/bin/restic",
+        "--json",
+    ]);
+    assert_eq!(next_exclusions(&mut session).await.0, 2);
+    let list = run_json(&["exclusion", "list", "--data-dir", &data, "--json"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Monitoring", "Backups"]);
+    let text = cordon()
+        .args(["exclusion", "list", "--data-dir", &data])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Monitoring") && text.contains("/usr/bin/restic"),
+        "{text}"
+    );
+
+    // Removed by name (any case) and by id.
+    let removed = cordon()
+        .args(["exclusion", "remove", "--data-dir", &data, "MONITORING"])
+        .output()
+        .unwrap();
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    let (version, rules) = next_exclusions(&mut session).await;
+    assert_eq!((version, rules.len()), (3, 1));
+    let backups = list[1]["id"].as_str().unwrap();
+    let removed = cordon()
+        .args(["exclusion", "remove", "--data-dir", &data, backups])
+        .output()
+        .unwrap();
+    assert!(removed.status.success());
+    assert_eq!(next_exclusions(&mut session).await, (4, vec![]));
+    let stderr = run_fails(&["exclusion", "remove", "--data-dir", &data, "Backups"]);
+    assert!(stderr.contains("no exclusion rule"), "{stderr}");
+}

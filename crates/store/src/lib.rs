@@ -10,6 +10,7 @@
 //!
 //! Types here are plain data; none of them is serialized.
 
+mod exclusions;
 mod query;
 mod records;
 
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+pub use exclusions::{ExclusionRuleFields, ExclusionRuleRecord, ExclusionRuleSet};
 pub use query::{CmpOp, Cursor, Direction, FieldSql, Filter, Kind, Page, Query, SqlContext, Value};
 pub use records::*;
 
@@ -38,6 +40,10 @@ pub enum StoreError {
     /// An enroll token that is unknown, expired or used up.
     #[error("enroll token rejected: {0}")]
     TokenRejected(&'static str),
+    /// Another record already holds a value that must be unique (the name
+    /// of an exclusion rule, as that rule spells it).
+    #[error("'{0}' is already taken")]
+    Conflict(String),
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("commit failed: {0}")]
@@ -63,9 +69,45 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
 }
 
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("migration2.sql")];
+impl Drop for Inner {
+    /// Closes the readers one by one; then the writer's channel closes and
+    /// the writer thread closes its connection.
+    fn drop(&mut self) {
+        let readers = std::mem::take(self.readers.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for conn in readers {
+            close_connection(conn);
+        }
+    }
+}
+
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema.sql"),
+    include_str!("migration2.sql"),
+    include_str!("migration3.sql"),
+];
+
+/// Held while a connection opens or closes. The bundled SQLite (3.51.1)
+/// can deadlock when two connections to one file open or close at the same
+/// moment in one process (a lock-order inversion in its unix VFS between
+/// the global mutex and the file's lock mutex, fixed in SQLite 3.51.2): an
+/// admin command that had read and written hung on exit, its reader and
+/// its writer closing together. Statements never take that path, so
+/// serializing opens and closes is enough.
+static LIFECYCLE: Mutex<()> = Mutex::new(());
+
+fn lifecycle() -> std::sync::MutexGuard<'static, ()> {
+    LIFECYCLE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn close_connection(conn: Connection) {
+    let _guard = lifecycle();
+    drop(conn);
+}
 
 fn open_connection(path: &Path) -> Result<Connection> {
+    let _guard = lifecycle();
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.execute_batch(
@@ -162,6 +204,9 @@ impl Store {
             let mut pool = inner.readers.lock().expect("reader pool");
             if pool.len() < 16 {
                 pool.push(conn);
+            } else {
+                drop(pool);
+                close_connection(conn);
             }
             outcome
         })
@@ -220,5 +265,44 @@ fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>) {
         for reply in replies {
             reply(committed.clone());
         }
+    }
+    close_connection(conn);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store used and dropped, again and again, as each admin command
+    /// does: its connections close one after another, never at once (two
+    /// closing at once can deadlock inside SQLite 3.51.1).
+    #[test]
+    fn a_store_closes_without_deadlock() {
+        let dir = std::env::temp_dir().join(format!("cordon-store-close-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cordon.db");
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            for round in 0..2000 {
+                let store = Store::open(&path).unwrap();
+                runtime.block_on(async {
+                    let key = format!("k{round}");
+                    store.meta_or_init(&key, || "v".into()).await.unwrap();
+                    assert!(store.meta(&key).await.unwrap().is_some());
+                });
+                drop(store);
+            }
+            let _ = done_tx.send(());
+        });
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("no deadlock");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -68,6 +68,8 @@ pub struct MachineRecord {
     /// How often the agent reported its table tampered with, and the last time.
     pub tamper_count: i64,
     pub last_tamper_at: Option<i64>,
+    /// The exclusion rule-set version the agent reports applying, if any.
+    pub exclusion_version: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -246,8 +248,8 @@ const MACHINE_COLUMNS: &str = "t.seq, t.id, t.public_key, t.revoked, t.computer_
      t.first_seen, t.last_seen, t.os_platform, t.os_version, t.os_processor, t.os_architecture, \
      t.os_build, t.agent_version, t.last_ip_address, t.last_external_ip_address, \
      t.onboarding_status, t.rbac_group_id, t.isolation_state, t.isolation_scope, \
-     t.tamper_count, t.last_tamper_at";
-const MACHINE_COLUMN_COUNT: usize = 21;
+     t.tamper_count, t.last_tamper_at, t.exclusion_version";
+const MACHINE_COLUMN_COUNT: usize = 22;
 
 fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     Ok(MachineRecord {
@@ -276,6 +278,7 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
         tags: Vec::new(),
         tamper_count: row.get(19)?,
         last_tamper_at: row.get(20)?,
+        exclusion_version: row.get(21)?,
     })
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use agent::{HttpsClient, Identity, Reply, Session};
 use http::Method;
-use proto::agent::{AgentMessage, Enforced, ServerMessage};
+use proto::agent::{AgentMessage, Enforced, ExclusionSpec, ServerMessage};
 use serde_json::Value;
 use server::{Config, RunningServer};
 
@@ -209,10 +209,43 @@ impl Api {
     }
 
     pub async fn post_raw(&mut self, path: &str, content_type: &str, body: Vec<u8>) -> Reply {
+        self.send(Method::POST, path, content_type, body).await
+    }
+
+    pub async fn patch(&mut self, path: &str, body: Value) -> Reply {
+        self.send(
+            Method::PATCH,
+            path,
+            "application/json",
+            body.to_string().into_bytes(),
+        )
+        .await
+    }
+
+    pub async fn delete(&mut self, path: &str) -> Reply {
         let auth = format!("Bearer {}", self.token);
         self.http
             .request(
-                Method::POST,
+                Method::DELETE,
+                path,
+                &[("authorization", &auth)],
+                Vec::new(),
+            )
+            .await
+            .unwrap()
+    }
+
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Reply {
+        let auth = format!("Bearer {}", self.token);
+        self.http
+            .request(
+                method,
                 path,
                 &[("authorization", &auth), ("content-type", content_type)],
                 body,
@@ -298,14 +331,33 @@ impl TestAgent {
         self.identity.machine_id.clone()
     }
 
+    /// Opens a session and takes the exclusion rules the server sends
+    /// right after its welcome, so that the next message is what the test
+    /// is about.
     pub async fn connect(&self) -> Session {
-        Session::open(
+        self.connect_with_exclusions().await.0
+    }
+
+    /// Opens a session; also returns the exclusion rules (version and
+    /// rules) the server sends right after its welcome.
+    pub async fn connect_with_exclusions(&self) -> (Session, (i64, Vec<ExclusionSpec>)) {
+        let mut session = Session::open(
             &self.identity,
             agent::host_facts(Some(&self.name)),
             Enforced::NotIsolated,
         )
         .await
-        .expect("session opens")
+        .expect("session opens");
+        let exclusions = exclusions_of(next(&mut session).await);
+        (session, exclusions)
+    }
+}
+
+/// The version and rules of an `exclusions` message.
+pub fn exclusions_of(message: ServerMessage) -> (i64, Vec<ExclusionSpec>) {
+    match message {
+        ServerMessage::Exclusions { version, rules } => (version, rules),
+        other => panic!("expected exclusion rules, got {other:?}"),
     }
 }
 
