@@ -957,6 +957,45 @@ async fn address_rules_work_by_direction_and_change_live() {
         "only the rule's port"
     );
 
+    // Figures for BENCHMARKS.md: a rule change until the agent runs it.
+    let mut changes = Vec::new();
+    for i in 0..10 {
+        let ports = if i % 2 == 0 {
+            serde_json::json!(["7101", "7103"])
+        } else {
+            serde_json::json!(["7101"])
+        };
+        let started = Instant::now();
+        let (status, changed) = env
+            .call(
+                Method::PATCH,
+                &format!("/api/isolationExclusionRules/{inbound}"),
+                Some(serde_json::json!({"RemotePorts": ports})),
+            )
+            .await;
+        assert_eq!(status, 200, "{changed}");
+        let version = changed["version"].clone();
+        loop {
+            if env.machine(&m1.machine_id).await["exclusionRulesVersion"] == version {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "version {version} not applied"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        changes.push(started.elapsed());
+    }
+    changes.sort();
+    println!(
+        "lab figures: rule change -> applied on the isolated machine median {:?}, max {:?} over {} changes",
+        changes[changes.len() / 2],
+        changes[changes.len() - 1],
+        changes.len()
+    );
+    assert!(blocking(|| lab::tcp_echo(&env.lab, &env.ext, m1_service, PROBE)).unwrap());
+
     // Removing it stops it.
     let removed = Instant::now();
     let (status, _) = env
@@ -983,4 +1022,50 @@ async fn address_rules_work_by_direction_and_change_live() {
             .is_some()
     );
     env.kill(&mut m1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_rule_matches_the_units_cgroup() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut env) = Env::new(&[]).await else {
+        return;
+    };
+    let Some(root) = agent::exclusions::cgroup2_root() else {
+        eprintln!("skipped: no cgroup v2 on this host");
+        return;
+    };
+    let Some((curl, _)) = curl_copies(&env.dir) else {
+        eprintln!("skipped: needs curl");
+        return;
+    };
+    // A stand-in for a running systemd unit: a cgroup of that name.
+    let unit = format!("cordon-lab-{}.service", std::process::id());
+    let unit_dir = root.join(&unit);
+    std::fs::create_dir_all(&unit_dir).unwrap();
+    env.add_rule(serde_json::json!({"Name": "lab unit", "SystemdUnit": unit, "RemotePorts": "8080", "Direction": "Outbound"})).await;
+    let mut m1 = env.enroll("m1", None, None);
+    env.run(&mut m1, None, 10);
+    env.wait_connected(&m1).await;
+    env.isolate_selective(&m1).await;
+
+    let url = format!("http://{}/", env.ext_v4(HTTP));
+    let in_unit = format!(
+        "echo $$ > {}/cgroup.procs && exec {} -s -m 2 {url}",
+        unit_dir.display(),
+        curl.display()
+    );
+    let outside = format!("exec {} -s -m 2 {url}", curl.display());
+    let run = |script: &str| {
+        let out = blocking(|| env.lab.exec(&m1.host, "sh", &["-c", script])).unwrap();
+        out.status.success() && String::from_utf8_lossy(&out.stdout) == lab::HTTP_BODY
+    };
+    let (inside_ok, outside_ok) = (run(&in_unit), run(&outside));
+    env.kill(&mut m1);
+    let _ = std::fs::remove_dir(&unit_dir);
+    assert!(
+        inside_ok,
+        "a process of the unit gets through\n{}",
+        log_of(&m1)
+    );
+    assert!(!outside_ok, "the same program outside the unit does not");
 }

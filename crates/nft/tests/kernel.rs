@@ -262,6 +262,50 @@ fn selective_exclusions_apply_with_cgroup_prefix_and_port_range_matches() {
 }
 
 #[test]
+fn timing_a_thousand_address_rules() {
+    in_fresh_netns("timing_a_thousand_address_rules", |_ns| {
+        let exclusions: Vec<policy::Exclusion> = (0..1000u32)
+            .map(|i| policy::Exclusion {
+                name: format!("r{i}"),
+                cgroup: None,
+                inbound: false,
+                outbound: true,
+                remote: vec![(IpAddr::V4(std::net::Ipv4Addr::from(0xc612_0000 + i)), 32)],
+                ports: vec![],
+            })
+            .collect();
+        let big = policy::render(&Policy::Isolated(Isolation {
+            scope: Scope::Selective,
+            server_addresses: vec!["198.18.0.1".parse().unwrap()],
+            server_port: 8443,
+            agent_gid: 61742,
+            exclusions,
+        }))
+        .unwrap();
+        let small = full();
+        let mut fw = Firewall::open().unwrap();
+        let mut time = |rs: &Ruleset| {
+            let mut runs: Vec<Duration> = (0..21)
+                .map(|_| {
+                    let start = Instant::now();
+                    fw.apply(Some(rs)).unwrap();
+                    start.elapsed()
+                })
+                .collect();
+            runs.sort();
+            runs[runs.len() / 2]
+        };
+        let (full_time, big_time) = (time(&small), time(&big));
+        assert!(fw.verify(Some(&big)).unwrap());
+        eprintln!(
+            "timing: apply Full ({} rules) median {full_time:?}; Selective with 1,000 address rules ({} rules) median {big_time:?}",
+            small.chains.iter().map(|c| c.rules.len()).sum::<usize>(),
+            big.chains.iter().map(|c| c.rules.len()).sum::<usize>(),
+        );
+    });
+}
+
+#[test]
 fn removal_is_idempotent_and_leaves_other_tables_alone() {
     in_fresh_netns(
         "removal_is_idempotent_and_leaves_other_tables_alone",
