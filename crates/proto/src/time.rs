@@ -85,7 +85,10 @@ pub fn parse_utc(text: &str) -> Option<i64> {
         }
     }
     let secs = days_from_civil(year, month, day) * 86_400 + seconds_of_day - offset_seconds;
-    secs.checked_mul(1_000_000_000)?.checked_add(fraction_nanos)
+    // Outside what nanoseconds in an i64 hold (1677 to 2262), clamp: the
+    // common "far future" and "beginning of time" bounds still compare right.
+    let nanos = i128::from(secs) * 1_000_000_000 + i128::from(fraction_nanos);
+    Some(nanos.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64)
 }
 
 fn days_in_month(year: i64, month: i64) -> i64 {
@@ -154,6 +157,8 @@ mod tests {
             parse_utc("2024-02-29T00:00Z"),
             Some(1_709_164_800_000_000_000)
         );
+        assert_eq!(parse_utc("9999-12-31T00:00:00Z"), Some(i64::MAX));
+        assert_eq!(parse_utc("0001-01-01"), Some(i64::MIN));
         for bad in [
             "",
             "2024-13-01",

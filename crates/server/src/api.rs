@@ -145,7 +145,6 @@ async fn isolate(
     principal: Principal,
     IdParam(id): IdParam,
     headers: HeaderMap,
-    OriginalUri(uri): OriginalUri,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Isolate)?;
@@ -178,7 +177,7 @@ async fn isolate(
         request_source: "PublicApi".into(),
         now: crate::now_nanos(),
     };
-    create(&state, new, &headers, &uri).await
+    create(&state, new, &headers).await
 }
 
 async fn unisolate(
@@ -186,7 +185,6 @@ async fn unisolate(
     principal: Principal,
     IdParam(id): IdParam,
     headers: HeaderMap,
-    OriginalUri(uri): OriginalUri,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Isolate)?;
@@ -208,14 +206,13 @@ async fn unisolate(
         request_source: "PublicApi".into(),
         now: crate::now_nanos(),
     };
-    create(&state, new, &headers, &uri).await
+    create(&state, new, &headers).await
 }
 
 async fn create(
     state: &AppState,
     new: NewAction,
     headers: &HeaderMap,
-    uri: &axum::http::Uri,
 ) -> Result<Response, ApiError> {
     let machine_id = new.machine_id.clone();
     let action = match state.store.create_action(new).await {
@@ -232,7 +229,7 @@ async fn create(
     state.gateway.push(&action);
     Ok(entity_response(
         StatusCode::CREATED,
-        &context_url(headers, state, uri, "MachineActions/$entity"),
+        &context_url(headers, state, "MachineActions/$entity"),
         action_entity(&action),
         None,
     ))
@@ -243,15 +240,14 @@ async fn cancel(
     principal: Principal,
     IdParam(id): IdParam,
     headers: HeaderMap,
-    OriginalUri(uri): OriginalUri,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Isolate)?;
-    require_json(&headers)?;
-    // The body is optional.
+    // The body is optional; a body that is there must be JSON.
     let request: proto::api::CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
         proto::api::CancelRequest::default()
     } else {
+        require_json(&headers)?;
         parse_body(&body)?
     };
     check_length("Comment", request.comment.as_ref(), MAX_COMMENT)?;
@@ -283,7 +279,7 @@ async fn cancel(
     tracing::info!(action_id = %action.id, "action cancelled");
     Ok(entity_response(
         StatusCode::OK,
-        &context_url(&headers, &state, &uri, "MachineActions/$entity"),
+        &context_url(&headers, &state, "MachineActions/$entity"),
         action_entity(&action),
         None,
     ))
@@ -294,7 +290,6 @@ async fn get_action(
     principal: Principal,
     IdParam(id): IdParam,
     headers: HeaderMap,
-    OriginalUri(uri): OriginalUri,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Read)?;
     let action_id = action_id_param(&id)?;
@@ -304,7 +299,7 @@ async fn get_action(
         })?;
     Ok(entity_response(
         StatusCode::OK,
-        &context_url(&headers, &state, &uri, "MachineActions/$entity"),
+        &context_url(&headers, &state, "MachineActions/$entity"),
         action_entity(&action),
         None,
     ))
@@ -315,7 +310,6 @@ async fn get_machine(
     principal: Principal,
     IdParam(id): IdParam,
     headers: HeaderMap,
-    OriginalUri(uri): OriginalUri,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Read)?;
     let valid_name = !id.is_empty()
@@ -340,7 +334,7 @@ async fn get_machine(
         })?;
     Ok(entity_response(
         StatusCode::OK,
-        &context_url(&headers, &state, &uri, "Machines/$entity"),
+        &context_url(&headers, &state, "Machines/$entity"),
         machine_entity(&state, &machine),
         None,
     ))
@@ -414,18 +408,9 @@ async fn openapi(
 }
 
 /// `<base>/api/$metadata#<what>`, with the API prefix the client used.
-pub(crate) fn context_url(
-    headers: &HeaderMap,
-    state: &AppState,
-    uri: &axum::http::Uri,
-    what: &str,
-) -> String {
-    let prefix = if uri.path().starts_with("/api/v1.0/") {
-        "/api/v1.0"
-    } else {
-        "/api"
-    };
-    format!("{}{prefix}/$metadata#{what}", base_url(headers, state))
+pub(crate) fn context_url(headers: &HeaderMap, state: &AppState, what: &str) -> String {
+    // The contract's form, whichever of the two prefixes the client used.
+    format!("{}/api/$metadata#{what}", base_url(headers, state))
 }
 
 fn to_object<T: serde::Serialize>(entity: T) -> Map<String, Value> {
@@ -473,7 +458,7 @@ fn collection_response<T: serde::Serialize, F>(
     let mut body = Map::new();
     body.insert(
         "@odata.context".into(),
-        Value::String(context_url(headers, state, uri, set)),
+        Value::String(context_url(headers, state, set)),
     );
     if let Some(count) = count {
         body.insert("@odata.count".into(), Value::from(count));

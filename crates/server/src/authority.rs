@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,6 +14,31 @@ use base64::Engine;
 use proto::auth::{Claims, Jwks, OAuthError, OpenIdConfiguration, TokenResponse};
 
 use crate::{AppState, base_url, crypto};
+
+/// The `{tenant}` path segment as sent. Never rejects: a segment that isn't
+/// valid UTF-8 simply isn't the tenant, and gets the OAuth error for that.
+struct TenantParam(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for TenantParam {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let raw = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .ok()
+            .and_then(|params| {
+                params
+                    .iter()
+                    .find(|(name, _)| *name == "tenant")
+                    .map(|(_, value)| value.to_owned())
+            })
+            .unwrap_or_default();
+        Ok(TenantParam(raw))
+    }
+}
 
 /// Lifetime of an access token, in seconds.
 pub const TOKEN_LIFETIME: i64 = 3599;
@@ -72,9 +97,12 @@ fn check_tenant(state: &AppState, tenant: &str) -> Result<(), OAuthFailure> {
             StatusCode::BAD_REQUEST,
             "invalid_request",
             format!(
-                "Tenant '{}' not found. This authority serves tenant {}.",
-                tenant.chars().take(100).collect::<String>(),
-                state.tenant_id
+                "Tenant '{}' not found.",
+                tenant
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(100)
+                    .collect::<String>()
             ),
         ))
     }
@@ -82,7 +110,7 @@ fn check_tenant(state: &AppState, tenant: &str) -> Result<(), OAuthFailure> {
 
 async fn discovery(
     State(state): State<Arc<AppState>>,
-    Path(tenant): Path<String>,
+    TenantParam(tenant): TenantParam,
     headers: HeaderMap,
 ) -> Response {
     if let Err(e) = check_tenant(&state, &tenant) {
@@ -108,7 +136,7 @@ async fn discovery(
     .into_response()
 }
 
-async fn keys(State(state): State<Arc<AppState>>, Path(tenant): Path<String>) -> Response {
+async fn keys(State(state): State<Arc<AppState>>, TenantParam(tenant): TenantParam) -> Response {
     if let Err(e) = check_tenant(&state, &tenant) {
         return e.into_response();
     }
@@ -120,7 +148,7 @@ async fn keys(State(state): State<Arc<AppState>>, Path(tenant): Path<String>) ->
 
 async fn token_v2(
     State(state): State<Arc<AppState>>,
-    Path(tenant): Path<String>,
+    TenantParam(tenant): TenantParam,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -129,7 +157,7 @@ async fn token_v2(
 
 async fn token_v1(
     State(state): State<Arc<AppState>>,
-    Path(tenant): Path<String>,
+    TenantParam(tenant): TenantParam,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {

@@ -86,8 +86,10 @@ impl ApiError {
     }
     /// Cordon: the request would break a uniqueness rule (an exclusion
     /// rule's name).
+    /// A value that clashes with stored data (a duplicate name): a 400
+    /// `InvalidInput`, the contract's code for a value that isn't acceptable.
     pub fn conflict(message: impl Into<String>) -> ApiError {
-        Self::new(StatusCode::CONFLICT, "Conflict", message)
+        Self::new(StatusCode::BAD_REQUEST, "InvalidInput", message)
     }
     pub fn unsupported_media_type() -> ApiError {
         Self::new(
@@ -234,13 +236,17 @@ fn render_error(mut response: Response, request_id: &str) -> Response {
 
 /// A body over the limit is still read (and discarded) up to this size, so
 /// that the client, still sending, gets to read the 413 instead of a reset.
-const MAX_DRAIN: usize = 1024 * 1024;
+const MAX_DRAIN: usize = 64 * 1024 * 1024;
 
 /// Reads the whole body up to [`MAX_BODY`] before anything else looks at the
 /// request, so that an oversized body is refused first (413 before 401).
 async fn buffer_body(request: Request) -> Result<Request, ApiError> {
-    // A session upgrade has no body to read, and reading would wait forever.
-    if request.headers().contains_key(header::UPGRADE) {
+    // An agent's session upgrade has no body to read, and reading would
+    // wait forever; every other request is buffered.
+    if request.method() == axum::http::Method::GET
+        && request.uri().path() == proto::agent::SESSION_PATH
+        && request.headers().contains_key(header::UPGRADE)
+    {
         return Ok(request);
     }
     let declared = request

@@ -635,7 +635,7 @@ async fn list(
     let rules = state.store.list_exclusion_rules().await?;
     let value: Vec<proto::api::ExclusionRule> = rules.iter().map(entity).collect();
     let body = serde_json::json!({
-        "@odata.context": context_url(&headers, &state, &uri, "IsolationExclusionRules"),
+        "@odata.context": context_url(&headers, &state, "IsolationExclusionRules"),
         "value": value,
     });
     Ok(json_response(
@@ -659,14 +659,13 @@ async fn get_one(
         .get_exclusion_rule(&id)
         .await?
         .ok_or_else(|| not_found(&id))?;
-    Ok(rule_response(StatusCode::OK, &state, &headers, &uri, &rule))
+    Ok(rule_response(StatusCode::OK, &state, &headers, &rule))
 }
 
 async fn create(
     State(state): State<Arc<AppState>>,
     principal: Principal,
     headers: HeaderMap,
-    OriginalUri(uri): OriginalUri,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Settings)?;
@@ -675,13 +674,7 @@ async fn create(
     let rule = create_rule(&state.store, fields).await?;
     tracing::info!(rule_id = %rule.id, version = rule.version, by = %principal.display_name, "exclusion rule created");
     publish(&state).await;
-    Ok(rule_response(
-        StatusCode::CREATED,
-        &state,
-        &headers,
-        &uri,
-        &rule,
-    ))
+    Ok(rule_response(StatusCode::CREATED, &state, &headers, &rule))
 }
 
 async fn update(
@@ -689,7 +682,6 @@ async fn update(
     principal: Principal,
     IdParam(id): IdParam,
     headers: HeaderMap,
-    OriginalUri(uri): OriginalUri,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Settings)?;
@@ -699,7 +691,7 @@ async fn update(
     let rule = update_rule(&state.store, &id, changes).await?;
     tracing::info!(rule_id = %rule.id, version = rule.version, by = %principal.display_name, "exclusion rule updated");
     publish(&state).await;
-    Ok(rule_response(StatusCode::OK, &state, &headers, &uri, &rule))
+    Ok(rule_response(StatusCode::OK, &state, &headers, &rule))
 }
 
 async fn delete(
@@ -719,12 +711,11 @@ fn rule_response(
     status: StatusCode,
     state: &AppState,
     headers: &HeaderMap,
-    uri: &axum::http::Uri,
     rule: &ExclusionRuleRecord,
 ) -> Response {
     entity_response(
         status,
-        &context_url(headers, state, uri, "IsolationExclusionRules/$entity"),
+        &context_url(headers, state, "IsolationExclusionRules/$entity"),
         entity(rule),
         None,
     )

@@ -717,7 +717,7 @@ async fn methods_paths_and_prefixes() {
     assert_eq!(reply.status, 200);
     assert_eq!(
         reply.json().unwrap()["@odata.context"],
-        format!("{}/api/v1.0/$metadata#Machines", server.url)
+        format!("{}/api/$metadata#Machines", server.url)
     );
     assert_error(&api.get("/api/nothing-here").await, 404, "ResourceNotFound");
 }

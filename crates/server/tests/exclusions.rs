@@ -123,7 +123,7 @@ async fn rules_round_trip_under_both_prefixes() {
     let id = created["id"].as_str().unwrap().to_owned();
     assert_eq!(id.len(), 36);
 
-    // The same rule under /api/v1.0, with that prefix in its context.
+    // The same rule under /api/v1.0; the context keeps the contract's /api form.
     let reply = api
         .get(&format!("/api/v1.0/isolationExclusionRules/{id}"))
         .await;
@@ -132,7 +132,7 @@ async fn rules_round_trip_under_both_prefixes() {
     assert_eq!(
         fetched["@odata.context"],
         format!(
-            "{}/api/v1.0/$metadata#IsolationExclusionRules/$entity",
+            "{}/api/$metadata#IsolationExclusionRules/$entity",
             server.url
         )
     );
@@ -157,7 +157,7 @@ async fn rules_round_trip_under_both_prefixes() {
         .unwrap();
     assert_eq!(
         list["@odata.context"],
-        format!("{}/api/v1.0/$metadata#IsolationExclusionRules", server.url)
+        format!("{}/api/$metadata#IsolationExclusionRules", server.url)
     );
     let names: Vec<&str> = list["value"]
         .as_array()
@@ -351,15 +351,15 @@ async fn bad_rules_get_the_contracts_errors_and_change_nothing() {
         (
             "duplicate name",
             br#"{"Name":"web","RemotePorts":"80"}"#.to_vec(),
-            409,
-            "Conflict",
+            400,
+            "InvalidInput",
             "named 'Web' already exists",
         ),
         (
             "duplicate name, other case",
             br#"{"Name":"WEB","ExecutablePath":"/bin/x"}"#.to_vec(),
-            409,
-            "Conflict",
+            400,
+            "InvalidInput",
             "already exists",
         ),
     ];
@@ -589,7 +589,7 @@ async fn patch_changes_only_what_it_names() {
 
     // Names stay unique; a rule may change the case of its own.
     let reply = api.patch(&path, json!({"Name": "OTHER"})).await;
-    assert_error(&reply, 409, "Conflict");
+    assert_error(&reply, 400, "InvalidInput");
     let reply = api.patch(&path, json!({"Name": null})).await;
     assert_error(&reply, 400, "MissingRequiredParameter");
     let patched = api
