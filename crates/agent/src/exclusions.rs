@@ -289,17 +289,8 @@ impl Placer {
         } else if let Some(dir) = self.machine_dir.lock().expect("lock").take() {
             let _ = std::fs::remove_dir(&dir);
         }
-        if let Ok(entries) = std::fs::read_dir("/proc") {
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let Some(pid) = name
-                    .to_str()
-                    .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
-                else {
-                    continue;
-                };
-                self.place(pid);
-            }
+        for pid in process_ids() {
+            self.place(&pid);
         }
     }
 
@@ -418,29 +409,31 @@ impl Placer {
                 known.clear();
                 continue;
             }
-            let Ok(entries) = std::fs::read_dir("/proc") else {
-                continue;
-            };
             let mut seen = HashMap::new();
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let Some(pid) = name
-                    .to_str()
-                    .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
-                else {
-                    continue;
-                };
+            for pid in process_ids() {
                 let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
                     continue;
                 };
-                if known.get(pid) != Some(&exe) {
-                    self.place(pid);
+                if known.get(&pid) != Some(&exe) {
+                    self.place(&pid);
                 }
-                seen.insert(pid.to_owned(), exe);
+                seen.insert(pid, exe);
             }
             known = seen;
         }
     }
+}
+
+/// The ids of every process, from `/proc`.
+fn process_ids() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        .collect()
 }
 
 fn remove_cgroup(dir: &Path) {
