@@ -153,3 +153,29 @@ pub struct ExclusionRule {
     /// The rule-set version this rule's last change produced.
     pub version: i64,
 }
+
+/// Cordon: one record of the audit trail (`GET /api/auditEvents`, and the
+/// lines of `cordon audit export`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEvent {
+    pub id: String,
+    pub date_time_utc: String,
+    /// `<client id> (<display name>)` of the caller, or `anonymous`.
+    pub principal: String,
+    pub source_address: String,
+    pub request_id: String,
+    pub method: String,
+    /// The request's path.
+    pub target: String,
+    /// What was attempted: `isolate`, `unisolate`, `cancel`,
+    /// `exclusion.create`, `token`, `enroll`, …
+    pub action: String,
+    /// `Succeeded`, `Refused` or `Failed`.
+    pub outcome: String,
+    /// The HTTP status of the response.
+    pub status: i64,
+    pub detail: Option<String>,
+    pub hash: String,
+    pub previous_hash: String,
+}

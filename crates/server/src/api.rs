@@ -39,6 +39,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/machineactions", get(list_actions))
         .route("/machineactions/{id}", get(get_action))
         .route("/machineactions/{id}/cancel", post(cancel))
+        .route("/auditEvents", get(crate::audit::list))
         .route("/openapi.json", get(openapi))
         .merge(crate::exclusions::routes())
 }
@@ -444,7 +445,7 @@ fn project(object: Map<String, Value>, select: Option<&[&str]>) -> Map<String, V
 }
 
 #[allow(clippy::too_many_arguments)]
-fn collection_response<T: serde::Serialize, F>(
+pub(crate) fn collection_response<T: serde::Serialize, F>(
     state: &AppState,
     headers: &HeaderMap,
     uri: &axum::http::Uri,

@@ -166,6 +166,9 @@ impl FromRequestParts<Arc<AppState>> for Principal {
                 ApiError::unauthorized("The Authorization header must be 'Bearer <token>'.")
             })?;
         let principal = state.authenticate(token).await?;
+        if let Some(slot) = parts.extensions.get::<crate::audit::PrincipalSlot>() {
+            slot.set(&principal);
+        }
         let endpoint = format!(
             "{} {}",
             parts.method,

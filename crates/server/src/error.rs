@@ -27,6 +27,14 @@ pub const MAX_BODY: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+/// The code and message of an error response, left on the rendered
+/// response for the audit trail.
+#[derive(Debug, Clone)]
+pub struct ErrorSummary {
+    pub code: &'static str,
+    pub message: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -167,7 +175,7 @@ pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     response
 }
 
-/// Outermost middleware: request id, tracing span, access log, the error
+/// The middleware just inside the audit layer (`audit::record`): request id, tracing span, access log, the error
 /// body, panic containment and the body size limit.
 pub async fn request_context(mut request: Request, next: Next) -> Response {
     let request_id = crypto::new_guid();
@@ -212,6 +220,10 @@ fn render_error(mut response: Response, request_id: &str) -> Response {
     let Some(error) = response.extensions_mut().remove::<ApiError>() else {
         return response;
     };
+    let summary = ErrorSummary {
+        code: error.code,
+        message: error.message.clone(),
+    };
     let body = ErrorBody {
         error: ErrorDetail {
             code: error.code.to_owned(),
@@ -231,6 +243,7 @@ fn render_error(mut response: Response, request_id: &str) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static(JSON_CONTENT_TYPE),
     );
+    rendered.extensions_mut().insert(summary);
     rendered
 }
 

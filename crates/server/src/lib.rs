@@ -5,6 +5,7 @@
 //! run the real server on a free port.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod authority;
 pub mod crypto;
@@ -154,6 +155,11 @@ pub fn app(state: Arc<AppState>) -> Router {
             ApiError::not_found("The requested resource was not found.").into_response()
         })
         .layer(axum::middleware::from_fn(error::request_context))
+        // Outermost, so that it sees every response as sent, request id included.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::record,
+        ))
         .with_state(state)
 }
 

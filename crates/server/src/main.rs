@@ -37,6 +37,28 @@ enum Command {
     /// Manage the isolation exclusion rules (what Selective isolation lets through).
     #[command(subcommand)]
     Exclusion(ExclusionCommand),
+    /// Check and export the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the hash chain; fails naming the first record that was
+    /// altered, removed or moved.
+    Verify {
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Print the records as JSON lines, oldest first.
+    Export {
+        #[command(flatten)]
+        data: DataDir,
+        /// Only records at or after this time: an ISO 8601 UTC time such as
+        /// 2026-01-31T08:00:00Z, or a duration back from now such as 24h or 7d.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<i64>,
+    },
 }
 
 #[derive(Args)]
@@ -205,6 +227,19 @@ const PERMISSIONS: &[&str] = &[
     "Machine.ReadWrite.All",
 ];
 
+/// `--since`: an ISO 8601 UTC time, or a duration back from now.
+fn parse_since(text: &str) -> Result<i64, String> {
+    if let Some(nanos) = proto::time::parse_utc(text.trim()) {
+        return Ok(nanos);
+    }
+    let duration = parse_duration(text).map_err(|_| {
+        format!(
+            "'{text}' is neither a UTC time such as 2026-01-31T08:00:00Z nor a duration such as 24h"
+        )
+    })?;
+    Ok(server::now_nanos().saturating_sub(i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)))
+}
+
 /// Parses `500ms`, `30s`, `10m`, `24h`, `3d` (a bare number is seconds).
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -261,6 +296,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::EnrollToken(command) => enroll_token_command(command).await,
         Command::Machine(command) => machine_command(command).await,
         Command::Exclusion(command) => exclusion_command(command).await,
+        Command::Audit(command) => audit_command(command).await,
+    }
+}
+
+async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Verify { data } => {
+            let store = server::open_store(&data.data_dir)?;
+            match store.verify_audit().await? {
+                Ok(count) => {
+                    println!("{count} records, chain intact");
+                    Ok(())
+                }
+                Err(broken) => bail!(
+                    "the audit chain is broken at record {} ({}): {}",
+                    broken.seq,
+                    broken.id,
+                    broken.reason
+                ),
+            }
+        }
+        AuditCommand::Export { data, since } => {
+            let store = server::open_store(&data.data_dir)?;
+            let mut query = store::Query::<store::AuditField> {
+                filter: since.map(|at| {
+                    store::Filter::Compare(
+                        store::AuditField::At,
+                        store::CmpOp::Ge,
+                        store::Value::Time(at),
+                    )
+                }),
+                take: 1000,
+                ..Default::default()
+            };
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            loop {
+                let page = store.list_audit(query.clone()).await?;
+                for record in &page.items {
+                    serde_json::to_writer(&mut out, &server::audit::audit_entity(record))?;
+                    out.write_all(b"\n")?;
+                }
+                match page.next {
+                    Some(cursor) => query.after = Some(cursor),
+                    None => break,
+                }
+            }
+            out.flush()?;
+            Ok(())
+        }
     }
 }
 

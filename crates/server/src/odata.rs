@@ -14,7 +14,8 @@
 
 use proto::time::parse_utc;
 use store::{
-    ActionField, CmpOp, Cursor, Direction, FieldSql, Filter, Kind, MachineField, Query, Value,
+    ActionField, AuditField, CmpOp, Cursor, Direction, FieldSql, Filter, Kind, MachineField, Query,
+    Value,
 };
 
 /// One filterable/sortable field of an entity: its OData (camelCase) name and store field.
@@ -112,6 +113,34 @@ pub const MACHINE_PROPERTIES: &[&str] = &[
     "tamperCount",
     "lastTamperDateTimeUtc",
     "exclusionRulesVersion",
+];
+
+/// Fields of an AuditEvent usable in `$filter` and `$orderby`.
+pub const AUDIT_FIELDS: &[FieldName<AuditField>] = &[
+    field("id", AuditField::Id),
+    field("dateTimeUtc", AuditField::At),
+    field("principal", AuditField::Principal),
+    field("action", AuditField::Action),
+    field("outcome", AuditField::Outcome),
+    field("status", AuditField::Status),
+    field("requestId", AuditField::RequestId),
+];
+
+/// Every key of the AuditEvent entity, in its order.
+pub const AUDIT_PROPERTIES: &[&str] = &[
+    "id",
+    "dateTimeUtc",
+    "principal",
+    "sourceAddress",
+    "requestId",
+    "method",
+    "target",
+    "action",
+    "outcome",
+    "status",
+    "detail",
+    "hash",
+    "previousHash",
 ];
 
 /// The largest `$top`.

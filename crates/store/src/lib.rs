@@ -10,6 +10,7 @@
 //!
 //! Types here are plain data; none of them is serialized.
 
+mod audit;
 mod exclusions;
 mod query;
 mod records;
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+pub use audit::{AuditBreak, AuditField, AuditRecord, NewAuditEvent};
 pub use exclusions::{ExclusionRuleFields, ExclusionRuleRecord, ExclusionRuleSet};
 pub use query::{CmpOp, Cursor, Direction, FieldSql, Filter, Kind, Page, Query, SqlContext, Value};
 pub use records::*;
@@ -84,6 +86,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema.sql"),
     include_str!("migration2.sql"),
     include_str!("migration3.sql"),
+    include_str!("migration4.sql"),
 ];
 
 /// Held while a connection opens or closes. The bundled SQLite (3.51.1)

@@ -374,12 +374,12 @@ fn write_facts(conn: &Connection, machine_id: &str, facts: &Facts) -> Result<()>
 }
 
 /// How to read one entity's table.
-struct Table<T> {
-    name: &'static str,
-    columns: &'static str,
-    column_count: usize,
-    from_row: fn(&Row<'_>) -> rusqlite::Result<T>,
-    seq_of: fn(&T) -> i64,
+pub(crate) struct Table<T> {
+    pub(crate) name: &'static str,
+    pub(crate) columns: &'static str,
+    pub(crate) column_count: usize,
+    pub(crate) from_row: fn(&Row<'_>) -> rusqlite::Result<T>,
+    pub(crate) seq_of: fn(&T) -> i64,
 }
 
 const ACTIONS: Table<ActionRecord> = Table {
@@ -398,7 +398,7 @@ const MACHINES: Table<MachineRecord> = Table {
     seq_of: |m| m.seq,
 };
 
-fn list<T, F: FieldSql>(
+pub(crate) fn list<T, F: FieldSql>(
     conn: &Connection,
     table: &Table<T>,
     query: &Query<F>,

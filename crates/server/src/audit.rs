@@ -1,0 +1,248 @@
+//! The audit trail: which calls are recorded, the middleware that records
+//! them, and `GET /api/auditEvents`.
+//!
+//! Recorded: every state-changing call under `/api` (POST, PUT, PATCH,
+//! DELETE), whatever its outcome; every refused call (401, 403, 429) under
+//! `/api`; every enrollment; and every failed token request. A successful
+//! read is never recorded, so reads add no durable write. The store chains
+//! the records by hash (see `store::audit`); a record that cannot be written
+//! is logged and the response goes out unchanged.
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{OriginalUri, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use proto::api::AuditEvent;
+use proto::time::format_utc;
+use store::{AuditRecord, NewAuditEvent};
+
+use crate::auth::{Permission, Principal};
+use crate::error::{ApiError, ErrorSummary};
+use crate::{AppState, ConnInfo, crypto, odata};
+
+/// Where the [`Principal`] extractor leaves the caller's name for the
+/// middleware (a request extension shared with it).
+#[derive(Debug, Clone, Default)]
+pub struct PrincipalSlot(Arc<Mutex<Option<String>>>);
+
+impl PrincipalSlot {
+    pub fn set(&self, principal: &Principal) {
+        let text = format!("{} ({})", principal.id, principal.display_name);
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What kind of endpoint a request is for, as far as auditing goes.
+enum Kind {
+    /// Under `/api`: the action's name.
+    Api(String),
+    Enroll,
+    Token,
+}
+
+fn classify(method: &Method, path: &str) -> Option<Kind> {
+    if method == Method::POST && path == proto::agent::ENROLL_PATH {
+        return Some(Kind::Enroll);
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if method == Method::POST
+        && matches!(
+            segments.as_slice(),
+            [_, "oauth2", "token"] | [_, "oauth2", "v2.0", "token"]
+        )
+    {
+        return Some(Kind::Token);
+    }
+    let rest = match segments.as_slice() {
+        ["api", "v1.0", rest @ ..] | ["api", rest @ ..] => rest,
+        _ => return None,
+    };
+    let name = match (method.as_str(), rest) {
+        ("POST", ["machines", _, "isolate"]) => "isolate".to_owned(),
+        ("POST", ["machines", _, "unisolate"]) => "unisolate".to_owned(),
+        ("POST", ["machineactions", _, "cancel"]) => "cancel".to_owned(),
+        ("POST", ["isolationExclusionRules"]) => "exclusion.create".to_owned(),
+        ("PATCH", ["isolationExclusionRules", _]) => "exclusion.update".to_owned(),
+        ("DELETE", ["isolationExclusionRules", _]) => "exclusion.delete".to_owned(),
+        ("GET", ["machines"]) => "machine.list".to_owned(),
+        ("GET", ["machines", _]) => "machine.read".to_owned(),
+        ("GET", ["machineactions"]) => "action.list".to_owned(),
+        ("GET", ["machineactions", _]) => "action.read".to_owned(),
+        ("GET", ["isolationExclusionRules"]) => "exclusion.list".to_owned(),
+        ("GET", ["isolationExclusionRules", _]) => "exclusion.read".to_owned(),
+        ("GET", ["auditEvents"]) => "audit.list".to_owned(),
+        (method, rest) => format!(
+            "{}.{}",
+            rest.first().copied().unwrap_or("api"),
+            method.to_ascii_lowercase()
+        ),
+    };
+    Some(Kind::Api(name))
+}
+
+fn changes_state(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    )
+}
+
+fn outcome(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=299 => "Succeeded",
+        401 | 403 | 429 => "Refused",
+        _ => "Failed",
+    }
+}
+
+/// The outermost middleware: records the calls the module documentation
+/// lists once their response is known.
+pub async fn record(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let Some(kind) = classify(&method, &path) else {
+        return next.run(request).await;
+    };
+    let slot = PrincipalSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    let source_address = request
+        .extensions()
+        .get::<ConnInfo>()
+        .map(|c| c.peer.ip().to_string())
+        .unwrap_or_default();
+
+    let response = next.run(request).await;
+
+    let status = response.status();
+    let refused = matches!(status.as_u16(), 401 | 403 | 429);
+    let (action, wanted) = match kind {
+        Kind::Api(name) => (name, changes_state(&method) || refused),
+        Kind::Enroll => ("enroll".to_owned(), true),
+        Kind::Token => ("token".to_owned(), !status.is_success()),
+    };
+    if !wanted {
+        return response;
+    }
+    let request_id = response
+        .headers()
+        .get("request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let detail = response
+        .extensions()
+        .get::<ErrorSummary>()
+        .map(|e| format!("{}: {}", e.code, e.message));
+    let event = NewAuditEvent {
+        id: crypto::new_guid(),
+        at: crate::now_nanos(),
+        principal: slot.get().unwrap_or_else(|| "anonymous".to_owned()),
+        source_address,
+        request_id,
+        method: method.to_string(),
+        target: path,
+        action,
+        outcome: outcome(status).to_owned(),
+        status: i64::from(status.as_u16()),
+        detail,
+    };
+    if let Err(e) = state.store.append_audit(event.clone()).await {
+        tracing::error!(
+            error = %e,
+            request_id = %event.request_id,
+            action = %event.action,
+            "could not write the audit record"
+        );
+    }
+    response
+}
+
+pub fn audit_entity(r: &AuditRecord) -> AuditEvent {
+    let e = &r.event;
+    AuditEvent {
+        id: e.id.clone(),
+        date_time_utc: format_utc(e.at),
+        principal: e.principal.clone(),
+        source_address: e.source_address.clone(),
+        request_id: e.request_id.clone(),
+        method: e.method.clone(),
+        target: e.target.clone(),
+        action: e.action.clone(),
+        outcome: e.outcome.clone(),
+        status: e.status,
+        detail: e.detail.clone(),
+        hash: r.hash.clone(),
+        previous_hash: r.prev_hash.clone(),
+    }
+}
+
+/// `GET /api/auditEvents`: administrators only.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+) -> Result<Response, ApiError> {
+    principal.require(Permission::Settings)?;
+    let options = odata::parse(uri.query(), odata::AUDIT_FIELDS, odata::AUDIT_PROPERTIES)
+        .map_err(ApiError::odata)?;
+    let page = state.store.list_audit(options.query.clone()).await?;
+    let items = page.items.iter().map(audit_entity).collect();
+    Ok(crate::api::collection_response(
+        &state,
+        &headers,
+        &uri,
+        "AuditEvents",
+        items,
+        &options,
+        page.next,
+        page.count,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(method: Method, path: &str) -> Option<String> {
+        match classify(&method, path)? {
+            Kind::Api(name) => Some(name),
+            Kind::Enroll => Some("enroll".into()),
+            Kind::Token => Some("token".into()),
+        }
+    }
+
+    #[test]
+    fn calls_are_classified() {
+        let m = "0123456789012345678901234567890123456789";
+        assert_eq!(
+            name(Method::POST, &format!("/api/machines/{m}/isolate")).as_deref(),
+            Some("isolate")
+        );
+        assert_eq!(
+            name(Method::POST, "/api/v1.0/machineactions/x/cancel").as_deref(),
+            Some("cancel")
+        );
+        assert_eq!(
+            name(Method::DELETE, "/api/isolationExclusionRules/x").as_deref(),
+            Some("exclusion.delete")
+        );
+        assert_eq!(
+            name(Method::POST, "/t/oauth2/v2.0/token").as_deref(),
+            Some("token")
+        );
+        assert_eq!(name(Method::GET, "/t/oauth2/v2.0/token"), None);
+        assert_eq!(name(Method::GET, "/agent/v1/health"), None);
+        assert_eq!(name(Method::GET, "/apix"), None);
+    }
+}
