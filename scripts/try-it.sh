@@ -22,6 +22,10 @@ PIDS=()
 
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    # Whatever still runs in a lab namespace goes too, then the namespaces.
+    for ns in srv m1 m2 ext br; do
+        ip netns pids "$P-$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true
+    done
     wait 2>/dev/null || true
     for ns in srv m1 m2 ext br; do ip netns delete "$P-$ns" 2>/dev/null || true; done
     rm -rf "$DIR"
