@@ -540,18 +540,17 @@ async fn serve(
                 match message? {
                     ServerMessage::Action(order) => {
                         let received = std::time::Instant::now();
-                        if order.machine_id != agent.identity.machine_id {
-                            tracing::warn!(action_id = %order.action_id, "refused an action addressed to another machine");
-                            continue;
-                        }
-                        if !matches!(order.action_type.as_str(), "Isolate" | "Unisolate") {
-                            tracing::warn!(action_id = %order.action_id, action_type = %order.action_type, "refused an action of an unknown type");
-                            continue;
-                        }
-                        if let Some(outcome) = agent.outcome_of(&order.action_id) {
-                            // Delivered again: report what happened, don't apply twice.
-                            session.send(&result_message(&outcome)).await?;
-                            continue;
+                        match screen(&order, &agent.identity.machine_id, &agent.state.recent) {
+                            Screened::Refuse(why) => {
+                                tracing::warn!(action_id = %order.action_id, action_type = %order.action_type, "refused: {why}");
+                                continue;
+                            }
+                            Screened::Replay(outcome) => {
+                                // Delivered again: report what happened, don't apply twice.
+                                session.send(&result_message(&outcome)).await?;
+                                continue;
+                            }
+                            Screened::Start => {}
                         }
                         session.send(&AgentMessage::Ack { action_id: order.action_id.clone() }).await?;
                         // Wait for the go-ahead. A repeated delivery of the
@@ -602,6 +601,36 @@ async fn serve(
     }
 }
 
+/// What to do with a pushed action, before anything is applied.
+#[derive(Debug, PartialEq)]
+enum Screened {
+    /// Not for this agent to execute: logged, nothing changes.
+    Refuse(&'static str),
+    /// Already executed: answer with the outcome it had.
+    Replay(ActionOutcome),
+    /// New: acknowledge and wait for the server's go-ahead.
+    Start,
+}
+
+fn screen(order: &ActionOrder, machine_id: &str, recent: &[ActionOutcome]) -> Screened {
+    if order.machine_id != machine_id {
+        return Screened::Refuse("the action is addressed to another machine");
+    }
+    if !matches!(order.action_type.as_str(), "Isolate" | "Unisolate") {
+        return Screened::Refuse("unknown action type");
+    }
+    if !matches!(
+        order.scope.as_deref(),
+        None | Some("Full") | Some("Selective")
+    ) {
+        return Screened::Refuse("unknown isolation scope");
+    }
+    match recent.iter().find(|o| o.action_id == order.action_id) {
+        Some(outcome) => Screened::Replay(outcome.clone()),
+        None => Screened::Start,
+    }
+}
+
 fn result_message(outcome: &ActionOutcome) -> AgentMessage {
     AgentMessage::Result {
         action_id: outcome.action_id.clone(),
@@ -609,5 +638,75 @@ fn result_message(outcome: &ActionOutcome) -> AgentMessage {
         error_h_result: outcome.error_h_result,
         reason: outcome.reason.clone(),
         enforced: outcome.enforced,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(machine: &str, kind: &str, scope: Option<&str>) -> ActionOrder {
+        ActionOrder {
+            action_id: "a1".into(),
+            machine_id: machine.into(),
+            action_type: kind.into(),
+            scope: scope.map(str::to_owned),
+            created: "2026-01-01T00:00:00.0000000Z".into(),
+        }
+    }
+
+    #[test]
+    fn pushed_actions_are_screened_before_anything_is_applied() {
+        let me = "aa".repeat(20);
+        let other = "bb".repeat(20);
+        let done = ActionOutcome {
+            action_id: "a1".into(),
+            succeeded: true,
+            error_h_result: 0,
+            reason: None,
+            enforced: Enforced::Full,
+        };
+        assert_eq!(
+            screen(&order(&me, "Isolate", Some("Full")), &me, &[]),
+            Screened::Start
+        );
+        assert_eq!(
+            screen(&order(&me, "Unisolate", None), &me, &[]),
+            Screened::Start
+        );
+        assert!(matches!(
+            screen(&order(&other, "Isolate", Some("Full")), &me, &[]),
+            Screened::Refuse(_)
+        ));
+        assert!(matches!(
+            screen(&order(&me, "RunScript", None), &me, &[]),
+            Screened::Refuse(_)
+        ));
+        assert!(matches!(
+            screen(&order(&me, "Isolate", Some("Partial")), &me, &[]),
+            Screened::Refuse(_)
+        ));
+        // A replayed delivery gets the stored outcome, never a second apply.
+        assert_eq!(
+            screen(
+                &order(&me, "Isolate", Some("Full")),
+                &me,
+                std::slice::from_ref(&done)
+            ),
+            Screened::Replay(done.clone())
+        );
+    }
+
+    #[test]
+    fn backoff_has_full_jitter_under_an_exponential_cap() {
+        let cap = Duration::from_secs(60);
+        for attempt in 0..20 {
+            let ceiling = Duration::from_millis(500)
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(cap);
+            let waits: Vec<Duration> = (0..50).map(|_| backoff(attempt, cap)).collect();
+            assert!(waits.iter().all(|w| *w <= ceiling), "attempt {attempt}");
+            assert!(waits.iter().any(|w| *w != waits[0]), "jittered");
+        }
     }
 }
