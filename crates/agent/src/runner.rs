@@ -139,14 +139,6 @@ impl Agent {
         })
     }
 
-    fn outcome_of(&self, action_id: &str) -> Option<ActionOutcome> {
-        self.state
-            .recent
-            .iter()
-            .find(|o| o.action_id == action_id)
-            .cloned()
-    }
-
     /// Every address the server's name resolves to, plus the one the
     /// session is connected to.
     async fn server_addresses(
