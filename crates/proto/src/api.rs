@@ -50,6 +50,16 @@ pub struct UnisolateRequest {
     pub title: Option<String>,
 }
 
+/// `POST /api/machines/{id}/tags`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TagRequest {
+    #[serde(rename = "Value", default)]
+    pub value: Option<String>,
+    /// `Add` or `Remove`.
+    #[serde(rename = "Action", default)]
+    pub action: Option<String>,
+}
+
 /// `POST /api/machineactions/{id}/cancel`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CancelRequest {

@@ -36,6 +36,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/machines/{id}", get(get_machine))
         .route("/machines/{id}/isolate", post(isolate))
         .route("/machines/{id}/unisolate", post(unisolate))
+        .route("/machines/{id}/tags", post(tags))
         .route("/machineactions", get(list_actions))
         .route("/machineactions/{id}", get(get_action))
         .route("/machineactions/{id}/cancel", post(cancel))
@@ -232,6 +233,59 @@ async fn create(
         StatusCode::CREATED,
         &context_url(headers, state, "MachineActions/$entity"),
         action_entity(&action),
+        None,
+    ))
+}
+
+/// Longest machine tag, in characters.
+const MAX_TAG: usize = 200;
+
+/// `POST /api/machines/{id}/tags`: add or remove one machine tag.
+async fn tags(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    IdParam(id): IdParam,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    principal.require(Permission::Settings)?;
+    require_json(&headers)?;
+    let request: proto::api::TagRequest = parse_body(&body)?;
+    let value = request
+        .value
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ApiError::missing_parameter("Value"))?;
+    if value.chars().count() > MAX_TAG || value.chars().any(char::is_control) {
+        return Err(ApiError::invalid_input(format!(
+            "Value must be at most {MAX_TAG} printable characters."
+        )));
+    }
+    let add = match request.action.as_deref() {
+        None => return Err(ApiError::missing_parameter("Action")),
+        Some(a) if a.eq_ignore_ascii_case("add") => true,
+        Some(a) if a.eq_ignore_ascii_case("remove") => false,
+        Some(a) => {
+            return Err(ApiError::invalid_input(format!(
+                "Action '{}' is not valid; use Add or Remove.",
+                shorten(a)
+            )));
+        }
+    };
+    let machine_id = machine_id_param(&id)?;
+    let machine = match state.store.change_tag(&machine_id, value, add).await {
+        Ok(machine) => machine,
+        Err(StoreError::NotFound) => {
+            return Err(ApiError::not_found(format!(
+                "Machine {machine_id} was not found."
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(entity_response(
+        StatusCode::OK,
+        &context_url(&headers, &state, "Machines/$entity"),
+        machine_entity(&state, &machine),
         None,
     ))
 }

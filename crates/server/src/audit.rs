@@ -66,6 +66,7 @@ fn classify(method: &Method, path: &str) -> Option<Kind> {
     let name = match (method.as_str(), rest) {
         ("POST", ["machines", _, "isolate"]) => "isolate".to_owned(),
         ("POST", ["machines", _, "unisolate"]) => "unisolate".to_owned(),
+        ("POST", ["machines", _, "tags"]) => "machine.tag".to_owned(),
         ("POST", ["machineactions", _, "cancel"]) => "cancel".to_owned(),
         ("POST", ["isolationExclusionRules"]) => "exclusion.create".to_owned(),
         ("PATCH", ["isolationExclusionRules", _]) => "exclusion.update".to_owned(),

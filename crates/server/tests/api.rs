@@ -859,3 +859,74 @@ async fn the_openapi_document_describes_the_served_paths() {
         assert!(doc["paths"][path].is_object(), "{path} missing");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_tags_are_added_removed_validated_and_filterable() {
+    let server = TestServer::start().await;
+    let agent = server.enroll("web-7").await;
+    let (admin, secret) = create_app(
+        server.store(),
+        "Tagger",
+        &["Machine.ReadWrite.All", "Machine.Read.All"],
+    )
+    .await;
+    let mut api = Api {
+        http: server.https(),
+        token: server.token_for(&admin, &secret).await,
+    };
+    let path = format!("/api/machines/{}/tags", agent.machine_id());
+    let reply = api
+        .post(&path, json!({"Value": "tier-1 servers", "Action": "Add"}))
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(
+        reply.json().unwrap()["machineTags"],
+        json!(["tier-1 servers"])
+    );
+    let page = api
+        .get("/api/machines?$filter=machineTags/any(t:%20t%20eq%20'tier-1%20servers')")
+        .await
+        .json()
+        .unwrap();
+    assert_eq!(page["value"].as_array().unwrap().len(), 1);
+    let reply = api
+        .post(
+            &path,
+            json!({"Value": "tier-1 servers", "Action": "remove"}),
+        )
+        .await;
+    assert_eq!(reply.json().unwrap()["machineTags"], json!([]));
+
+    let long = "x".repeat(201);
+    for (body, code) in [
+        (
+            json!({"Value": "", "Action": "Add"}),
+            "MissingRequiredParameter",
+        ),
+        (json!({"Action": "Add"}), "MissingRequiredParameter"),
+        (json!({"Value": long, "Action": "Add"}), "InvalidInput"),
+        (json!({"Value": 5, "Action": "Add"}), "InvalidRequestBody"),
+        (json!({"Value": "a", "Action": "Toggle"}), "InvalidInput"),
+        (json!({"Value": "a"}), "MissingRequiredParameter"),
+    ] {
+        assert_error(&api.post(&path, body).await, 400, code);
+    }
+    assert_error(
+        &api.post(
+            &format!("/api/machines/{UNKNOWN_MACHINE}/tags"),
+            json!({"Value": "a", "Action": "Add"}),
+        )
+        .await,
+        404,
+        "ResourceNotFound",
+    );
+    // The isolate-and-read app may not change tags.
+    let mut reader = server.api().await;
+    assert_error(
+        &reader
+            .post(&path, json!({"Value": "a", "Action": "Add"}))
+            .await,
+        403,
+        "Forbidden",
+    );
+}

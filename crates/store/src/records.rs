@@ -651,6 +651,31 @@ impl Store {
     }
 
     /// Records what the agent reports in force, outside of any action.
+    /// Adds or removes one tag of a machine; `NotFound` for an unknown
+    /// machine. Returns the machine as it is afterwards.
+    pub async fn change_tag(
+        &self,
+        machine_id: &str,
+        tag: String,
+        add: bool,
+    ) -> Result<MachineRecord> {
+        let machine_id = machine_id.to_owned();
+        self.write(move |conn| {
+            if get_machine_by_id(conn, &machine_id)?.is_none() {
+                return Err(StoreError::NotFound);
+            }
+            let sql = if add {
+                "INSERT INTO machine_tags (machine_id, tag) VALUES (?1, ?2) ON CONFLICT DO NOTHING"
+            } else {
+                "DELETE FROM machine_tags WHERE machine_id = ?1 AND tag = ?2"
+            };
+            conn.prepare_cached(sql)?
+                .execute(params![machine_id, tag])?;
+            get_machine_by_id(conn, &machine_id)?.ok_or(StoreError::NotFound)
+        })
+        .await
+    }
+
     pub async fn set_enforced(&self, machine_id: &str, scope: Option<String>) -> Result<()> {
         let machine_id = machine_id.to_owned();
         self.write(move |conn| {
