@@ -164,21 +164,15 @@ async fn isolate(
             )));
         }
     };
-    check_length("Title", request.title.as_ref(), MAX_SHORT_TEXT)?;
-    check_length("ExternalId", request.external_id.as_ref(), MAX_SHORT_TEXT)?;
-    let machine_id = machine_id_param(&id)?;
-    let new = NewAction {
-        id: crypto::new_guid(),
-        action_type: "Isolate".into(),
-        title: request.title,
-        requestor: principal.display_name,
-        requestor_comment: comment,
-        machine_id,
-        scope: Some(scope.into()),
-        external_id: request.external_id,
-        request_source: "PublicApi".into(),
-        now: crate::now_nanos(),
-    };
+    let new = new_action(
+        "Isolate",
+        Some(scope),
+        principal,
+        &id,
+        comment,
+        request.title,
+        request.external_id,
+    )?;
     create(&state, new, &headers).await
 }
 
@@ -193,22 +187,44 @@ async fn unisolate(
     require_json(&headers)?;
     let request: proto::api::UnisolateRequest = parse_body(&body)?;
     let comment = required_comment(request.comment)?;
-    check_length("Title", request.title.as_ref(), MAX_SHORT_TEXT)?;
-    check_length("ExternalId", request.external_id.as_ref(), MAX_SHORT_TEXT)?;
-    let machine_id = machine_id_param(&id)?;
-    let new = NewAction {
+    let new = new_action(
+        "Unisolate",
+        None,
+        principal,
+        &id,
+        comment,
+        request.title,
+        request.external_id,
+    )?;
+    create(&state, new, &headers).await
+}
+
+/// The action an isolate or unisolate request asks for, once its optional
+/// fields and the machine id are checked (in the contract's order: the
+/// body's values, then the id's form).
+fn new_action(
+    action_type: &str,
+    scope: Option<&str>,
+    principal: Principal,
+    id: &str,
+    comment: String,
+    title: Option<String>,
+    external_id: Option<String>,
+) -> Result<NewAction, ApiError> {
+    check_length("Title", title.as_ref(), MAX_SHORT_TEXT)?;
+    check_length("ExternalId", external_id.as_ref(), MAX_SHORT_TEXT)?;
+    Ok(NewAction {
         id: crypto::new_guid(),
-        action_type: "Unisolate".into(),
-        title: request.title,
+        action_type: action_type.into(),
+        title,
         requestor: principal.display_name,
         requestor_comment: comment,
-        machine_id,
-        scope: None,
-        external_id: request.external_id,
+        machine_id: machine_id_param(id)?,
+        scope: scope.map(str::to_owned),
+        external_id,
         request_source: "PublicApi".into(),
         now: crate::now_nanos(),
-    };
-    create(&state, new, &headers).await
+    })
 }
 
 async fn create(
