@@ -116,6 +116,8 @@ const AUDIT: Table<AuditRecord> = Table {
     column_count: AUDIT_COLUMN_COUNT,
     from_row: audit_from_row,
     seq_of: |a| a.seq,
+    // Audit records belong to no machine group.
+    group_expr: "0",
 };
 
 /// Appends `text` escaped: `\` → `\\`, tab → `\t`, newline → `\n`,

@@ -12,6 +12,7 @@
 
 mod audit;
 mod exclusions;
+mod people;
 mod query;
 mod records;
 
@@ -23,6 +24,9 @@ use tokio::sync::oneshot;
 
 pub use audit::{AuditBreak, AuditField, AuditRecord, NewAuditEvent};
 pub use exclusions::{ExclusionRuleFields, ExclusionRuleRecord, ExclusionRuleSet};
+pub use people::{
+    DEFAULT_GROUP_ID, DEFAULT_GROUP_NAME, GroupRecord, NewGroup, RoleRecord, UserRecord,
+};
 pub use query::{CmpOp, Cursor, Direction, FieldSql, Filter, Kind, Page, Query, SqlContext, Value};
 pub use records::*;
 
@@ -87,6 +91,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migration2.sql"),
     include_str!("migration3.sql"),
     include_str!("migration4.sql"),
+    include_str!("migration5.sql"),
 ];
 
 /// Held while a connection opens or closes. The bundled SQLite (3.51.1)

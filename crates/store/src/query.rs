@@ -123,6 +123,8 @@ pub struct Query<F> {
     pub after: Option<Cursor>,
     /// Also count every row the filter selects.
     pub count: bool,
+    /// Only rows of machines in these machine groups (`None`: all).
+    pub groups: Option<Vec<i64>>,
 }
 
 impl<F> Default for Query<F> {
@@ -134,6 +136,7 @@ impl<F> Default for Query<F> {
             take: 10_000,
             after: None,
             count: false,
+            groups: None,
         }
     }
 }

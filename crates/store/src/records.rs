@@ -59,6 +59,7 @@ pub struct MachineRecord {
     pub last_seen: i64,
     pub onboarding_status: String,
     pub rbac_group_id: i64,
+    pub rbac_group_name: String,
     /// `NotIsolated`, `Isolating`, `Isolated` or `Releasing`.
     pub isolation_state: String,
     /// What the agent has in force: `Full`, `Selective` or none.
@@ -248,8 +249,9 @@ const MACHINE_COLUMNS: &str = "t.seq, t.id, t.public_key, t.revoked, t.computer_
      t.first_seen, t.last_seen, t.os_platform, t.os_version, t.os_processor, t.os_architecture, \
      t.os_build, t.agent_version, t.last_ip_address, t.last_external_ip_address, \
      t.onboarding_status, t.rbac_group_id, t.isolation_state, t.isolation_scope, \
-     t.tamper_count, t.last_tamper_at, t.exclusion_version";
-const MACHINE_COLUMN_COUNT: usize = 22;
+     t.tamper_count, t.last_tamper_at, t.exclusion_version, \
+     (SELECT g.name FROM machine_groups g WHERE g.id = t.rbac_group_id)";
+const MACHINE_COLUMN_COUNT: usize = 23;
 
 fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     Ok(MachineRecord {
@@ -261,6 +263,9 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<MachineRecord> {
         last_seen: row.get(6)?,
         onboarding_status: row.get(15)?,
         rbac_group_id: row.get(16)?,
+        rbac_group_name: row
+            .get::<_, Option<String>>(22)?
+            .unwrap_or_else(|| crate::DEFAULT_GROUP_NAME.to_owned()),
         isolation_state: row.get(17)?,
         isolation_scope: row.get(18)?,
         facts: Facts {
@@ -370,7 +375,7 @@ fn write_facts(conn: &Connection, machine_id: &str, facts: &Facts) -> Result<()>
             address.operational_status,
         ])?;
     }
-    Ok(())
+    crate::people::assign_groups(conn, Some(machine_id))
 }
 
 /// How to read one entity's table.
@@ -380,6 +385,8 @@ pub(crate) struct Table<T> {
     pub(crate) column_count: usize,
     pub(crate) from_row: fn(&Row<'_>) -> rusqlite::Result<T>,
     pub(crate) seq_of: fn(&T) -> i64,
+    /// The machine group of a row, for [`Query::groups`].
+    pub(crate) group_expr: &'static str,
 }
 
 const ACTIONS: Table<ActionRecord> = Table {
@@ -388,6 +395,7 @@ const ACTIONS: Table<ActionRecord> = Table {
     column_count: ACTION_COLUMN_COUNT,
     from_row: action_from_row,
     seq_of: |a| a.seq,
+    group_expr: "(SELECT m.rbac_group_id FROM machines m WHERE m.id = t.machine_id)",
 };
 
 const MACHINES: Table<MachineRecord> = Table {
@@ -396,6 +404,7 @@ const MACHINES: Table<MachineRecord> = Table {
     column_count: MACHINE_COLUMN_COUNT,
     from_row: machine_from_row,
     seq_of: |m| m.seq,
+    group_expr: "t.rbac_group_id",
 };
 
 pub(crate) fn list<T, F: FieldSql>(
@@ -410,8 +419,18 @@ pub(crate) fn list<T, F: FieldSql>(
         table.from_row,
         table.seq_of,
     );
+    let group_expr = table.group_expr;
     let table = table.name;
-    let built = query::build(query, ctx, "machine_tags");
+    let mut built = query::build(query, ctx, "machine_tags");
+    if let Some(groups) = &query.groups {
+        // Group ids are integers from the store, never client text.
+        let ids: Vec<String> = groups.iter().map(i64::to_string).collect();
+        built.where_clause = format!(
+            "({}) AND {group_expr} IN ({})",
+            built.where_clause,
+            ids.join(", ")
+        );
+    }
     let sql = format!(
         "SELECT {columns}{} FROM {table} t WHERE {}{}",
         built.sort_columns, built.where_clause, built.order_limit
@@ -588,17 +607,36 @@ impl Store {
     /// A machine by id, or else by `computerDnsName` (the most recently seen
     /// one of that name).
     pub async fn get_machine(&self, id_or_name: &str) -> Result<Option<MachineRecord>> {
+        self.get_machine_in(id_or_name, None).await
+    }
+
+    /// Like [`Store::get_machine`], among the machines of `groups` only
+    /// (`None`: all machines).
+    pub async fn get_machine_in(
+        &self,
+        id_or_name: &str,
+        groups: Option<Vec<i64>>,
+    ) -> Result<Option<MachineRecord>> {
         let key = id_or_name.to_owned();
         self.read(move |conn| {
+            let reachable =
+                |m: &MachineRecord| groups.as_ref().is_none_or(|g| g.contains(&m.rbac_group_id));
             if let Some(m) = get_machine_by_id(conn, &key)? {
-                return Ok(Some(m));
+                return Ok(reachable(&m).then_some(m));
             }
+            let in_groups = match &groups {
+                None => String::new(),
+                Some(g) => format!(
+                    " AND t.rbac_group_id IN ({})",
+                    g.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+                ),
+            };
             let sql = format!(
                 "SELECT {MACHINE_COLUMNS} FROM machines t WHERE t.computer_dns_name = ?1 \
-                 COLLATE NOCASE ORDER BY t.last_seen DESC, t.seq DESC LIMIT 1"
+                 COLLATE NOCASE{in_groups} ORDER BY t.last_seen DESC, t.seq DESC LIMIT 1"
             );
             let machine = conn
-                .prepare_cached(&sql)?
+                .prepare(&sql)?
                 .query_row([&key], machine_from_row)
                 .optional()?;
             match machine {
@@ -671,6 +709,7 @@ impl Store {
             };
             conn.prepare_cached(sql)?
                 .execute(params![machine_id, tag])?;
+            crate::people::assign_groups(conn, Some(&machine_id))?;
             get_machine_by_id(conn, &machine_id)?.ok_or(StoreError::NotFound)
         })
         .await
