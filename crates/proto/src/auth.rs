@@ -37,6 +37,9 @@ pub struct Claims {
     pub upn: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// A user's user groups (delegated tokens only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
 }
@@ -48,6 +51,9 @@ pub struct TokenResponse {
     pub expires_in: i64,
     pub ext_expires_in: i64,
     pub access_token: String,
+    /// The permissions granted (user tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 /// RFC 6749 error response.
@@ -70,6 +76,7 @@ pub struct OpenIdConfiguration {
     pub token_endpoint_auth_methods_supported: Vec<String>,
     pub grant_types_supported: Vec<String>,
     pub scopes_supported: Vec<String>,
+    pub code_challenge_methods_supported: Vec<String>,
     pub tenant_region_scope: Option<String>,
 }
 

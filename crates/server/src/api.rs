@@ -164,6 +164,7 @@ async fn isolate(
             )));
         }
     };
+    let groups = principal.machine_groups();
     let new = new_action(
         "Isolate",
         Some(scope),
@@ -173,7 +174,7 @@ async fn isolate(
         request.title,
         request.external_id,
     )?;
-    create(&state, new, &headers).await
+    create(&state, new, groups, &headers).await
 }
 
 async fn unisolate(
@@ -187,6 +188,7 @@ async fn unisolate(
     require_json(&headers)?;
     let request: proto::api::UnisolateRequest = parse_body(&body)?;
     let comment = required_comment(request.comment)?;
+    let groups = principal.machine_groups();
     let new = new_action(
         "Unisolate",
         None,
@@ -196,7 +198,7 @@ async fn unisolate(
         request.title,
         request.external_id,
     )?;
-    create(&state, new, &headers).await
+    create(&state, new, groups, &headers).await
 }
 
 /// The action an isolate or unisolate request asks for, once its optional
@@ -227,12 +229,35 @@ fn new_action(
     })
 }
 
+/// Whether the machine exists and is in one of `groups` (`None`: any).
+async fn reachable(
+    state: &AppState,
+    machine_id: &str,
+    groups: Option<Vec<i64>>,
+) -> Result<bool, ApiError> {
+    if groups.is_none() {
+        return Ok(true);
+    }
+    Ok(state
+        .store
+        .get_machine_in(machine_id, groups)
+        .await?
+        .is_some())
+}
+
 async fn create(
     state: &AppState,
     new: NewAction,
+    groups: Option<Vec<i64>>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let machine_id = new.machine_id.clone();
+    // A machine outside the caller's groups is as good as unknown.
+    if !reachable(state, &machine_id, groups).await? {
+        return Err(ApiError::not_found(format!(
+            "Machine {machine_id} was not found."
+        )));
+    }
     let action = match state.store.create_action(new).await {
         Ok(action) => action,
         Err(StoreError::NotFound) => {
@@ -289,6 +314,11 @@ async fn tags(
         }
     };
     let machine_id = machine_id_param(&id)?;
+    if !reachable(&state, &machine_id, principal.machine_groups()).await? {
+        return Err(ApiError::not_found(format!(
+            "Machine {machine_id} was not found."
+        )));
+    }
     let machine = match state.store.change_tag(&machine_id, value, add).await {
         Ok(machine) => machine,
         Err(StoreError::NotFound) => {
@@ -323,6 +353,7 @@ async fn cancel(
     };
     check_length("Comment", request.comment.as_ref(), MAX_COMMENT)?;
     let action_id = action_id_param(&id)?;
+    action_in_scope(&state, &principal, &action_id).await?;
     let comment = request.comment.filter(|c| !c.trim().is_empty());
     let action = match state
         .store
@@ -364,16 +395,32 @@ async fn get_action(
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Read)?;
     let action_id = action_id_param(&id)?;
-    let action =
-        state.store.get_action(&action_id).await?.ok_or_else(|| {
-            ApiError::not_found(format!("MachineAction {action_id} was not found."))
-        })?;
+    let action = action_in_scope(&state, &principal, &action_id).await?;
     Ok(entity_response(
         StatusCode::OK,
         &context_url(&headers, &state, "MachineActions/$entity"),
         action_entity(&action),
         None,
     ))
+}
+
+/// The action, if it exists and its machine is in the caller's groups;
+/// otherwise the contract's 404.
+async fn action_in_scope(
+    state: &AppState,
+    principal: &Principal,
+    action_id: &str,
+) -> Result<store::ActionRecord, ApiError> {
+    let not_found = || ApiError::not_found(format!("MachineAction {action_id} was not found."));
+    let action = state
+        .store
+        .get_action(action_id)
+        .await?
+        .ok_or_else(not_found)?;
+    if !reachable(state, &action.machine_id, principal.machine_groups()).await? {
+        return Err(not_found());
+    }
+    Ok(action)
 }
 
 async fn get_machine(
@@ -399,10 +446,11 @@ async fn get_machine(
     } else {
         id.clone()
     };
-    let machine =
-        state.store.get_machine(&key).await?.ok_or_else(|| {
-            ApiError::not_found(format!("Machine {} was not found.", shorten(&id)))
-        })?;
+    let machine = state
+        .store
+        .get_machine_in(&key, principal.machine_groups())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Machine {} was not found.", shorten(&id))))?;
     Ok(entity_response(
         StatusCode::OK,
         &context_url(&headers, &state, "Machines/$entity"),
@@ -418,8 +466,9 @@ async fn list_actions(
     OriginalUri(uri): OriginalUri,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Read)?;
-    let options = odata::parse(uri.query(), odata::ACTION_FIELDS, odata::ACTION_PROPERTIES)
+    let mut options = odata::parse(uri.query(), odata::ACTION_FIELDS, odata::ACTION_PROPERTIES)
         .map_err(ApiError::odata)?;
+    options.query.groups = principal.machine_groups();
     let page = state
         .store
         .list_actions(options.query.clone(), state.sql_context())
@@ -444,12 +493,13 @@ async fn list_machines(
     OriginalUri(uri): OriginalUri,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Read)?;
-    let options = odata::parse(
+    let mut options = odata::parse(
         uri.query(),
         odata::MACHINE_FIELDS,
         odata::MACHINE_PROPERTIES,
     )
     .map_err(ApiError::odata)?;
+    options.query.groups = principal.machine_groups();
     let page = state
         .store
         .list_machines(options.query.clone(), state.sql_context())
@@ -608,7 +658,7 @@ pub fn machine_entity(state: &AppState, m: &MachineRecord) -> Machine {
         health_status: store::health_status(last_seen, &state.sql_context()).to_owned(),
         onboarding_status: m.onboarding_status.clone(),
         rbac_group_id: m.rbac_group_id,
-        rbac_group_name: None,
+        rbac_group_name: Some(m.rbac_group_name.clone()),
         risk_score: "None".into(),
         exposure_level: "None".into(),
         device_value: "Normal".into(),

@@ -33,6 +33,12 @@ impl PrincipalSlot {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
     }
 
+    /// Names the caller when there is no token, such as the account a
+    /// sign-in attempt names.
+    pub fn set_text(&self, text: String) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+    }
+
     fn get(&self) -> Option<String> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -44,6 +50,8 @@ enum Kind {
     Api(String),
     Enroll,
     Token,
+    /// A posted sign-in form: always recorded.
+    SignIn,
 }
 
 fn classify(method: &Method, path: &str) -> Option<Kind> {
@@ -58,6 +66,14 @@ fn classify(method: &Method, path: &str) -> Option<Kind> {
         )
     {
         return Some(Kind::Token);
+    }
+    if method == Method::POST
+        && matches!(
+            segments.as_slice(),
+            [_, "oauth2", "authorize"] | [_, "oauth2", "v2.0", "authorize"]
+        )
+    {
+        return Some(Kind::SignIn);
     }
     let rest = match segments.as_slice() {
         ["api", "v1.0", rest @ ..] | ["api", rest @ ..] => rest,
@@ -96,7 +112,7 @@ fn changes_state(method: &Method) -> bool {
 
 fn outcome(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        200..=299 => "Succeeded",
+        200..=299 | 303 => "Succeeded",
         401 | 403 | 429 => "Refused",
         _ => "Failed",
     }
@@ -130,6 +146,7 @@ pub async fn record(
         Kind::Api(name) => (name, changes_state(&method) || refused),
         Kind::Enroll => ("enroll".to_owned(), true),
         Kind::Token => ("token".to_owned(), !status.is_success()),
+        Kind::SignIn => ("signin".to_owned(), true),
     };
     if !wanted {
         return response;
@@ -194,7 +211,7 @@ pub async fn list(
     headers: HeaderMap,
     OriginalUri(uri): OriginalUri,
 ) -> Result<Response, ApiError> {
-    principal.require(Permission::Settings)?;
+    principal.require(Permission::Audit)?;
     let options = odata::parse(uri.query(), odata::AUDIT_FIELDS, odata::AUDIT_PROPERTIES)
         .map_err(ApiError::odata)?;
     let page = state.store.list_audit(options.query.clone()).await?;
@@ -220,6 +237,7 @@ mod tests {
             Kind::Api(name) => Some(name),
             Kind::Enroll => Some("enroll".into()),
             Kind::Token => Some("token".into()),
+            Kind::SignIn => Some("signin".into()),
         }
     }
 

@@ -15,6 +15,7 @@ use proto::auth::Claims;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::rbac::{Role, RolePermission};
 
 /// Tokens are accepted this long before `nbf` and after `exp`.
 const CLOCK_SKEW_SECONDS: i64 = 300;
@@ -32,8 +33,23 @@ pub enum Permission {
     Isolate,
     /// Read machines and machine actions.
     Read,
-    /// Read and change settings: the isolation exclusion rules.
+    /// Read and change settings: the isolation exclusion rules, machine tags.
     Settings,
+    /// Read the audit trail.
+    Audit,
+}
+
+/// The delegated permissions the built-in authority grants users (their
+/// role decides what they may actually do).
+pub const DELEGATED_SCOPES: [&str; 3] = ["Machine.Read", "Machine.ReadWrite", "Machine.Isolate"];
+
+/// What a user (delegated) caller is allowed, beyond the token's `scp`.
+#[derive(Debug, Clone)]
+pub struct UserAccess {
+    /// The user's role, as the user holds it now.
+    pub role: Option<Role>,
+    /// The machine groups the user reaches; `None`: all of them.
+    pub groups: Option<Vec<i64>>,
 }
 
 /// The authenticated caller.
@@ -47,28 +63,74 @@ pub struct Principal {
     pub roles: Vec<String>,
     /// Delegated permissions (`scp`).
     pub scopes: Vec<String>,
+    /// Set for a user: their role and reach. `None`: an application.
+    pub user: Option<UserAccess>,
 }
 
 impl Principal {
+    /// Checks the token's permission and, for a user, the role permission
+    /// the call needs: a 403 names what is missing.
     pub fn require(&self, permission: Permission) -> Result<(), ApiError> {
-        let (roles, scopes): (&[&str], &[&str]) = match permission {
-            Permission::Isolate => (&["Machine.Isolate"], &["Machine.Isolate"]),
+        let (roles, scopes, role_permission): (&[&str], &[&str], _) = match permission {
+            Permission::Isolate => (
+                &["Machine.Isolate"],
+                &["Machine.Isolate"],
+                RolePermission::ActiveRemediation,
+            ),
             Permission::Read => (
                 &["Machine.Read.All", "Machine.ReadWrite.All"],
                 &["Machine.Read", "Machine.ReadWrite"],
+                RolePermission::ViewData,
             ),
-            Permission::Settings => (&["Machine.ReadWrite.All"], &["Machine.ReadWrite"]),
+            Permission::Settings => (
+                &["Machine.ReadWrite.All"],
+                &["Machine.ReadWrite"],
+                RolePermission::ManageSecuritySettings,
+            ),
+            Permission::Audit => (
+                &["Machine.ReadWrite.All"],
+                &["Machine.ReadWrite"],
+                RolePermission::ManagePortalSettings,
+            ),
         };
-        let granted = self.roles.iter().any(|r| roles.contains(&r.as_str()))
-            || self.scopes.iter().any(|s| scopes.contains(&s.as_str()));
-        if granted {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden(format!(
-                "The caller lacks the permission this call needs: {}.",
+        let Some(user) = &self.user else {
+            if self.roles.iter().any(|r| roles.contains(&r.as_str())) {
+                return Ok(());
+            }
+            return Err(ApiError::forbidden(format!(
+                "The application lacks the permission this call needs: {}.",
                 roles.join(" or ")
-            )))
+            )));
+        };
+        if !self.scopes.iter().any(|s| scopes.contains(&s.as_str())) {
+            return Err(ApiError::forbidden(format!(
+                "The token lacks the delegated permission this call needs: {}.",
+                scopes.join(" or ")
+            )));
         }
+        match &user.role {
+            Some(role) if role.permissions.contains(&role_permission) => Ok(()),
+            Some(role) => Err(ApiError::forbidden(format!(
+                "The role '{}' does not grant '{}', which this call needs.",
+                role.name,
+                role_permission.name()
+            ))),
+            None => Err(ApiError::forbidden(format!(
+                "The user has no role; this call needs one granting '{}'.",
+                role_permission.name()
+            ))),
+        }
+    }
+
+    /// The machine groups the caller reaches; `None`: every group (an
+    /// application, or a user whose role reaches all groups).
+    pub fn machine_groups(&self) -> Option<Vec<i64>> {
+        self.user.as_ref().and_then(|u| u.groups.clone())
+    }
+
+    /// Whether the caller reaches machines of group `group_id`.
+    pub fn reaches(&self, group_id: i64) -> bool {
+        self.machine_groups().is_none_or(|g| g.contains(&group_id))
     }
 }
 
@@ -92,6 +154,9 @@ impl AppState {
             ApiError::unauthorized("The access token is invalid.")
         })?;
         self.check_claims(&claims)?;
+        if claims.scp.is_some() {
+            return self.authenticate_user(claims).await;
+        }
         let Some(app_id) = claims.appid.clone() else {
             return Err(ApiError::unauthorized(
                 "The access token has no application id.",
@@ -113,7 +178,62 @@ impl AppState {
             display_name: app.name,
             roles,
             scopes: Vec::new(),
+            user: None,
         })
+    }
+
+    /// A delegated token of the built-in authority: the user must still
+    /// exist and be enabled; their role and reach are read now, so a change
+    /// takes effect at once.
+    async fn authenticate_user(&self, claims: Claims) -> Result<Principal, ApiError> {
+        let client_ok = match claims.appid.as_deref() {
+            Some(crate::signin::CONSOLE_CLIENT_ID) => true,
+            Some(app_id) => self.store.get_app(app_id).await?.is_some(),
+            None => false,
+        };
+        if !client_ok {
+            return Err(ApiError::unauthorized(
+                "The application of this token no longer exists.",
+            ));
+        }
+        let user = self
+            .store
+            .get_user(&claims.oid)
+            .await?
+            .filter(|u| !u.disabled)
+            .ok_or_else(|| {
+                tracing::info!(oid = %claims.oid, "token of a deleted or disabled user refused");
+                ApiError::unauthorized("The user of this token is disabled or no longer exists.")
+            })?;
+        let role = crate::rbac::resolve_role(&self.store, &user.role).await?;
+        let access = self.user_access(role, &user.user_groups).await?;
+        Ok(Principal {
+            id: user.id,
+            display_name: user.upn,
+            roles: Vec::new(),
+            scopes: claims
+                .scp
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            user: Some(access),
+        })
+    }
+
+    /// The access of a user holding `role` and member of `user_groups`.
+    pub async fn user_access(
+        &self,
+        role: Option<Role>,
+        user_groups: &[String],
+    ) -> Result<UserAccess, ApiError> {
+        let groups = if role.as_ref().is_some_and(|r| r.all_groups) {
+            None
+        } else {
+            let groups = self.store.list_groups().await?;
+            Some(crate::rbac::reachable_groups(&groups, user_groups))
+        };
+        Ok(UserAccess { role, groups })
     }
 
     fn check_claims(&self, claims: &Claims) -> Result<(), ApiError> {

@@ -6,18 +6,20 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
 use proto::auth::{Claims, Jwks, OAuthError, OpenIdConfiguration, TokenResponse};
 
-use crate::{AppState, base_url, crypto};
+use crate::audit::PrincipalSlot;
+use crate::auth::DELEGATED_SCOPES;
+use crate::{AppState, ConnInfo, base_url, crypto, signin};
 
 /// The `{tenant}` path segment as sent. Never rejects: a segment that isn't
 /// valid UTF-8 simply isn't the tenant, and gets the OAuth error for that.
-struct TenantParam(String);
+pub(crate) struct TenantParam(pub(crate) String);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for TenantParam {
     type Rejection = std::convert::Infallible;
@@ -61,6 +63,8 @@ struct OAuthFailure {
     status: StatusCode,
     error: &'static str,
     description: String,
+    /// Seconds for `Retry-After` (a throttled sign-in).
+    retry_after: Option<u64>,
 }
 
 fn oauth_error(
@@ -72,6 +76,7 @@ fn oauth_error(
         status,
         error,
         description: description.into(),
+        retry_after: None,
     }
 }
 
@@ -85,6 +90,12 @@ impl IntoResponse for OAuthFailure {
         response
             .headers_mut()
             .insert(header::CACHE_CONTROL, "no-store".parse().expect("header"));
+        if let Some(wait) = self.retry_after {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                wait.to_string().parse().expect("header"),
+            );
+        }
         response
     }
 }
@@ -129,8 +140,13 @@ async fn discovery(
             "client_secret_post".into(),
             "client_secret_basic".into(),
         ],
-        grant_types_supported: vec!["client_credentials".into()],
+        grant_types_supported: vec![
+            "client_credentials".into(),
+            "authorization_code".into(),
+            "password".into(),
+        ],
         scopes_supported: vec!["openid".into()],
+        code_challenge_methods_supported: vec!["S256".into()],
         tenant_region_scope: None,
     })
     .into_response()
@@ -146,22 +162,46 @@ async fn keys(State(state): State<Arc<AppState>>, TenantParam(tenant): TenantPar
     .into_response()
 }
 
+/// Who is asking for a token: the source address (for sign-in throttling)
+/// and where to name the account tried (for the audit trail).
+struct Caller {
+    source: String,
+    slot: Option<PrincipalSlot>,
+}
+
+impl Caller {
+    fn new(conn: Option<Extension<ConnInfo>>, slot: Option<Extension<PrincipalSlot>>) -> Caller {
+        Caller {
+            source: conn
+                .map(|Extension(c)| c.peer.ip().to_string())
+                .unwrap_or_default(),
+            slot: slot.map(|Extension(s)| s),
+        }
+    }
+}
+
 async fn token_v2(
     State(state): State<Arc<AppState>>,
     TenantParam(tenant): TenantParam,
     headers: HeaderMap,
+    conn: Option<Extension<ConnInfo>>,
+    slot: Option<Extension<PrincipalSlot>>,
     body: Bytes,
 ) -> Response {
-    token(state, tenant, headers, body, Version::V2).await
+    let caller = Caller::new(conn, slot);
+    token(state, tenant, headers, caller, body, Version::V2).await
 }
 
 async fn token_v1(
     State(state): State<Arc<AppState>>,
     TenantParam(tenant): TenantParam,
     headers: HeaderMap,
+    conn: Option<Extension<ConnInfo>>,
+    slot: Option<Extension<PrincipalSlot>>,
     body: Bytes,
 ) -> Response {
-    token(state, tenant, headers, body, Version::V1).await
+    let caller = Caller::new(conn, slot);
+    token(state, tenant, headers, caller, body, Version::V1).await
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -174,10 +214,11 @@ async fn token(
     state: Arc<AppState>,
     tenant: String,
     headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
     version: Version,
 ) -> Response {
-    match issue_token(&state, &tenant, &headers, &body, version).await {
+    match issue_token(&state, &tenant, &headers, &caller, &body, version).await {
         Ok(response) => response,
         Err(failure) => failure.into_response(),
     }
@@ -187,6 +228,7 @@ async fn issue_token(
     state: &AppState,
     tenant: &str,
     headers: &HeaderMap,
+    caller: &Caller,
     body: &[u8],
     version: Version,
 ) -> Result<Response, OAuthFailure> {
@@ -229,11 +271,20 @@ async fn issue_token(
     let Some(grant_type) = field("grant_type") else {
         return bad("invalid_request", "The parameter 'grant_type' is missing.");
     };
-    if grant_type != "client_credentials" {
-        return bad(
-            "unsupported_grant_type",
-            &format!("The grant type '{grant_type}' is not supported; use client_credentials."),
-        );
+    match grant_type {
+        "client_credentials" => {}
+        "password" => return password_grant(state, headers, caller, &fields, version).await,
+        "authorization_code" => return code_grant(state, headers, &fields, version).await,
+        _ => {
+            return bad(
+                "unsupported_grant_type",
+                &format!(
+                    "The grant type '{}' is not supported; use client_credentials, \
+                     authorization_code or password.",
+                    grant_type.chars().take(50).collect::<String>()
+                ),
+            );
+        }
     }
     let basic = client_from_basic(headers);
     let (client_id, client_secret) = match (basic, field("client_id"), field("client_secret")) {
@@ -327,6 +378,7 @@ async fn issue_token(
         scp: None,
         upn: None,
         name: None,
+        groups: None,
         jti: Some(crypto::new_guid()),
     };
     tracing::info!(client_id = %app.client_id, "token issued");
@@ -335,12 +387,285 @@ async fn issue_token(
         expires_in: TOKEN_LIFETIME,
         ext_expires_in: TOKEN_LIFETIME,
         access_token: state.signing_key.sign(&claims),
+        scope: None,
     })
     .into_response();
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, "no-store".parse().expect("header"));
     Ok(response)
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty())
+}
+
+fn server_error() -> OAuthFailure {
+    oauth_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "Try again later.",
+    )
+}
+
+/// The client of a user grant: the console or a registered application,
+/// named by `client_id` or HTTP Basic. A secret, if sent, must be right.
+/// Returns the client id and display name.
+async fn user_client(
+    state: &AppState,
+    headers: &HeaderMap,
+    fields: &[(String, String)],
+) -> Result<(String, String), OAuthFailure> {
+    let basic = client_from_basic(headers);
+    let (client_id, secret) = match (&basic, field(fields, "client_id")) {
+        (Some((id, secret)), form) if form.is_none_or(|f| f == id) => {
+            (id.clone(), Some(secret.clone()))
+        }
+        (Some(_), _) => {
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "The client_id differs from the HTTP Basic client.",
+            ));
+        }
+        (None, Some(id)) => (
+            id.to_owned(),
+            field(fields, "client_secret").map(str::to_owned),
+        ),
+        (None, None) => {
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "The parameter 'client_id' is missing.",
+            ));
+        }
+    };
+    let unknown = || {
+        oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "The client is not registered here, or its secret is wrong.",
+        )
+    };
+    let Some(name) = signin::client_name(state, &client_id).await else {
+        return Err(unknown());
+    };
+    if let Some(secret) = secret {
+        let app = state
+            .store
+            .get_app(&client_id)
+            .await
+            .map_err(|_| server_error())?;
+        let Some(hash) = app.map(|a| a.secret_hash) else {
+            return Err(unknown());
+        };
+        let valid = tokio::task::spawn_blocking(move || crypto::verify_secret(&secret, &hash))
+            .await
+            .unwrap_or(false);
+        if !valid {
+            return Err(unknown());
+        }
+    }
+    Ok((client_id, name))
+}
+
+/// The resource and delegated permissions a user grant asks for.
+fn user_resource(
+    state: &AppState,
+    fields: &[(String, String)],
+    version: Version,
+) -> Result<(String, Vec<String>), OAuthFailure> {
+    let bad = |error, why: String| oauth_error(StatusCode::BAD_REQUEST, error, why);
+    match (field(fields, "scope"), field(fields, "resource"), version) {
+        (Some(scope), _, Version::V2) | (Some(scope), None, Version::V1) => {
+            signin::parse_scope(state, scope).map_err(|why| bad("invalid_scope", why))
+        }
+        (_, Some(resource), Version::V1) => {
+            if state.accepts_resource(resource) {
+                Ok((
+                    resource.trim_end_matches('/').to_owned(),
+                    DELEGATED_SCOPES.iter().map(|s| s.to_string()).collect(),
+                ))
+            } else {
+                Err(bad(
+                    "invalid_resource",
+                    format!("The resource '{resource}' is not served by this authority."),
+                ))
+            }
+        }
+        (None, _, Version::V2) => Err(bad(
+            "invalid_request",
+            "The parameter 'scope' is missing.".into(),
+        )),
+        (None, None, Version::V1) => Err(bad(
+            "invalid_request",
+            "The parameter 'resource' is missing.".into(),
+        )),
+    }
+}
+
+/// `grant_type=password` (the resource-owner password grant the reference
+/// service's native-app sample uses): throttled, audited, and as slow for
+/// an unknown account as for a wrong password.
+async fn password_grant(
+    state: &AppState,
+    headers: &HeaderMap,
+    caller: &Caller,
+    fields: &[(String, String)],
+    version: Version,
+) -> Result<Response, OAuthFailure> {
+    let (client_id, client_name) = user_client(state, headers, fields).await?;
+    let (resource, scopes) = user_resource(state, fields, version)?;
+    let (Some(username), Some(password)) = (field(fields, "username"), field(fields, "password"))
+    else {
+        return Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "The parameters 'username' and 'password' are required.",
+        ));
+    };
+    if let Some(slot) = &caller.slot {
+        slot.set_text(signin::attempt_label(username));
+    }
+    let user = signin::check_password(state, username, password, &caller.source)
+        .await
+        .map_err(|failure| {
+            let (status, error) = match failure {
+                signin::SignInFailure::Throttled(_) => {
+                    (StatusCode::TOO_MANY_REQUESTS, "invalid_grant")
+                }
+                signin::SignInFailure::Invalid => (StatusCode::BAD_REQUEST, "invalid_grant"),
+                signin::SignInFailure::Unavailable => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+                }
+            };
+            let mut refusal = oauth_error(status, error, failure.message());
+            if let signin::SignInFailure::Throttled(wait) = failure {
+                refusal.retry_after = Some(wait);
+            }
+            refusal
+        })?;
+    Ok(user_token(
+        state,
+        &client_id,
+        &client_name,
+        &user,
+        &resource,
+        &scopes,
+        version,
+    ))
+}
+
+/// `grant_type=authorization_code`: exchanges a code from the sign-in page,
+/// with the PKCE verifier, once.
+async fn code_grant(
+    state: &AppState,
+    headers: &HeaderMap,
+    fields: &[(String, String)],
+    version: Version,
+) -> Result<Response, OAuthFailure> {
+    let (client_id, client_name) = user_client(state, headers, fields).await?;
+    let invalid = |why: &str| oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", why);
+    let (Some(code), Some(redirect_uri)) = (field(fields, "code"), field(fields, "redirect_uri"))
+    else {
+        return Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "The parameters 'code' and 'redirect_uri' are required.",
+        ));
+    };
+    let Some(verifier) = field(fields, "code_verifier") else {
+        return Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "The parameter 'code_verifier' is required (PKCE).",
+        ));
+    };
+    // Taken out first: a code tried once, rightly or wrongly, is spent.
+    let Some(pending) = state.codes.take(code) else {
+        return Err(invalid("The code is invalid, expired or already used."));
+    };
+    if pending.client_id != client_id || pending.redirect_uri != redirect_uri {
+        return Err(invalid(
+            "The code was issued to another client or redirect URI.",
+        ));
+    }
+    if !signin::pkce_matches(verifier, &pending.challenge) {
+        return Err(invalid(
+            "The code_verifier does not match the code_challenge.",
+        ));
+    }
+    let user = state
+        .store
+        .get_user(&pending.user_id)
+        .await
+        .map_err(|_| server_error())?
+        .filter(|u| !u.disabled)
+        .ok_or_else(|| invalid("The user is disabled or no longer exists."))?;
+    Ok(user_token(
+        state,
+        &client_id,
+        &client_name,
+        &user,
+        &pending.resource,
+        &pending.scopes,
+        version,
+    ))
+}
+
+/// A delegated access token: `scp`, `upn` and `name` instead of `roles`.
+fn user_token(
+    state: &AppState,
+    client_id: &str,
+    client_name: &str,
+    user: &store::UserRecord,
+    resource: &str,
+    scopes: &[String],
+    version: Version,
+) -> Response {
+    let now = crate::unix_seconds();
+    let claims = Claims {
+        aud: resource.to_owned(),
+        iss: state.issuer.clone(),
+        iat: now,
+        nbf: now,
+        exp: now + TOKEN_LIFETIME,
+        tid: state.tenant_id.clone(),
+        appid: Some(client_id.to_owned()),
+        app_displayname: Some(client_name.to_owned()),
+        oid: user.id.clone(),
+        sub: Some(user.id.clone()),
+        ver: if version == Version::V1 { "1.0" } else { "2.0" }.into(),
+        roles: None,
+        scp: Some(scopes.join(" ")),
+        upn: Some(user.upn.clone()),
+        name: Some(user.display_name.clone()),
+        groups: (!user.user_groups.is_empty()).then(|| user.user_groups.clone()),
+        jti: Some(crypto::new_guid()),
+    };
+    tracing::info!(user = %user.id, %client_id, "user token issued");
+    let mut response = axum::Json(TokenResponse {
+        token_type: "Bearer".into(),
+        expires_in: TOKEN_LIFETIME,
+        ext_expires_in: TOKEN_LIFETIME,
+        access_token: state.signing_key.sign(&claims),
+        scope: Some(
+            scopes
+                .iter()
+                .map(|s| format!("{resource}/{s}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+    })
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, "no-store".parse().expect("header"));
+    response
 }
 
 /// `Authorization: Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 2.3.1).

@@ -163,6 +163,7 @@ mod tests {
             scp: None,
             upn: None,
             name: None,
+            groups: None,
             jti: None,
         }
     }

@@ -15,6 +15,9 @@ pub mod gateway;
 pub mod jwt;
 pub mod odata;
 pub mod ratelimit;
+pub mod rbac;
+pub mod signin;
+pub mod throttle;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -57,6 +60,10 @@ pub struct Config {
     pub rate_limit_per_minute: u32,
     pub rate_limit_per_hour: u32,
     pub heartbeat_interval: Duration,
+    /// Failed sign-ins that lock an account out for a while (0: never).
+    pub signin_failures_per_user: u32,
+    /// Failed sign-ins that lock a source address out (0: never).
+    pub signin_failures_per_source: u32,
 }
 
 impl Config {
@@ -74,6 +81,8 @@ impl Config {
             rate_limit_per_minute: 100,
             rate_limit_per_hour: 1500,
             heartbeat_interval: Duration::from_secs(30),
+            signin_failures_per_user: 5,
+            signin_failures_per_source: 20,
         }
     }
 }
@@ -93,6 +102,10 @@ pub struct AppState {
     /// Checked when a token request names an unknown client, so that
     /// response time doesn't tell which client ids exist.
     pub dummy_hash: String,
+    /// Failed sign-ins, per account and source address.
+    pub throttle: throttle::Throttle,
+    /// Authorization codes not yet exchanged.
+    pub codes: signin::Codes,
 }
 
 impl AppState {
@@ -150,6 +163,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .nest("/api", api::routes())
         .nest("/api/v1.0", api::routes())
         .merge(authority::routes())
+        .merge(signin::routes())
         .merge(gateway::routes())
         .fallback(|| async {
             ApiError::not_found("The requested resource was not found.").into_response()
@@ -286,6 +300,10 @@ pub async fn start_with(
     };
     let tls_config = tls::server_config(&material)?;
     let issuer = format!("{public_url}/{tenant_id}/v2.0");
+    let config_signin = (
+        config.signin_failures_per_user,
+        config.signin_failures_per_source,
+    );
     let state = Arc::new(AppState {
         limiter: ratelimit::RateLimiter::new(
             config.rate_limit_per_minute,
@@ -299,6 +317,8 @@ pub async fn start_with(
         signing_key,
         gateway: gateway::Gateway::default(),
         dummy_hash: crypto::hash_secret("not a secret"),
+        throttle: throttle::Throttle::new(config_signin.0, config_signin.1),
+        codes: signin::Codes::default(),
     });
     let mut tasks = vec![
         tokio::spawn(expire_actions(state.clone())),

@@ -1,5 +1,7 @@
 //! `cordon`: the server (`cordon serve`) and its admin commands.
 
+mod people_cmd;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +42,15 @@ enum Command {
     /// Check and export the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Manage the people who sign in (delegated access).
+    #[command(subcommand)]
+    User(people_cmd::UserCommand),
+    /// Manage roles: what users may do.
+    #[command(subcommand)]
+    Role(people_cmd::RoleCommand),
+    /// Manage machine groups: which machines each user group reaches.
+    #[command(subcommand)]
+    Group(people_cmd::GroupCommand),
 }
 
 #[derive(Subcommand)]
@@ -65,7 +76,7 @@ enum AuditCommand {
 struct DataDir {
     /// Directory with the database, keys and certificates.
     #[arg(long, env = "CORDON_DATA_DIR", default_value = "./cordon-data")]
-    data_dir: PathBuf,
+    pub data_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -297,6 +308,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Machine(command) => machine_command(command).await,
         Command::Exclusion(command) => exclusion_command(command).await,
         Command::Audit(command) => audit_command(command).await,
+        Command::User(command) => people_cmd::user_command(command).await,
+        Command::Role(command) => people_cmd::role_command(command).await,
+        Command::Group(command) => people_cmd::group_command(command).await,
     }
 }
 

@@ -271,6 +271,7 @@ pub fn parse<F: FieldSql + 'static>(
         take: top.map_or(page_size, |top| top.min(page_size)),
         after,
         count,
+        groups: None,
     };
     Ok(ListOptions {
         query,

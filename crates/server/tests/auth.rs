@@ -26,6 +26,7 @@ fn claims(server: &TestServer) -> Claims {
         scp: None,
         upn: None,
         name: None,
+        groups: None,
         jti: None,
     }
 }
@@ -333,7 +334,10 @@ async fn the_authority_serves_discovery_tokens_and_keys() {
     let reply = token_request(
         v2.clone(),
         vec![
-            ("grant_type", "password".into()),
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:device_code".into(),
+            ),
             ("client_id", id.clone()),
             ("client_secret", secret.clone()),
             good_scope.clone(),

@@ -1,0 +1,704 @@
+//! How users sign in to the built-in authority: the authorization-code flow
+//! with PKCE behind a server-rendered sign-in page (what the web console
+//! uses), and the password check shared with the v1 password grant.
+//!
+//! `GET /{tenant}/oauth2/v2.0/authorize` checks the request and shows the
+//! sign-in form; posting the form checks the password and sends the browser
+//! back to `redirect_uri` with a one-time code, which the client exchanges at
+//! the token endpoint with its PKCE `code_verifier`. PKCE (`S256`) is
+//! required. A redirect URI must be a loopback address (any port, as for
+//! native apps) or lie under the server's own URL, so a link crafted by
+//! someone else cannot send a user's code away. Codes live ten minutes in
+//! memory and work once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Extension, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine;
+use store::UserRecord;
+
+use crate::audit::PrincipalSlot;
+use crate::auth::DELEGATED_SCOPES;
+use crate::{AppState, ConnInfo, base_url, crypto};
+
+/// The client id of Cordon's own web console, a public client.
+pub const CONSOLE_CLIENT_ID: &str = "cordon-console";
+
+const CODE_LIFETIME: Duration = Duration::from_secs(600);
+const MAX_PENDING_CODES: usize = 10_000;
+/// Longest sign-in name and password looked at.
+const MAX_NAME: usize = 256;
+const MAX_PASSWORD: usize = 1024;
+/// Where a bare permission name (no resource) points.
+const DEFAULT_RESOURCE: &str = "https://api.securitycenter.microsoft.com";
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route(
+            "/{tenant}/oauth2/v2.0/authorize",
+            get(authorize_page).post(authorize_submit),
+        )
+        .route(
+            "/{tenant}/oauth2/authorize",
+            get(authorize_page).post(authorize_submit),
+        )
+}
+
+// ---- the password check ---------------------------------------------------
+
+/// Why a sign-in failed. The message never tells an unknown account from a
+/// wrong password or a disabled account.
+#[derive(Debug)]
+pub enum SignInFailure {
+    /// Locked out for this many seconds; the password was not checked.
+    Throttled(u64),
+    Invalid,
+    Unavailable,
+}
+
+impl SignInFailure {
+    pub fn message(&self) -> String {
+        match self {
+            SignInFailure::Throttled(wait) => {
+                format!("Too many failed sign-in attempts. Try again in {wait} seconds.")
+            }
+            SignInFailure::Invalid => "The user name or password is incorrect.".to_owned(),
+            SignInFailure::Unavailable => "Sign-in is unavailable; try again later.".to_owned(),
+        }
+    }
+}
+
+/// Checks a user's password, throttled per account and source address.
+/// Exactly one slow hash is computed whether the account exists or not.
+pub async fn check_password(
+    state: &AppState,
+    name: &str,
+    password: &str,
+    source: &str,
+) -> Result<UserRecord, SignInFailure> {
+    let name = name.trim();
+    state
+        .throttle
+        .check(name, source)
+        .map_err(SignInFailure::Throttled)?;
+    let user = if name.is_empty() || name.len() > MAX_NAME {
+        None
+    } else {
+        state
+            .store
+            .get_user_by_upn(name)
+            .await
+            .map_err(|_| SignInFailure::Unavailable)?
+    };
+    let hash = user
+        .as_ref()
+        .map_or_else(|| state.dummy_hash.clone(), |u| u.password_hash.clone());
+    let password = password.to_owned();
+    let matches = tokio::task::spawn_blocking(move || {
+        let ok = crypto::verify_secret(&password, &hash);
+        ok && password.len() <= MAX_PASSWORD
+    })
+    .await
+    .unwrap_or(false);
+    match user {
+        Some(user) if matches && !user.disabled => {
+            state.throttle.succeeded(name);
+            Ok(user)
+        }
+        _ => {
+            tracing::info!(source, "sign-in failed");
+            state.throttle.failed(name, source);
+            Err(SignInFailure::Invalid)
+        }
+    }
+}
+
+/// What the audit trail names as the caller of a sign-in attempt.
+pub fn attempt_label(name: &str) -> String {
+    let name: String = name
+        .trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(100)
+        .collect();
+    format!("user {name}")
+}
+
+// ---- clients, scopes, redirect URIs ---------------------------------------
+
+/// Whether `client_id` may obtain user tokens: the console or a registered
+/// application. Returns the client's display name.
+pub async fn client_name(state: &AppState, client_id: &str) -> Option<String> {
+    if client_id == CONSOLE_CLIENT_ID {
+        return Some("Cordon console".to_owned());
+    }
+    state
+        .store
+        .get_app(client_id)
+        .await
+        .ok()
+        .flatten()
+        .map(|app| app.name)
+}
+
+/// The resource and delegated permissions a v2 `scope` asks for. OpenID
+/// scopes are accepted and ignored; `.default` means every delegated
+/// permission; a bare permission name means this API.
+pub fn parse_scope(state: &AppState, scope: &str) -> Result<(String, Vec<String>), String> {
+    let mut resource: Option<String> = None;
+    let mut scopes: Vec<String> = Vec::new();
+    for item in scope.split_whitespace() {
+        if matches!(item, "openid" | "profile" | "offline_access" | "email") {
+            continue;
+        }
+        let (res, name) = match item.rsplit_once('/') {
+            Some((res, name)) if res.contains("://") => (res.to_owned(), name),
+            _ => (DEFAULT_RESOURCE.to_owned(), item),
+        };
+        if !state.accepts_resource(&res) {
+            return Err(format!(
+                "The resource '{res}' is not served by this authority."
+            ));
+        }
+        let normalized = crate::auth::normalize_resource(&res);
+        match &resource {
+            Some(r) if crate::auth::normalize_resource(r) != normalized => {
+                return Err("The scope names more than one resource.".to_owned());
+            }
+            _ => resource = Some(res.trim_end_matches('/').to_owned()),
+        }
+        if name == ".default" {
+            for s in DELEGATED_SCOPES {
+                if !scopes.iter().any(|have| have == s) {
+                    scopes.push(s.to_owned());
+                }
+            }
+            continue;
+        }
+        let Some(known) = DELEGATED_SCOPES
+            .iter()
+            .find(|s| s.eq_ignore_ascii_case(name))
+        else {
+            return Err(format!(
+                "The permission '{}' is not one this API grants.",
+                name.chars().take(100).collect::<String>()
+            ));
+        };
+        if !scopes.iter().any(|have| have == known) {
+            scopes.push((*known).to_owned());
+        }
+    }
+    match resource {
+        Some(resource) => Ok((resource, scopes)),
+        None => Err(format!(
+            "The scope must name a permission of this API, such as {DEFAULT_RESOURCE}/.default."
+        )),
+    }
+}
+
+/// Whether a browser may be sent back to `uri`: an absolute http(s) URI
+/// without a fragment, on a loopback host (any port) or under this
+/// server's own URL.
+pub fn redirect_allowed(state: &AppState, headers: &HeaderMap, uri: &str) -> bool {
+    if uri.len() > 2048 || uri.contains('#') || uri.chars().any(|c| c.is_control()) {
+        return false;
+    }
+    let Ok(parsed) = uri.parse::<axum::http::Uri>() else {
+        return false;
+    };
+    let scheme_ok = matches!(parsed.scheme_str(), Some("http" | "https"));
+    let Some(authority) = parsed.authority() else {
+        return false;
+    };
+    if !scheme_ok || authority.as_str().contains('@') {
+        return false;
+    }
+    let host = authority.host().trim_matches(|c| c == '[' || c == ']');
+    if matches!(host, "localhost" | "127.0.0.1" | "::1") {
+        return true;
+    }
+    [state.public_url.clone(), base_url(headers, state)]
+        .iter()
+        .any(|base| uri.starts_with(&format!("{base}/")) || uri == base)
+}
+
+// ---- pending codes --------------------------------------------------------
+
+/// What a code stands for until it is exchanged.
+#[derive(Debug, Clone)]
+pub struct PendingCode {
+    pub client_id: String,
+    pub redirect_uri: String,
+    /// base64url SHA-256 of the code verifier.
+    pub challenge: String,
+    pub user_id: String,
+    pub resource: String,
+    pub scopes: Vec<String>,
+    expires: Instant,
+}
+
+/// Codes issued and not yet exchanged, by the hash of the code.
+#[derive(Default)]
+pub struct Codes(Mutex<HashMap<String, PendingCode>>);
+
+impl Codes {
+    /// Issues a code; `None` when too many are pending.
+    fn issue(&self, pending: PendingCode) -> Option<String> {
+        let mut codes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        codes.retain(|_, c| c.expires > now);
+        if codes.len() >= MAX_PENDING_CODES {
+            return None;
+        }
+        let code = crypto::new_secret();
+        codes.insert(crypto::sha256_hex(code.as_bytes()), pending);
+        Some(code)
+    }
+
+    /// Takes the code's grant out: a code works once, and not after it expires.
+    pub fn take(&self, code: &str) -> Option<PendingCode> {
+        let mut codes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        codes
+            .remove(&crypto::sha256_hex(code.as_bytes()))
+            .filter(|c| c.expires > Instant::now())
+    }
+}
+
+/// Whether `verifier` (RFC 7636: 43 to 128 unreserved characters) hashes to
+/// `challenge`.
+pub fn pkce_matches(verifier: &str, challenge: &str) -> bool {
+    let well_formed = (43..=128).contains(&verifier.len())
+        && verifier
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+    if !well_formed {
+        return false;
+    }
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes());
+    let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref());
+    aws_lc_rs::constant_time::verify_slices_are_equal(computed.as_bytes(), challenge.as_bytes())
+        .is_ok()
+}
+
+// ---- the authorize endpoint -----------------------------------------------
+
+/// The parameters of an authorization request, from the query string or
+/// the posted form.
+#[derive(Debug, Default, Clone)]
+struct Params {
+    fields: Vec<(String, String)>,
+}
+
+impl Params {
+    fn parse(raw: &[u8]) -> Result<Params, String> {
+        let mut fields: Vec<(String, String)> = Vec::new();
+        for (name, value) in form_urlencoded::parse(raw) {
+            if fields.iter().any(|(n, _)| *n == name) {
+                return Err(format!(
+                    "The parameter '{}' is repeated.",
+                    name.chars().take(50).collect::<String>()
+                ));
+            }
+            fields.push((name.into_owned(), value.into_owned()));
+        }
+        Ok(Params { fields })
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// A checked authorization request.
+struct Request {
+    client_id: String,
+    client_name: String,
+    redirect_uri: String,
+    state: Option<String>,
+    resource: String,
+    scopes: Vec<String>,
+    challenge: String,
+}
+
+/// Why a request can't proceed: shown on a page when the redirect URI
+/// can't be trusted, else sent back to the client.
+enum Refusal {
+    Page(String),
+    Redirect {
+        redirect_uri: String,
+        state: Option<String>,
+        error: &'static str,
+        description: String,
+    },
+}
+
+async fn check_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    tenant: &str,
+    params: &Params,
+    v1: bool,
+) -> Result<Request, Refusal> {
+    if !tenant.eq_ignore_ascii_case(&state.tenant_id) {
+        return Err(Refusal::Page("This tenant is not served here.".into()));
+    }
+    let Some(client_id) = params.get("client_id") else {
+        return Err(Refusal::Page("The request names no client_id.".into()));
+    };
+    let Some(client_name) = client_name(state, client_id).await else {
+        return Err(Refusal::Page(
+            "The application asking you to sign in is not registered here.".into(),
+        ));
+    };
+    let Some(redirect_uri) = params.get("redirect_uri") else {
+        return Err(Refusal::Page("The request names no redirect_uri.".into()));
+    };
+    if !redirect_allowed(state, headers, redirect_uri) {
+        return Err(Refusal::Page(
+            "The redirect_uri is not allowed: it must be a loopback address or under this server's URL."
+                .into(),
+        ));
+    }
+    let redirect = |error: &'static str, description: &str| Refusal::Redirect {
+        redirect_uri: redirect_uri.to_owned(),
+        state: params.get("state").map(str::to_owned),
+        error,
+        description: description.to_owned(),
+    };
+    if params.get("response_type") != Some("code") {
+        return Err(redirect(
+            "unsupported_response_type",
+            "Only response_type=code is supported.",
+        ));
+    }
+    if params.get("response_mode").is_some_and(|m| m != "query") {
+        return Err(redirect(
+            "invalid_request",
+            "Only response_mode=query is supported.",
+        ));
+    }
+    let Some(challenge) = params.get("code_challenge") else {
+        return Err(redirect(
+            "invalid_request",
+            "PKCE is required: send code_challenge and code_challenge_method=S256.",
+        ));
+    };
+    if params.get("code_challenge_method") != Some("S256")
+        || challenge.len() != 43
+        || !challenge
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(redirect(
+            "invalid_request",
+            "The code_challenge must be an S256 challenge (code_challenge_method=S256).",
+        ));
+    }
+    let (resource, scopes) = if v1 {
+        match params.get("resource") {
+            Some(resource) if state.accepts_resource(resource) => (
+                resource.trim_end_matches('/').to_owned(),
+                DELEGATED_SCOPES.iter().map(|s| s.to_string()).collect(),
+            ),
+            Some(_) => {
+                return Err(redirect(
+                    "invalid_resource",
+                    "The resource is not served by this authority.",
+                ));
+            }
+            None => {
+                return Err(redirect(
+                    "invalid_request",
+                    "The parameter 'resource' is missing.",
+                ));
+            }
+        }
+    } else {
+        match parse_scope(state, params.get("scope").unwrap_or_default()) {
+            Ok(parsed) => parsed,
+            Err(why) => return Err(redirect("invalid_scope", &why)),
+        }
+    };
+    Ok(Request {
+        client_id: client_id.to_owned(),
+        client_name,
+        redirect_uri: redirect_uri.to_owned(),
+        state: params.get("state").map(str::to_owned),
+        resource,
+        scopes,
+        challenge: challenge.to_owned(),
+    })
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A complete page, with headers that keep it out of frames and caches.
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title} - Cordon</title><style>\
+         body{{font-family:system-ui,sans-serif;background:#f3f4f6;margin:0}}\
+         main{{max-width:22rem;margin:8vh auto;background:#fff;padding:2rem;border-radius:8px;\
+         box-shadow:0 1px 4px #0002}}h1{{font-size:1.3rem;margin-top:0}}\
+         label{{display:block;margin:.8rem 0 .3rem}}input[type=text],input[type=password]\
+         {{width:100%;box-sizing:border-box;padding:.5rem;font-size:1rem}}\
+         button{{margin-top:1.2rem;width:100%;padding:.6rem;font-size:1rem}}\
+         .error{{color:#b91c1c}}.muted{{color:#555;font-size:.9rem}}</style></head>\
+         <body><main>{body}</main></body></html>",
+        title = escape(title)
+    );
+    let mut response = (status, html).into_response();
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+fn refusal_response(refusal: Refusal) -> Response {
+    match refusal {
+        Refusal::Page(message) => page(
+            StatusCode::BAD_REQUEST,
+            "Sign-in request refused",
+            &format!(
+                "<h1>Sign-in request refused</h1><p class=\"error\">{}</p>",
+                escape(&message)
+            ),
+        ),
+        Refusal::Redirect {
+            redirect_uri,
+            state,
+            error,
+            description,
+        } => {
+            let mut pairs = vec![
+                ("error", error.to_owned()),
+                ("error_description", description),
+            ];
+            if let Some(state) = state {
+                pairs.push(("state", state));
+            }
+            redirect_to(&redirect_uri, &pairs)
+        }
+    }
+}
+
+fn redirect_to(redirect_uri: &str, pairs: &[(&str, String)]) -> Response {
+    let query = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str())))
+        .finish();
+    let separator = if redirect_uri.contains('?') { '&' } else { '?' };
+    let location = format!("{redirect_uri}{separator}{query}");
+    let mut response = StatusCode::SEE_OTHER.into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The sign-in form, carrying the request's parameters as hidden fields.
+fn form(
+    status: StatusCode,
+    params: &Params,
+    request: &Request,
+    name: &str,
+    error: Option<&str>,
+) -> Response {
+    let hidden: String = params
+        .fields
+        .iter()
+        .filter(|(n, _)| n != "login" && n != "passwd")
+        .map(|(n, v)| {
+            format!(
+                "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+                escape(n),
+                escape(v)
+            )
+        })
+        .collect();
+    let error = error
+        .map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e)))
+        .unwrap_or_default();
+    let body = format!(
+        "<h1>Sign in to Cordon</h1>\
+         <p class=\"muted\">{client} asks to act for you: {scopes}.</p>{error}\
+         <form method=\"post\">{hidden}\
+         <label for=\"login\">User name</label>\
+         <input type=\"text\" id=\"login\" name=\"login\" value=\"{name}\" autocomplete=\"username\" required autofocus>\
+         <label for=\"passwd\">Password</label>\
+         <input type=\"password\" id=\"passwd\" name=\"passwd\" autocomplete=\"current-password\" required>\
+         <button type=\"submit\">Sign in</button></form>",
+        client = escape(&request.client_name),
+        scopes = escape(&request.scopes.join(", ")),
+        name = escape(name),
+    );
+    page(status, "Sign in", &body)
+}
+
+async fn authorize_page(
+    State(state): State<Arc<AppState>>,
+    crate::authority::TenantParam(tenant): crate::authority::TenantParam,
+    uri: axum::http::Uri,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let v1 = !uri.path().contains("/v2.0/");
+    let params = match Params::parse(query.unwrap_or_default().as_bytes()) {
+        Ok(params) => params,
+        Err(why) => return refusal_response(Refusal::Page(why)),
+    };
+    match check_request(&state, &headers, &tenant, &params, v1).await {
+        Ok(request) => {
+            let hint = params.get("login_hint").unwrap_or_default().to_owned();
+            form(StatusCode::OK, &params, &request, &hint, None)
+        }
+        Err(refusal) => refusal_response(refusal),
+    }
+}
+
+async fn authorize_submit(
+    State(state): State<Arc<AppState>>,
+    crate::authority::TenantParam(tenant): crate::authority::TenantParam,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    conn: Option<Extension<ConnInfo>>,
+    slot: Option<Extension<PrincipalSlot>>,
+    body: Bytes,
+) -> Response {
+    let v1 = !uri.path().contains("/v2.0/");
+    let params = match Params::parse(&body) {
+        Ok(params) => params,
+        Err(why) => return refusal_response(Refusal::Page(why)),
+    };
+    let request = match check_request(&state, &headers, &tenant, &params, v1).await {
+        Ok(request) => request,
+        Err(refusal) => return refusal_response(refusal),
+    };
+    let name = params.get("login").unwrap_or_default().to_owned();
+    if let Some(Extension(slot)) = &slot {
+        slot.set_text(attempt_label(&name));
+    }
+    let password = params.get("passwd").unwrap_or_default();
+    let source = conn
+        .map(|Extension(c)| c.peer.ip().to_string())
+        .unwrap_or_default();
+    let user = match check_password(&state, &name, password, &source).await {
+        Ok(user) => user,
+        Err(failure) => {
+            let status = match failure {
+                SignInFailure::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
+                SignInFailure::Invalid => StatusCode::UNAUTHORIZED,
+                SignInFailure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let mut response = form(status, &params, &request, &name, Some(&failure.message()));
+            if let SignInFailure::Throttled(wait) = failure
+                && let Ok(value) = HeaderValue::from_str(&wait.to_string())
+            {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            return response;
+        }
+    };
+    let pending = PendingCode {
+        client_id: request.client_id.clone(),
+        redirect_uri: request.redirect_uri.clone(),
+        challenge: request.challenge.clone(),
+        user_id: user.id.clone(),
+        resource: request.resource.clone(),
+        scopes: request.scopes.clone(),
+        expires: Instant::now() + CODE_LIFETIME,
+    };
+    let Some(code) = state.codes.issue(pending) else {
+        return refusal_response(Refusal::Redirect {
+            redirect_uri: request.redirect_uri,
+            state: request.state,
+            error: "temporarily_unavailable",
+            description: "Too many sign-ins are pending; try again shortly.".into(),
+        });
+    };
+    tracing::info!(user = %user.id, client_id = %request.client_id, "user signed in");
+    let mut pairs = vec![("code", code)];
+    if let Some(s) = request.state {
+        pairs.push(("state", s));
+    }
+    redirect_to(&request.redirect_uri, &pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pkce_verifies_the_rfc_7636_example() {
+        // RFC 7636, appendix B.
+        let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        let challenge = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+        assert!(pkce_matches(verifier, challenge));
+        assert!(!pkce_matches(&verifier.replace('d', "e"), challenge));
+        assert!(!pkce_matches("short", challenge));
+    }
+
+    #[test]
+    fn pages_escape_what_they_show() {
+        assert_eq!(
+            escape("<script>\"x\"&'y'</script>"),
+            "&lt;script&gt;&quot;x&quot;&amp;&#39;y&#39;&lt;/script&gt;"
+        );
+    }
+
+    #[test]
+    fn codes_work_once() {
+        let codes = Codes::default();
+        let code = codes
+            .issue(PendingCode {
+                client_id: "c".into(),
+                redirect_uri: "http://localhost/cb".into(),
+                challenge: "x".into(),
+                user_id: "u".into(),
+                resource: "r".into(),
+                scopes: vec![],
+                expires: Instant::now() + CODE_LIFETIME,
+            })
+            .unwrap();
+        assert!(codes.take("not the code").is_none());
+        assert_eq!(codes.take(&code).unwrap().user_id, "u");
+        assert!(codes.take(&code).is_none());
+    }
+}
