@@ -14,6 +14,7 @@ pub mod exclusions;
 pub mod gateway;
 pub mod jwt;
 pub mod odata;
+pub mod oidc;
 pub mod ratelimit;
 pub mod rbac;
 pub mod signin;
