@@ -149,6 +149,9 @@ impl AppState {
 
     /// Checks a bearer token's claims; the signature is checked by the key.
     pub async fn authenticate(&self, token: &str) -> Result<Principal, ApiError> {
+        if self.oidc.provider_for(token).is_some() {
+            return self.authenticate_external(token).await;
+        }
         let claims = self.signing_key.verify(token).map_err(|e| {
             tracing::info!(reason = %e, "token refused");
             ApiError::unauthorized("The access token is invalid.")
@@ -217,6 +220,58 @@ impl AppState {
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect(),
+            user: Some(access),
+        })
+    }
+
+    /// A token of an external OpenID Connect provider: a user whose role
+    /// and user groups come from the token's claims (`--oidc-role-claim`,
+    /// `--oidc-group-claim`). Several roles combine their permissions.
+    /// Without any `Machine.*` delegated permission in `scp`/`scope`, the
+    /// token carries the delegated permissions Cordon's own user tokens do:
+    /// providers other than Microsoft's don't know them, and the audience
+    /// check already ties the token to this API.
+    async fn authenticate_external(&self, token: &str) -> Result<Principal, ApiError> {
+        let identity = self.oidc.verify(token).await.map_err(|e| {
+            tracing::info!(reason = %e, "external token refused");
+            ApiError::unauthorized("The access token is invalid.")
+        })?;
+        let mut role: Option<Role> = None;
+        for name in &identity.roles {
+            let Some(found) = crate::rbac::resolve_role(&self.store, name).await? else {
+                continue;
+            };
+            role = Some(match role {
+                None => found,
+                Some(mut combined) => {
+                    combined.name = format!("{}, {}", combined.name, found.name);
+                    for p in found.permissions {
+                        if !combined.permissions.contains(&p) {
+                            combined.permissions.push(p);
+                        }
+                    }
+                    combined.all_groups |= found.all_groups;
+                    combined
+                }
+            });
+        }
+        let access = self.user_access(role, &identity.user_groups).await?;
+        let machine_scopes: Vec<String> = identity
+            .scopes
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| DELEGATED_SCOPES.contains(&s.as_str()))
+            .collect();
+        let scopes = if machine_scopes.is_empty() {
+            DELEGATED_SCOPES.iter().map(|s| s.to_string()).collect()
+        } else {
+            machine_scopes
+        };
+        Ok(Principal {
+            id: format!("{}|{}", identity.issuer, identity.subject),
+            display_name: identity.upn,
+            roles: Vec::new(),
+            scopes,
             user: Some(access),
         })
     }

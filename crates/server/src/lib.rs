@@ -65,6 +65,8 @@ pub struct Config {
     pub signin_failures_per_user: u32,
     /// Failed sign-ins that lock a source address out (0: never).
     pub signin_failures_per_source: u32,
+    /// External OpenID Connect providers whose access tokens are accepted.
+    pub oidc: oidc::OidcSettings,
 }
 
 impl Config {
@@ -84,6 +86,7 @@ impl Config {
             heartbeat_interval: Duration::from_secs(30),
             signin_failures_per_user: 5,
             signin_failures_per_source: 20,
+            oidc: oidc::OidcSettings::new(Vec::new()),
         }
     }
 }
@@ -107,6 +110,8 @@ pub struct AppState {
     pub throttle: throttle::Throttle,
     /// Authorization codes not yet exchanged.
     pub codes: signin::Codes,
+    /// Verifies tokens of the external providers (none configured: empty).
+    pub oidc: oidc::Verifier,
 }
 
 impl AppState {
@@ -301,6 +306,8 @@ pub async fn start_with(
     };
     let tls_config = tls::server_config(&material)?;
     let issuer = format!("{public_url}/{tenant_id}/v2.0");
+    let oidc = oidc::Verifier::new(config.oidc.clone())
+        .context("the external identity provider settings are invalid")?;
     let config_signin = (
         config.signin_failures_per_user,
         config.signin_failures_per_source,
@@ -320,6 +327,7 @@ pub async fn start_with(
         dummy_hash: crypto::hash_secret("not a secret"),
         throttle: throttle::Throttle::new(config_signin.0, config_signin.1),
         codes: signin::Codes::default(),
+        oidc,
     });
     let mut tasks = vec![
         tokio::spawn(expire_actions(state.clone())),

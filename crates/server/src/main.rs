@@ -115,6 +115,33 @@ struct ServeArgs {
     /// How often agents send a heartbeat.
     #[arg(long, env = "CORDON_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     heartbeat_interval: Duration,
+    /// Failed sign-ins after which an account is locked out for a while (0: never).
+    #[arg(long, env = "CORDON_SIGNIN_FAILURES_PER_USER", default_value_t = 5)]
+    signin_failures_per_user: u32,
+    /// Failed sign-ins after which a source address is locked out for a while (0: never).
+    #[arg(long, env = "CORDON_SIGNIN_FAILURES_PER_SOURCE", default_value_t = 20)]
+    signin_failures_per_source: u32,
+    /// Issuer URL of an external OpenID Connect provider whose access tokens
+    /// are accepted (repeatable; each needs its --oidc-audience, in order).
+    #[arg(long = "oidc-issuer")]
+    oidc_issuers: Vec<String>,
+    /// The audience (`aud`) the provider's tokens for Cordon carry.
+    #[arg(long = "oidc-audience")]
+    oidc_audiences: Vec<String>,
+    /// Claim of external tokens whose values name Cordon roles.
+    #[arg(long, default_value = "roles")]
+    oidc_role_claim: String,
+    /// Claim of external tokens whose values are user groups.
+    #[arg(long, default_value = "groups")]
+    oidc_group_claim: String,
+    /// VALUE=ROLE: a role-claim value that grants a Cordon role (repeatable),
+    /// such as soc-tier1=Viewer. Values without a mapping name roles directly.
+    #[arg(long = "oidc-role-map")]
+    oidc_role_map: Vec<String>,
+    /// PEM file of CA certificates trusted for the providers' HTTPS
+    /// (besides the system's).
+    #[arg(long)]
+    oidc_ca_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -395,6 +422,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.rate_limit_per_minute = args.rate_limit_per_minute;
     config.rate_limit_per_hour = args.rate_limit_per_hour;
     config.heartbeat_interval = args.heartbeat_interval;
+    config.signin_failures_per_user = args.signin_failures_per_user;
+    config.signin_failures_per_source = args.signin_failures_per_source;
+    if args.oidc_issuers.len() != args.oidc_audiences.len() {
+        bail!("give one --oidc-audience for each --oidc-issuer, in the same order");
+    }
+    let providers = args
+        .oidc_issuers
+        .into_iter()
+        .zip(args.oidc_audiences)
+        .map(|(issuer, audience)| server::oidc::Provider { issuer, audience })
+        .collect();
+    let mut oidc = server::oidc::OidcSettings::new(providers);
+    oidc.role_claim = args.oidc_role_claim;
+    oidc.group_claim = args.oidc_group_claim;
+    oidc.ca_file = args.oidc_ca_file;
+    for pair in args.oidc_role_map {
+        let Some((value, role)) = pair.split_once('=') else {
+            bail!("--oidc-role-map takes VALUE=ROLE, not '{pair}'");
+        };
+        oidc.role_map.push((value.to_owned(), role.to_owned()));
+    }
+    config.oidc = oidc;
     if let Some(url) = &config.public_url
         && !url.starts_with("https://")
     {
