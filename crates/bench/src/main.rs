@@ -4,7 +4,9 @@
 //! binary next to this one), prepares machines in its data directory, and
 //! drives it over HTTPS with keep-alive connections: isolate/unisolate
 //! throughput and latency with durable commits, GET of one action, and the
-//! time from a 201 to the pushed action's arrival at a connected agent.
+//! time from a 201 to the pushed action's arrival at a connected agent,
+//! lists as an application and as a group-scoped user, and the time a
+//! failed sign-in takes for an unknown account and for a wrong password.
 //! Each figure is the median of several rounds.
 
 use std::path::{Path, PathBuf};
@@ -18,6 +20,9 @@ use http::Method;
 use proto::agent::{Enforced, ServerMessage};
 
 const ROUNDS: usize = 3;
+const BENCH_USER: &str = "bench@example.com";
+const BENCH_PASSWORD: &str = "bench password, long enough";
+const SIGNIN_ATTEMPTS: usize = 60;
 const CONCURRENCY: usize = 32;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -56,6 +61,9 @@ fn start_server(data: &Path) -> anyhow::Result<Server> {
         .env("CORDON_DATA_DIR", data)
         .env("CORDON_RATE_LIMIT_PER_MINUTE", "0")
         .env("CORDON_RATE_LIMIT_PER_HOUR", "0")
+        // The sign-in timing figure makes many failed attempts on purpose.
+        .env("CORDON_SIGNIN_FAILURES_PER_USER", "0")
+        .env("CORDON_SIGNIN_FAILURES_PER_SOURCE", "0")
         .env("CORDON_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -111,6 +119,37 @@ async fn token(
     Ok(reply.json()?["access_token"]
         .as_str()
         .context("no token")?
+        .to_owned())
+}
+
+/// A delegated token from the v1 password grant.
+async fn password_token(
+    server: &Server,
+    tenant: &str,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<String> {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([
+            ("grant_type", "password"),
+            ("client_id", "cordon-console"),
+            ("username", user),
+            ("password", password),
+            ("resource", "https://api.securitycenter.microsoft.com"),
+        ])
+        .finish();
+    let reply = client(server)
+        .await?
+        .request(
+            Method::POST,
+            &format!("/{tenant}/oauth2/token"),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            body,
+        )
+        .await?;
+    Ok(reply.json()?["access_token"]
+        .as_str()
+        .context("no user token")?
         .to_owned())
 }
 
@@ -236,6 +275,35 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         ids.push(id);
     }
+    // A Responder whose user group reaches one of two machine groups (the
+    // machines named bench-1…; the other group holds bench-2…), for the
+    // scoped-list figure; and the account the sign-in timing figure tries
+    // wrong passwords on.
+    for (name, prefix, user_group) in [("one", "bench-1", "g1"), ("two", "bench-2", "g2")] {
+        store
+            .create_group(store::NewGroup {
+                name: name.into(),
+                rank: 1,
+                match_tag: None,
+                match_name_prefix: Some(prefix.into()),
+                match_os: None,
+                user_groups: vec![user_group.into()],
+                now: server::now_nanos(),
+            })
+            .await?;
+    }
+    store
+        .create_user(store::UserRecord {
+            id: server::crypto::new_guid(),
+            upn: BENCH_USER.into(),
+            display_name: BENCH_USER.into(),
+            password_hash: server::crypto::hash_secret(BENCH_PASSWORD),
+            role: "Responder".into(),
+            user_groups: vec!["g1".into()],
+            disabled: false,
+            created_at: server::now_nanos(),
+        })
+        .await?;
     drop(store);
 
     let server = start_server(&data)?;
@@ -326,6 +394,79 @@ async fn main() -> anyhow::Result<()> {
         &mut rates,
         &mut p50s,
         &mut p99s,
+    );
+
+    // Scoped lists: the same query as the app (every machine) and as the
+    // Responder (the machines of one group and the default group).
+    let user_token = password_token(&server, &tenant, BENCH_USER, BENCH_PASSWORD).await?;
+    for (label, path) in [
+        ("GET /api/machines?$top=100", "/api/machines?$top=100"),
+        (
+            "GET /api/machineactions?$top=100",
+            "/api/machineactions?$top=100",
+        ),
+    ] {
+        let mut figures = Vec::new();
+        for (who, bearer) in [("app", &token), ("user", &user_token)] {
+            let (mut rates, mut p50s, mut p99s) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                let requests = (0..2_000).map(|_| (path.to_owned(), None)).collect();
+                let (wall, latencies) = load(&server, bearer, Method::GET, requests, 200).await?;
+                rates.push(latencies.len() as f64 / wall.as_secs_f64());
+                p50s.push(percentile(&latencies, 0.5).as_secs_f64() * 1e3);
+                p99s.push(percentile(&latencies, 0.99).as_secs_f64() * 1e3);
+            }
+            report(
+                &format!("{label} ({who})"),
+                &mut rates,
+                &mut p50s,
+                &mut p99s,
+            );
+            figures.push(median(&mut rates));
+        }
+        println!(
+            "  scoped/unscoped throughput ratio: {:.2}",
+            figures[1] / figures[0]
+        );
+    }
+
+    // Sign-in timing: an unknown account and a wrong password for a real
+    // one, alternating, one at a time. The two medians should match.
+    let mut http = client(&server).await?;
+    let (mut unknown, mut wrong) = (Vec::new(), Vec::new());
+    for i in 0..SIGNIN_ATTEMPTS {
+        for (user, into) in [
+            (format!("nobody-{i}@example.com"), &mut unknown),
+            (BENCH_USER.to_owned(), &mut wrong),
+        ] {
+            let body = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs([
+                    ("grant_type", "password"),
+                    ("client_id", "cordon-console"),
+                    ("username", user.as_str()),
+                    ("password", "not the password"),
+                    ("resource", "https://api.securitycenter.microsoft.com"),
+                ])
+                .finish();
+            let t0 = Instant::now();
+            let reply = http
+                .request(
+                    Method::POST,
+                    &format!("/{tenant}/oauth2/token"),
+                    &[("content-type", "application/x-www-form-urlencoded")],
+                    body,
+                )
+                .await?;
+            into.push(t0.elapsed().as_secs_f64() * 1e3);
+            if reply.status != 400 {
+                bail!("sign-in timing: expected 400, got {}", reply.status);
+            }
+        }
+    }
+    let (unknown_ms, wrong_ms) = (median(&mut unknown), median(&mut wrong));
+    println!(
+        "failed sign-in, unknown account      median {unknown_ms:>6.2} ms; wrong password median {wrong_ms:>6.2} ms; ratio {:.3} ({SIGNIN_ATTEMPTS} each)",
+        unknown_ms / wrong_ms
     );
 
     // 201 -> pushed action at a connected agent.

@@ -883,6 +883,14 @@ async fn machine_tags_are_added_removed_validated_and_filterable() {
         reply.json().unwrap()["machineTags"],
         json!(["tier-1 servers"])
     );
+    // Tags compare without regard to case: no second copy in another case.
+    let reply = api
+        .post(&path, json!({"Value": "TIER-1 Servers", "Action": "Add"}))
+        .await;
+    assert_eq!(
+        reply.json().unwrap()["machineTags"],
+        json!(["tier-1 servers"])
+    );
     let page = api
         .get("/api/machines?$filter=machineTags/any(t:%20t%20eq%20'tier-1%20servers')")
         .await
@@ -892,7 +900,7 @@ async fn machine_tags_are_added_removed_validated_and_filterable() {
     let reply = api
         .post(
             &path,
-            json!({"Value": "tier-1 servers", "Action": "remove"}),
+            json!({"Value": "Tier-1 Servers", "Action": "remove"}),
         )
         .await;
     assert_eq!(reply.json().unwrap()["machineTags"], json!([]));

@@ -116,6 +116,7 @@ impl LocalProvider {
             scp: Some("Machine.Read Machine.Isolate".into()),
             upn: Some("ann@example.com".into()),
             name: Some("Ann".into()),
+            groups: None,
             jti: None,
         }
     }
@@ -363,4 +364,121 @@ fn only_https_or_loopback_issuers_are_accepted() {
     let mut missing_ca = settings("https://login.example.com/tenant");
     missing_ca.ca_file = Some("/nonexistent/ca.pem".into());
     assert!(Verifier::new(missing_ca).is_err());
+}
+
+/// A user of provider B, with these user groups, and their delegated token
+/// from B's password grant.
+async fn user_token_of(provider: &TestServer, upn: &str, user_groups: &[&str]) -> String {
+    let password = "a long enough password";
+    provider
+        .store()
+        .create_user(store::UserRecord {
+            id: server::crypto::new_guid(),
+            upn: upn.into(),
+            display_name: upn.into(),
+            password_hash: server::crypto::hash_secret(password),
+            role: "Viewer".into(),
+            user_groups: user_groups.iter().map(|g| g.to_string()).collect(),
+            disabled: false,
+            created_at: server::now_nanos(),
+        })
+        .await
+        .unwrap();
+    let reply = provider
+        .https()
+        .request(
+            Method::POST,
+            &format!("/{}/oauth2/v2.0/token", provider.tenant()),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            form(&[
+                ("grant_type", "password"),
+                ("client_id", "cordon-console"),
+                ("username", upn),
+                ("password", password),
+                ("scope", "https://api.securitycenter.microsoft.com/.default"),
+            ]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    reply.json().unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Server A trusts server B as an identity provider, mapping B's user
+/// group `soc-tier2` to the Responder role and taking B's groups as user
+/// groups: B's users act on A through the real API, within their role and
+/// machine groups.
+#[tokio::test]
+async fn external_users_act_within_their_mapped_role_and_machine_groups() {
+    let provider = TestServer::start().await;
+    let issuer = provider.server.state.issuer.clone();
+    let ca = provider.ca.clone();
+    let server = TestServer::start_with(move |config| {
+        let mut settings = OidcSettings::new(vec![Provider {
+            issuer,
+            audience: "https://api.securitycenter.microsoft.com".into(),
+        }]);
+        settings.role_claim = "groups".into();
+        settings.group_claim = "groups".into();
+        settings.role_map = vec![("soc-tier2".into(), "Responder".into())];
+        settings.ca_file = Some(ca);
+        config.oidc = settings;
+    })
+    .await;
+    for (name, rank, prefix, user_group) in [("Finance", 1, "fin-", "fin"), ("HR", 2, "hr-", "hr")]
+    {
+        server
+            .store()
+            .create_group(store::NewGroup {
+                name: name.into(),
+                rank,
+                match_tag: None,
+                match_name_prefix: Some(prefix.into()),
+                match_os: None,
+                user_groups: vec![user_group.into()],
+                now: server::now_nanos(),
+            })
+            .await
+            .unwrap();
+    }
+    let finance = server.enroll("fin-ws-1").await;
+    let hr = server.enroll("hr-ws-1").await;
+
+    let mut bob = Api {
+        http: server.https(),
+        token: user_token_of(&provider, "bob@b.example", &["soc-tier2", "fin"]).await,
+    };
+    let listed = bob.get("/api/machines").await;
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+    let names: Vec<String> = listed.json().unwrap()["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["computerDnsName"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, vec!["fin-ws-1"]);
+    let reply = bob.isolate(&finance.machine_id()).await;
+    assert_eq!(reply.status, 201, "{:?}", reply.body);
+    assert_eq!(reply.json().unwrap()["requestor"], "bob@b.example");
+    let reply = bob.isolate(&hr.machine_id()).await;
+    assert_error(&reply, 404, "ResourceNotFound");
+
+    // A user of B whose groups map to no Cordon role may do nothing.
+    let mut carol = Api {
+        http: server.https(),
+        token: user_token_of(&provider, "carol@b.example", &["fin"]).await,
+    };
+    assert_error(&carol.get("/api/machines").await, 403, "Forbidden");
+
+    // B's app token for another audience is refused; A's own tokens still work.
+    let mut other = Api {
+        http: server.https(),
+        token: token_for_resource(&provider, "https://api.security.microsoft.com").await,
+    };
+    assert_error(&other.get("/api/machines").await, 401, "Unauthorized");
+    let mut own = server.api().await;
+    assert_eq!(own.get("/api/machines").await.status, 200);
 }

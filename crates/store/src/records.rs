@@ -702,10 +702,14 @@ impl Store {
             if get_machine_by_id(conn, &machine_id)?.is_none() {
                 return Err(StoreError::NotFound);
             }
+            // Tags are compared without regard to (ASCII) case, as machine
+            // groups match them: adding `finance` to a machine tagged
+            // `FINANCE` changes nothing, and removing it removes `FINANCE`.
             let sql = if add {
-                "INSERT INTO machine_tags (machine_id, tag) VALUES (?1, ?2) ON CONFLICT DO NOTHING"
+                "INSERT INTO machine_tags (machine_id, tag) SELECT ?1, ?2 WHERE NOT EXISTS \
+                 (SELECT 1 FROM machine_tags WHERE machine_id = ?1 AND tag = ?2 COLLATE NOCASE)"
             } else {
-                "DELETE FROM machine_tags WHERE machine_id = ?1 AND tag = ?2"
+                "DELETE FROM machine_tags WHERE machine_id = ?1 AND tag = ?2 COLLATE NOCASE"
             };
             conn.prepare_cached(sql)?
                 .execute(params![machine_id, tag])?;
