@@ -109,7 +109,7 @@ pub async fn check_password(
     .unwrap_or(false);
     match user {
         Some(user) if matches && !user.disabled => {
-            state.throttle.succeeded(name);
+            state.throttle.succeeded(name, source);
             Ok(user)
         }
         _ => {
