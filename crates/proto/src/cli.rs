@@ -39,4 +39,7 @@ pub struct MachineSummary {
     pub revoked: bool,
     pub isolation_state: String,
     pub last_seen: Option<String>,
+    /// The machine group (`rbacGroupName`).
+    #[serde(default)]
+    pub rbac_group_name: String,
 }

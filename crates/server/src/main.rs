@@ -643,6 +643,7 @@ async fn machine_command(command: MachineCommand) -> anyhow::Result<()> {
                     revoked: m.revoked,
                     isolation_state: m.isolation_state,
                     last_seen: Some(proto::time::format_utc(m.last_seen)),
+                    rbac_group_name: m.rbac_group_name,
                 })
                 .collect();
             if json {
@@ -653,8 +654,8 @@ async fn machine_command(command: MachineCommand) -> anyhow::Result<()> {
                 for m in list {
                     let revoked = if m.revoked { "  (revoked)" } else { "" };
                     println!(
-                        "{}  {}  {}{revoked}",
-                        m.machine_id, m.computer_dns_name, m.isolation_state
+                        "{}  {}  {}  [{}]{revoked}",
+                        m.machine_id, m.computer_dns_name, m.isolation_state, m.rbac_group_name
                     );
                 }
             }
