@@ -25,7 +25,7 @@ const CONSOLE: &str = "cordon-console";
 const REDIRECT: &str = "http://localhost:1234/cb";
 const UNKNOWN_MACHINE: &str = "0123456789abcdef0123456789abcdef01234567";
 const UNKNOWN_ACTION: &str = "00000000-0000-4000-8000-000000000000";
-const DEFAULT_GROUP: &str = "Ungrouped machines (default)";
+const DEFAULT_GROUP: &str = "Ungrouped devices (default)";
 
 // ---- set-up -----------------------------------------------------------------
 

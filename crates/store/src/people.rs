@@ -7,7 +7,7 @@ use crate::{Result, Store, StoreError};
 
 /// The group of machines no ranked group matches. It has no row.
 pub const DEFAULT_GROUP_ID: i64 = 0;
-pub const DEFAULT_GROUP_NAME: &str = "Ungrouped machines (default)";
+pub const DEFAULT_GROUP_NAME: &str = "Ungrouped devices (default)";
 
 /// A person who signs in to the built-in authority.
 #[derive(Debug, Clone, PartialEq)]
