@@ -4,7 +4,8 @@
 //!
 //! `GET /{tenant}/oauth2/v2.0/authorize` checks the request and shows the
 //! sign-in form; posting the form checks the password and sends the browser
-//! back to `redirect_uri` with a one-time code, which the client exchanges at
+//! back to `redirect_uri` with a one-time code (in the query, or posted with
+//! `response_mode=form_post`), which the client exchanges at
 //! the token endpoint with its PKCE `code_verifier`. PKCE (`S256`) is
 //! required. A redirect URI must be a loopback address (any port, as for
 //! native apps) or lie under the server's own URL, so a link crafted by
@@ -329,6 +330,8 @@ struct Request {
     resource: String,
     scopes: Vec<String>,
     challenge: String,
+    /// `response_mode=form_post`: the answer is posted, not put in the query.
+    form_post: bool,
 }
 
 /// Why a request can't proceed: shown on a page when the redirect URI
@@ -340,6 +343,7 @@ enum Refusal {
         state: Option<String>,
         error: &'static str,
         description: String,
+        form_post: bool,
     },
 }
 
@@ -370,11 +374,13 @@ async fn check_request(
                 .into(),
         ));
     }
+    let form_post = params.get("response_mode") == Some("form_post");
     let redirect = |error: &'static str, description: &str| Refusal::Redirect {
         redirect_uri: redirect_uri.to_owned(),
         state: params.get("state").map(str::to_owned),
         error,
         description: description.to_owned(),
+        form_post,
     };
     if params.get("response_type") != Some("code") {
         return Err(redirect(
@@ -382,10 +388,13 @@ async fn check_request(
             "Only response_type=code is supported.",
         ));
     }
-    if params.get("response_mode").is_some_and(|m| m != "query") {
+    if params
+        .get("response_mode")
+        .is_some_and(|m| m != "query" && m != "form_post")
+    {
         return Err(redirect(
             "invalid_request",
-            "Only response_mode=query is supported.",
+            "The response_mode must be query or form_post.",
         ));
     }
     let Some(challenge) = params.get("code_challenge") else {
@@ -438,6 +447,7 @@ async fn check_request(
         resource,
         scopes,
         challenge: challenge.to_owned(),
+        form_post,
     })
 }
 
@@ -504,6 +514,7 @@ fn refusal_response(refusal: Refusal) -> Response {
             state,
             error,
             description,
+            form_post,
         } => {
             let mut pairs = vec![
                 ("error", error.to_owned()),
@@ -512,10 +523,50 @@ fn refusal_response(refusal: Refusal) -> Response {
             if let Some(state) = state {
                 pairs.push(("state", state));
             }
-            redirect_to(&redirect_uri, &pairs)
+            answer(&redirect_uri, &pairs, form_post)
         }
     }
 }
+
+/// Sends the answer of an authorization request to the client: in the
+/// redirect's query, or (`form_post`) in a form the browser posts to it.
+fn answer(redirect_uri: &str, pairs: &[(&str, String)], form_post: bool) -> Response {
+    if !form_post {
+        return redirect_to(redirect_uri, pairs);
+    }
+    let hidden: String = pairs
+        .iter()
+        .map(|(n, v)| {
+            format!(
+                "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+                escape(n),
+                escape(v)
+            )
+        })
+        .collect();
+    let body = format!(
+        "<h1>Signing you in</h1><form method=\"post\" action=\"{}\">{hidden}\
+         <noscript><button type=\"submit\">Continue</button></noscript></form>\
+         <script>{AUTO_SUBMIT}</script>",
+        escape(redirect_uri)
+    );
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, AUTO_SUBMIT.as_bytes());
+    let csp = format!(
+        "default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{}'; \
+         frame-ancestors 'none'",
+        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+    );
+    let mut response = page(StatusCode::OK, "Signing in", &body);
+    if let Ok(value) = HeaderValue::from_str(&csp) {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_SECURITY_POLICY, value);
+    }
+    response
+}
+
+/// The one script Cordon's pages run: posting a form_post answer.
+const AUTO_SUBMIT: &str = "document.forms[0].submit()";
 
 fn redirect_to(redirect_uri: &str, pairs: &[(&str, String)]) -> Response {
     let query = form_urlencoded::Serializer::new(String::new())
@@ -651,6 +702,7 @@ async fn authorize_submit(
             state: request.state,
             error: "temporarily_unavailable",
             description: "Too many sign-ins are pending; try again shortly.".into(),
+            form_post: request.form_post,
         });
     };
     tracing::info!(user = %user.id, client_id = %request.client_id, "user signed in");
@@ -658,7 +710,7 @@ async fn authorize_submit(
     if let Some(s) = request.state {
         pairs.push(("state", s));
     }
-    redirect_to(&request.redirect_uri, &pairs)
+    answer(&request.redirect_uri, &pairs, request.form_post)
 }
 
 #[cfg(test)]
@@ -680,6 +732,42 @@ mod tests {
         assert_eq!(
             escape("<script>\"x\"&'y'</script>"),
             "&lt;script&gt;&quot;x&quot;&amp;&#39;y&#39;&lt;/script&gt;"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_form_post_answer_posts_escaped_fields_with_only_its_own_script() {
+        let response = answer(
+            "http://localhost:5555/cb",
+            &[("code", "c\"><x".into()), ("state", "s".into())],
+            true,
+        );
+        assert_eq!(response.status(), StatusCode::OK);
+        let csp = response.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        // Only the auto-submit script runs: its hash, no 'unsafe-inline' script.
+        assert!(
+            csp.contains("script-src 'sha256-ePniVEkSivX/c7XWBGafqh8tSpiRrKiqYeqbG7N1TOE='"),
+            "{csp}"
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            body.contains("action=\"http://localhost:5555/cb\""),
+            "{body}"
+        );
+        assert!(body.contains("value=\"c&quot;&gt;&lt;x\""), "{body}");
+        assert!(!body.contains("c\"><x"), "{body}");
+
+        let redirect = answer("http://localhost:5555/cb", &[("code", "c".into())], false);
+        assert_eq!(redirect.status(), StatusCode::SEE_OTHER);
+        assert_eq!(
+            redirect.headers()[header::LOCATION],
+            "http://localhost:5555/cb?code=c"
         );
     }
 

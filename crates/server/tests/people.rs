@@ -1775,3 +1775,36 @@ async fn failed_sign_ins_are_recorded_in_the_audit_trail() {
     .collect();
     assert_eq!(events, expected);
 }
+
+/// `response_mode=form_post`: the code comes back in a form the browser
+/// posts to the redirect URI, and exchanges like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_post_answer_carries_a_code_that_exchanges_for_a_token() {
+    let server = TestServer::start().await;
+    add_user(&server, "fay@example.com", "Viewer", &[]).await;
+    let (verifier, challenge) = pkce();
+    let mut fields = authorize_fields(&challenge, REDIRECT, "st&<ate>");
+    fields.push(("response_mode", "form_post"));
+    let reply = authorize_post(&server, &fields, "fay@example.com", PASSWORD).await;
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    assert!(reply.header("location").is_none());
+    let page = text(&reply);
+    assert!(page.contains(&format!("action=\"{REDIRECT}\"")), "{page}");
+    assert!(page.contains("value=\"st&amp;&lt;ate&gt;\""), "{page}");
+    let code = page
+        .split("name=\"code\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a code field")
+        .to_owned();
+    let reply = exchange(&server, &code, &verifier).await;
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    assert_eq!(claims_of(&access_token(&reply))["upn"], "fay@example.com");
+
+    // An unsupported mode is refused back to the client, in the query.
+    let mut fields = authorize_fields(&challenge, REDIRECT, "s");
+    fields.push(("response_mode", "fragment"));
+    let reply = authorize_get(&server, &fields).await;
+    let (_, params) = redirected(&reply);
+    assert_eq!(params["error"], "invalid_request");
+}
