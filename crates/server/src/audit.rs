@@ -212,6 +212,13 @@ pub async fn list(
     OriginalUri(uri): OriginalUri,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Audit)?;
+    // The trail names machines of every group: it is for callers who
+    // reach them all (applications, Administrators).
+    if principal.machine_groups().is_some() {
+        return Err(ApiError::forbidden(
+            "The audit trail covers every machine group; only callers who reach all of them may read it.",
+        ));
+    }
     let options = odata::parse(uri.query(), odata::AUDIT_FIELDS, odata::AUDIT_PROPERTIES)
         .map_err(ApiError::odata)?;
     let page = state.store.list_audit(options.query.clone()).await?;

@@ -110,6 +110,8 @@ pub struct AppState {
     pub throttle: throttle::Throttle,
     /// Authorization codes not yet exchanged.
     pub codes: signin::Codes,
+    /// Password hashes computed at once for sign-ins, at most.
+    pub password_hashes: tokio::sync::Semaphore,
     /// Verifies tokens of the external providers (none configured: empty).
     pub oidc: oidc::Verifier,
 }
@@ -327,6 +329,7 @@ pub async fn start_with(
         dummy_hash: crypto::hash_secret("not a secret"),
         throttle: throttle::Throttle::new(config_signin.0, config_signin.1),
         codes: signin::Codes::default(),
+        password_hashes: tokio::sync::Semaphore::new(4),
         oidc,
     });
     let mut tasks = vec![

@@ -135,7 +135,8 @@ struct ServeArgs {
     #[arg(long, default_value = "groups")]
     oidc_group_claim: String,
     /// VALUE=ROLE: a role-claim value that grants a Cordon role (repeatable),
-    /// such as soc-tier1=Viewer. Values without a mapping name roles directly.
+    /// such as soc-tier1=Viewer. With any mapping given, only mapped values grant roles;
+    /// with none, the values name Cordon roles directly.
     #[arg(long = "oidc-role-map")]
     oidc_role_map: Vec<String>,
     /// PEM file of CA certificates trusted for the providers' HTTPS

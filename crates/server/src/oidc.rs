@@ -60,7 +60,8 @@ pub struct OidcSettings {
     /// Claim whose values are user-group names (default "groups").
     pub group_claim: String,
     /// `VALUE=ROLE` pairs: a role-claim value mapped to a Cordon role name.
-    /// Values without an entry are passed through unchanged.
+    /// With any pair given, only mapped values grant roles; with none, the
+    /// values name Cordon roles directly.
     pub role_map: Vec<(String, String)>,
     /// Extra PEM CA certificates to trust when fetching discovery/JWKS
     /// (besides the system roots in /etc/ssl/certs/ca-certificates.crt if present).
@@ -582,11 +583,20 @@ fn identity(
         .find_map(text)
         .unwrap_or(subject);
     let name = text("name").or(text("app_displayname")).unwrap_or(upn);
+    // With a role map, only mapped values grant roles (a provider role that
+    // happens to be called "Administrator" grants nothing unless mapped);
+    // without one, values name Cordon roles directly.
     let roles = strings(claims.get(&settings.role_claim))
         .into_iter()
-        .map(|role| {
-            let mapped = settings.role_map.iter().find(|(value, _)| *value == role);
-            mapped.map_or(role, |(_, cordon)| cordon.clone())
+        .filter_map(|role| {
+            if settings.role_map.is_empty() {
+                return Some(role);
+            }
+            settings
+                .role_map
+                .iter()
+                .find(|(value, _)| *value == role)
+                .map(|(_, cordon)| cordon.clone())
         });
     let scopes = claims.get("scp").or(claims.get("scope")).map(|value| {
         let values = strings(Some(value));
@@ -670,7 +680,8 @@ mod tests {
             subject: "o".into(),
             upn: "ann@example.com".into(),
             name: "ann@example.com".into(),
-            roles: vec!["Machine.Isolate".into(), "Machine.Read.All".into()],
+            // Mapped values only: the map is there.
+            roles: vec!["Machine.Isolate".into()],
             user_groups: vec!["responders".into()],
             scopes: Some(vec!["Machine.Read".into(), "Machine.Isolate".into()]),
         };

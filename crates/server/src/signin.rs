@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Extension, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
@@ -27,13 +27,14 @@ use store::UserRecord;
 
 use crate::audit::PrincipalSlot;
 use crate::auth::DELEGATED_SCOPES;
-use crate::{AppState, ConnInfo, base_url, crypto};
+use crate::{AppState, ConnInfo, crypto};
 
 /// The client id of Cordon's own web console, a public client.
 pub const CONSOLE_CLIENT_ID: &str = "cordon-console";
 
 const CODE_LIFETIME: Duration = Duration::from_secs(600);
 const MAX_PENDING_CODES: usize = 10_000;
+const MAX_CODES_PER_USER: usize = 10;
 /// Longest sign-in name and password looked at.
 const MAX_NAME: usize = 256;
 const MAX_PASSWORD: usize = 1024;
@@ -85,9 +86,9 @@ pub async fn check_password(
     source: &str,
 ) -> Result<UserRecord, SignInFailure> {
     let name = name.trim();
-    state
+    let attempt = state
         .throttle
-        .check(name, source)
+        .begin(name, source)
         .map_err(SignInFailure::Throttled)?;
     let user = if name.is_empty() || name.len() > MAX_NAME {
         None
@@ -102,6 +103,12 @@ pub async fn check_password(
         .as_ref()
         .map_or_else(|| state.dummy_hash.clone(), |u| u.password_hash.clone());
     let password = password.to_owned();
+    // At most a few hashes at once, whatever the number of attempts.
+    let _slot = state
+        .password_hashes
+        .acquire()
+        .await
+        .map_err(|_| SignInFailure::Unavailable)?;
     let matches = tokio::task::spawn_blocking(move || {
         let ok = crypto::verify_secret(&password, &hash);
         ok && password.len() <= MAX_PASSWORD
@@ -110,12 +117,12 @@ pub async fn check_password(
     .unwrap_or(false);
     match user {
         Some(user) if matches && !user.disabled => {
-            state.throttle.succeeded(name, source);
+            attempt.succeeded();
             Ok(user)
         }
         _ => {
             tracing::info!(source, "sign-in failed");
-            state.throttle.failed(name, source);
+            attempt.failed();
             Err(SignInFailure::Invalid)
         }
     }
@@ -206,8 +213,8 @@ pub fn parse_scope(state: &AppState, scope: &str) -> Result<(String, Vec<String>
 
 /// Whether a browser may be sent back to `uri`: an absolute http(s) URI
 /// without a fragment, on a loopback host (any port) or under this
-/// server's own URL.
-pub fn redirect_allowed(state: &AppState, headers: &HeaderMap, uri: &str) -> bool {
+/// server's public URL (`--public-url`).
+pub fn redirect_allowed(state: &AppState, uri: &str) -> bool {
     if uri.len() > 2048 || uri.contains('#') || uri.chars().any(|c| c.is_control()) {
         return false;
     }
@@ -225,9 +232,9 @@ pub fn redirect_allowed(state: &AppState, headers: &HeaderMap, uri: &str) -> boo
     if matches!(host, "localhost" | "127.0.0.1" | "::1") {
         return true;
     }
-    [state.public_url.clone(), base_url(headers, state)]
-        .iter()
-        .any(|base| uri.starts_with(&format!("{base}/")) || uri == base)
+    // The canonical URL only: the `Host` header is not trusted here.
+    let base = &state.public_url;
+    uri.starts_with(&format!("{base}/")) || uri == *base
 }
 
 // ---- pending codes --------------------------------------------------------
@@ -255,6 +262,20 @@ impl Codes {
         let mut codes = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         codes.retain(|_, c| c.expires > now);
+        // One user signing in again and again only replaces their own oldest code.
+        let mine: Vec<(&String, Instant)> = codes
+            .iter()
+            .filter(|(_, c)| c.user_id == pending.user_id)
+            .map(|(k, c)| (k, c.expires))
+            .collect();
+        if mine.len() >= MAX_CODES_PER_USER
+            && let Some(oldest) = mine
+                .iter()
+                .min_by_key(|(_, e)| *e)
+                .map(|(k, _)| (*k).clone())
+        {
+            codes.remove(&oldest);
+        }
         if codes.len() >= MAX_PENDING_CODES {
             return None;
         }
@@ -349,7 +370,6 @@ enum Refusal {
 
 async fn check_request(
     state: &AppState,
-    headers: &HeaderMap,
     tenant: &str,
     params: &Params,
     v1: bool,
@@ -368,7 +388,7 @@ async fn check_request(
     let Some(redirect_uri) = params.get("redirect_uri") else {
         return Err(Refusal::Page("The request names no redirect_uri.".into()));
     };
-    if !redirect_allowed(state, headers, redirect_uri) {
+    if !redirect_allowed(state, redirect_uri) {
         return Err(Refusal::Page(
             "The redirect_uri is not allowed: it must be a loopback address or under this server's URL."
                 .into(),
@@ -628,14 +648,13 @@ async fn authorize_page(
     crate::authority::TenantParam(tenant): crate::authority::TenantParam,
     uri: axum::http::Uri,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
 ) -> Response {
     let v1 = !uri.path().contains("/v2.0/");
     let params = match Params::parse(query.unwrap_or_default().as_bytes()) {
         Ok(params) => params,
         Err(why) => return refusal_response(Refusal::Page(why)),
     };
-    match check_request(&state, &headers, &tenant, &params, v1).await {
+    match check_request(&state, &tenant, &params, v1).await {
         Ok(request) => {
             let hint = params.get("login_hint").unwrap_or_default().to_owned();
             form(StatusCode::OK, &params, &request, &hint, None)
@@ -648,7 +667,6 @@ async fn authorize_submit(
     State(state): State<Arc<AppState>>,
     crate::authority::TenantParam(tenant): crate::authority::TenantParam,
     uri: axum::http::Uri,
-    headers: HeaderMap,
     conn: Option<Extension<ConnInfo>>,
     slot: Option<Extension<PrincipalSlot>>,
     body: Bytes,
@@ -658,7 +676,7 @@ async fn authorize_submit(
         Ok(params) => params,
         Err(why) => return refusal_response(Refusal::Page(why)),
     };
-    let request = match check_request(&state, &headers, &tenant, &params, v1).await {
+    let request = match check_request(&state, &tenant, &params, v1).await {
         Ok(request) => request,
         Err(refusal) => return refusal_response(refusal),
     };
@@ -769,6 +787,27 @@ mod tests {
             redirect.headers()[header::LOCATION],
             "http://localhost:5555/cb?code=c"
         );
+    }
+
+    #[test]
+    fn a_user_holds_a_bounded_number_of_pending_codes() {
+        let codes = Codes::default();
+        let pending = |user: &str| PendingCode {
+            client_id: "c".into(),
+            redirect_uri: "http://localhost/cb".into(),
+            challenge: "x".into(),
+            user_id: user.into(),
+            resource: "r".into(),
+            scopes: vec![],
+            expires: Instant::now() + CODE_LIFETIME,
+        };
+        let first = codes.issue(pending("u")).unwrap();
+        for _ in 0..MAX_CODES_PER_USER {
+            codes.issue(pending("u")).unwrap();
+        }
+        assert!(codes.take(&first).is_none(), "the oldest made room");
+        let other = codes.issue(pending("v")).unwrap();
+        assert_eq!(codes.take(&other).unwrap().user_id, "v");
     }
 
     #[test]

@@ -170,7 +170,7 @@ async fn tokens_of_another_cordon_server_verify_and_forgeries_do_not() {
         subject: provider.client_id.clone(),
         upn: provider.client_id.clone(),
         name: "Test SOAR".into(),
-        roles: vec!["Responder".into(), "Machine.Read.All".into()],
+        roles: vec!["Responder".into()],
         user_groups: Vec::new(),
         scopes: None,
     };

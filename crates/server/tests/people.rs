@@ -560,7 +560,16 @@ async fn a_custom_role_grants_only_the_permissions_it_names() {
     );
     assert_error(&auditor.get("/api/machineactions").await, 403, "Forbidden");
     assert_error(&auditor.isolate(&ws).await, 403, "Forbidden");
-    assert_eq!(auditor.get("/api/auditEvents").await.status, 200);
+    // The trail names machines of every group: a custom role, limited to
+    // some groups, may not read it even with the permission.
+    let refused = assert_error(&auditor.get("/api/auditEvents").await, 403, "Forbidden");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("every machine group"),
+        "{refused}"
+    );
 
     // Settings within the user's machine groups; no remediation.
     let mut tagger = sign_in(&server, "tagger@example.com").await;
@@ -1807,4 +1816,40 @@ async fn a_form_post_answer_carries_a_code_that_exchanges_for_a_token() {
     let reply = authorize_get(&server, &fields).await;
     let (_, params) = redirected(&reply);
     assert_eq!(params["error"], "invalid_request");
+}
+
+/// Guesses sent all at once get no more tries than guesses one after
+/// another: attempts in flight count against the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_simultaneous_guesses_gets_no_more_tries_than_the_limit() {
+    let server = std::sync::Arc::new(TestServer::start().await);
+    add_user(&server, "gus@example.com", "Viewer", &[]).await;
+    let mut guesses = Vec::new();
+    for n in 0..20 {
+        let server = server.clone();
+        guesses.push(tokio::spawn(async move {
+            password_grant(&server, "gus@example.com", &format!("guess number {n}"))
+                .await
+                .status
+                .as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for guess in guesses {
+        statuses.push(guess.await.unwrap());
+    }
+    let checked = statuses.iter().filter(|s| **s == 400).count();
+    assert!(checked <= 5, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        20 - checked,
+        "{statuses:?}"
+    );
+    // And the account is locked now, even against the right password.
+    assert_eq!(
+        password_grant(&server, "gus@example.com", PASSWORD)
+            .await
+            .status,
+        429
+    );
 }
