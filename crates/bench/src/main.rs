@@ -93,33 +93,57 @@ async fn client(server: &Server) -> anyhow::Result<HttpsClient> {
     HttpsClient::new(agent::https::tls_config(&server.ca)?, &server.url)
 }
 
+/// Posts a token request's form fields to `path`.
+async fn token_request(
+    http: &mut HttpsClient,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> anyhow::Result<agent::Reply> {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(fields)
+        .finish();
+    http.request(
+        Method::POST,
+        path,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        body,
+    )
+    .await
+}
+
+fn access_token(reply: &agent::Reply) -> anyhow::Result<String> {
+    Ok(reply.json()?["access_token"]
+        .as_str()
+        .with_context(|| format!("no token: {}", String::from_utf8_lossy(&reply.body)))?
+        .to_owned())
+}
+
+/// An application token (client credentials).
 async fn token(
     server: &Server,
     tenant: &str,
     client_id: &str,
     secret: &str,
 ) -> anyhow::Result<String> {
-    let body = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs([
-            ("grant_type", "client_credentials"),
-            ("client_id", client_id),
-            ("client_secret", secret),
-            ("scope", "https://api.securitycenter.microsoft.com/.default"),
-        ])
-        .finish();
-    let reply = client(server)
-        .await?
-        .request(
-            Method::POST,
-            &format!("/{tenant}/oauth2/v2.0/token"),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            body,
-        )
-        .await?;
-    Ok(reply.json()?["access_token"]
-        .as_str()
-        .context("no token")?
-        .to_owned())
+    let fields = [
+        ("grant_type", "client_credentials"),
+        ("client_id", client_id),
+        ("client_secret", secret),
+        ("scope", "https://api.securitycenter.microsoft.com/.default"),
+    ];
+    let path = format!("/{tenant}/oauth2/v2.0/token");
+    access_token(&token_request(&mut client(server).await?, &path, &fields).await?)
+}
+
+/// The v1 password grant's fields for `user`.
+fn password_fields<'a>(user: &'a str, password: &'a str) -> [(&'a str, &'a str); 5] {
+    [
+        ("grant_type", "password"),
+        ("client_id", "cordon-console"),
+        ("username", user),
+        ("password", password),
+        ("resource", "https://api.securitycenter.microsoft.com"),
+    ]
 }
 
 /// A delegated token from the v1 password grant.
@@ -129,28 +153,9 @@ async fn password_token(
     user: &str,
     password: &str,
 ) -> anyhow::Result<String> {
-    let body = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs([
-            ("grant_type", "password"),
-            ("client_id", "cordon-console"),
-            ("username", user),
-            ("password", password),
-            ("resource", "https://api.securitycenter.microsoft.com"),
-        ])
-        .finish();
-    let reply = client(server)
-        .await?
-        .request(
-            Method::POST,
-            &format!("/{tenant}/oauth2/token"),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            body,
-        )
-        .await?;
-    Ok(reply.json()?["access_token"]
-        .as_str()
-        .context("no user token")?
-        .to_owned())
+    let path = format!("/{tenant}/oauth2/token");
+    let fields = password_fields(user, password);
+    access_token(&token_request(&mut client(server).await?, &path, &fields).await?)
 }
 
 /// Runs `requests` (path, body) over `CONCURRENCY` connections; returns the
@@ -439,24 +444,10 @@ async fn main() -> anyhow::Result<()> {
             (format!("nobody-{i}@example.com"), &mut unknown),
             (BENCH_USER.to_owned(), &mut wrong),
         ] {
-            let body = form_urlencoded::Serializer::new(String::new())
-                .extend_pairs([
-                    ("grant_type", "password"),
-                    ("client_id", "cordon-console"),
-                    ("username", user.as_str()),
-                    ("password", "not the password"),
-                    ("resource", "https://api.securitycenter.microsoft.com"),
-                ])
-                .finish();
+            let fields = password_fields(&user, "not the password");
             let t0 = Instant::now();
-            let reply = http
-                .request(
-                    Method::POST,
-                    &format!("/{tenant}/oauth2/token"),
-                    &[("content-type", "application/x-www-form-urlencoded")],
-                    body,
-                )
-                .await?;
+            let reply =
+                token_request(&mut http, &format!("/{tenant}/oauth2/token"), &fields).await?;
             into.push(t0.elapsed().as_secs_f64() * 1e3);
             if reply.status != 400 {
                 bail!("sign-in timing: expected 400, got {}", reply.status);

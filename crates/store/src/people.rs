@@ -272,28 +272,24 @@ impl Store {
     }
 
     pub async fn set_user_password(&self, upn: &str, password_hash: String) -> Result<()> {
-        let upn = upn.to_owned();
-        self.write(move |conn| {
-            match conn.execute(
-                "UPDATE users SET password_hash = ?2 WHERE upn = ?1",
-                params![upn, password_hash],
-            )? {
-                0 => Err(StoreError::NotFound),
-                _ => Ok(()),
-            }
-        })
-        .await
+        self.update_user(upn, "password_hash", password_hash).await
     }
 
     /// Disables (or enables again) a user; a disabled user's tokens stop
     /// working at once and they cannot sign in.
     pub async fn set_user_disabled(&self, upn: &str, disabled: bool) -> Result<()> {
+        self.update_user(upn, "disabled", disabled).await
+    }
+
+    /// Sets one column (a fixed name, never client text) of a user.
+    async fn update_user<V>(&self, upn: &str, column: &'static str, value: V) -> Result<()>
+    where
+        V: rusqlite::ToSql + Send + 'static,
+    {
         let upn = upn.to_owned();
         self.write(move |conn| {
-            match conn.execute(
-                "UPDATE users SET disabled = ?2 WHERE upn = ?1",
-                params![upn, disabled],
-            )? {
+            let sql = format!("UPDATE users SET {column} = ?2 WHERE upn = ?1");
+            match conn.execute(&sql, params![upn, value])? {
                 0 => Err(StoreError::NotFound),
                 _ => Ok(()),
             }
