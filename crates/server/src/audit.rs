@@ -185,6 +185,37 @@ pub async fn record(
     response
 }
 
+/// Records an admin command that changed something (`cordon user create`,
+/// `cordon app delete`, …): method `CLI`, principal `cli <login name>`,
+/// source address `local`, status 0. `target` names what changed (never a
+/// secret).
+pub async fn record_command(
+    store: &store::Store,
+    action: &str,
+    target: &str,
+) -> Result<(), store::StoreError> {
+    let who = ["SUDO_USER", "USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    store
+        .append_audit(NewAuditEvent {
+            id: crypto::new_guid(),
+            at: crate::now_nanos(),
+            principal: format!("cli {who}"),
+            source_address: "local".to_owned(),
+            request_id: crypto::new_guid(),
+            method: "CLI".to_owned(),
+            target: target.to_owned(),
+            action: action.to_owned(),
+            outcome: "Succeeded".to_owned(),
+            status: 0,
+            detail: None,
+        })
+        .await
+        .map(|_| ())
+}
+
 pub fn audit_entity(r: &AuditRecord) -> AuditEvent {
     let e = &r.event;
     AuditEvent {

@@ -521,6 +521,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
                     created_at: server::now_nanos(),
                 })
                 .await?;
+            server::audit::record_command(&store, "app.create", &client_id).await?;
             if json {
                 let created = proto::cli::AppCreated {
                     tenant_id,
@@ -564,6 +565,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             let store = server::open_store(&data.data_dir)?;
             match store.delete_app(&client_id).await {
                 Ok(()) => {
+                    server::audit::record_command(&store, "app.delete", &client_id).await?;
                     println!("Deleted application {client_id}; its tokens no longer work.");
                     Ok(())
                 }
@@ -608,6 +610,9 @@ async fn enroll_token_command(command: EnrollTokenCommand) -> anyhow::Result<()>
             max_uses: max_uses.map(i64::from),
         })
         .await?;
+    // Named by its hash's first characters: the token itself is a secret.
+    let token_hash = crypto::sha256_hex(token.as_bytes());
+    server::audit::record_command(&store, "enroll-token.create", &token_hash[..12]).await?;
     if json {
         let created = proto::cli::EnrollTokenCreated {
             token,
@@ -666,6 +671,8 @@ async fn machine_command(command: MachineCommand) -> anyhow::Result<()> {
             let store = server::open_store(&data.data_dir)?;
             match store.revoke_machine(&machine_id.to_ascii_lowercase()).await {
                 Ok(()) => {
+                    let machine_id = machine_id.to_ascii_lowercase();
+                    server::audit::record_command(&store, "machine.revoke", &machine_id).await?;
                     println!("Revoked machine {machine_id}; its agent can no longer connect.");
                     Ok(())
                 }
@@ -713,6 +720,7 @@ async fn exclusion_command(command: ExclusionCommand) -> anyhow::Result<()> {
             let rule = exclusions::create_rule(&store, fields)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            server::audit::record_command(&store, "exclusion.create", &rule.id).await?;
             if json {
                 println!("{}", serde_json::to_string(&exclusions::entity(&rule))?);
             } else {
@@ -759,6 +767,7 @@ async fn exclusion_command(command: ExclusionCommand) -> anyhow::Result<()> {
             exclusions::delete_rule(&store, &rule.id)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            server::audit::record_command(&store, "exclusion.delete", &rule.id).await?;
             println!(
                 "Removed exclusion rule '{}' ({}).",
                 rule.fields.name, rule.id

@@ -237,6 +237,7 @@ pub async fn user_command(command: UserCommand) -> anyhow::Result<()> {
                     }
                     e => e.into(),
                 })?;
+            server::audit::record_command(&store, "user.create", &upn).await?;
             if json {
                 let mut out =
                     json!({"id": id, "name": upn, "role": role.name, "userGroups": groups});
@@ -296,6 +297,7 @@ pub async fn user_command(command: UserCommand) -> anyhow::Result<()> {
                 .delete_user(&name)
                 .await
                 .map_err(not_found("user", &name))?;
+            server::audit::record_command(&store, "user.delete", &name).await?;
             println!("Deleted user '{name}'.");
             Ok(())
         }
@@ -313,6 +315,7 @@ pub async fn user_command(command: UserCommand) -> anyhow::Result<()> {
                 .set_user_password(&name, crypto::hash_secret(&password))
                 .await
                 .map_err(not_found("user", &name))?;
+            server::audit::record_command(&store, "user.set-password", &name).await?;
             println!("Set the password of '{name}'.");
             Ok(())
         }
@@ -327,6 +330,12 @@ async fn set_disabled(data: DataDir, name: &str, disabled: bool) -> anyhow::Resu
         .set_user_disabled(name, disabled)
         .await
         .map_err(not_found("user", name))?;
+    let action = if disabled {
+        "user.disable"
+    } else {
+        "user.enable"
+    };
+    server::audit::record_command(&store, action, name).await?;
     let state = if disabled { "Disabled" } else { "Enabled" };
     println!("{state} user '{name}'.");
     Ok(())
@@ -380,6 +389,7 @@ pub async fn role_command(command: RoleCommand) -> anyhow::Result<()> {
                     }
                     e => e.into(),
                 })?;
+            server::audit::record_command(&store, "role.create", &name).await?;
             println!(
                 "Created role '{name}': {}.",
                 permission_names(&granted).join(", ")
@@ -432,6 +442,7 @@ pub async fn role_command(command: RoleCommand) -> anyhow::Result<()> {
                 }
                 e => e.into(),
             })?;
+            server::audit::record_command(&store, "role.delete", &name).await?;
             println!("Deleted role '{name}'.");
             Ok(())
         }
@@ -484,6 +495,7 @@ pub async fn group_command(command: GroupCommand) -> anyhow::Result<()> {
                     }
                     e => e.into(),
                 })?;
+            server::audit::record_command(&store, "group.create", &group.name).await?;
             println!(
                 "Created machine group '{}' (rbacGroupId {}) at rank {}.",
                 group.name, group.id, group.rank
@@ -547,6 +559,7 @@ pub async fn group_command(command: GroupCommand) -> anyhow::Result<()> {
                 .delete_group(&name)
                 .await
                 .map_err(not_found("machine group", &name))?;
+            server::audit::record_command(&store, "group.delete", &name).await?;
             println!("Deleted machine group '{name}'.");
             Ok(())
         }

@@ -1853,3 +1853,83 @@ async fn a_burst_of_simultaneous_guesses_gets_no_more_tries_than_the_limit() {
         429
     );
 }
+
+/// Admin commands that change something are in the audit trail too: who
+/// ran them, what they changed, never a secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_are_recorded_in_the_audit_trail() {
+    let server = TestServer::start().await;
+    let dir = server.dir.0.clone();
+    cordon_ok(
+        &dir,
+        &[
+            "user",
+            "create",
+            "--name",
+            "ivy@example.com",
+            "--role",
+            "Viewer",
+            "--password-stdin",
+        ],
+        Some("ivy's long password\n"),
+    )
+    .await;
+    cordon_ok(
+        &dir,
+        &[
+            "group",
+            "create",
+            "--name",
+            "Labs",
+            "--rank",
+            "1",
+            "--match-tag",
+            "lab",
+        ],
+        None,
+    )
+    .await;
+    cordon_ok(
+        &dir,
+        &["user", "disable", "--name", "ivy@example.com"],
+        None,
+    )
+    .await;
+    // A command that fails changes nothing and records nothing.
+    cordon_fails(
+        &dir,
+        &["user", "delete", "--name", "nobody@example.com"],
+        None,
+    )
+    .await;
+
+    let mut admin = admin_app(&server).await;
+    let reply = admin
+        .get("/api/auditEvents?$filter=startswith(principal,'cli%20')")
+        .await;
+    assert_eq!(reply.status, 200, "{}", text(&reply));
+    let events = reply.json().unwrap()["value"].as_array().unwrap().clone();
+    let seen: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            assert_eq!(e["method"], "CLI", "{e}");
+            assert_eq!(e["outcome"], "Succeeded", "{e}");
+            assert_eq!(e["sourceAddress"], "local", "{e}");
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["target"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("user.create".to_owned(), "ivy@example.com".to_owned()),
+            ("group.create".to_owned(), "Labs".to_owned()),
+            ("user.disable".to_owned(), "ivy@example.com".to_owned()),
+        ]
+    );
+    assert!(!reply.body.windows(8).any(|w| w == b"long pas"));
+    // And the chain still verifies.
+    cordon_ok(&dir, &["audit", "verify"], None).await;
+}
