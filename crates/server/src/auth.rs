@@ -39,6 +39,13 @@ pub enum Permission {
     Audit,
 }
 
+/// The application permissions (`roles`) the API knows.
+pub const APPLICATION_PERMISSIONS: [&str; 3] = [
+    "Machine.Isolate",
+    "Machine.Read.All",
+    "Machine.ReadWrite.All",
+];
+
 /// The delegated permissions the built-in authority grants users (their
 /// role decides what they may actually do).
 pub const DELEGATED_SCOPES: [&str; 3] = ["Machine.Read", "Machine.ReadWrite", "Machine.Isolate"];
@@ -224,8 +231,10 @@ impl AppState {
         })
     }
 
-    /// A token of an external OpenID Connect provider: a user whose role
-    /// and user groups come from the token's claims (`--oidc-role-claim`,
+    /// A token of an external OpenID Connect provider. An application's
+    /// own token (client credentials) is an application with the
+    /// application permissions of its `roles`. Otherwise it is a user whose
+    /// role and user groups come from the token's claims (`--oidc-role-claim`,
     /// `--oidc-group-claim`). Several roles combine their permissions.
     /// Without any `Machine.*` delegated permission in `scp`/`scope`, the
     /// token carries the delegated permissions Cordon's own user tokens do:
@@ -236,6 +245,21 @@ impl AppState {
             tracing::info!(reason = %e, "external token refused");
             ApiError::unauthorized("The access token is invalid.")
         })?;
+        if let Some(roles) = identity.application_roles {
+            // An application of the provider (as an Entra ID app calling
+            // with client credentials): its application permissions, every
+            // machine group, as for Cordon's own applications.
+            return Ok(Principal {
+                id: format!("{}|{}", identity.issuer, identity.subject),
+                display_name: identity.name,
+                roles: roles
+                    .into_iter()
+                    .filter(|r| APPLICATION_PERMISSIONS.contains(&r.as_str()))
+                    .collect(),
+                scopes: Vec::new(),
+                user: None,
+            });
+        }
         let mut role: Option<Role> = None;
         for name in &identity.roles {
             let Some(found) = crate::rbac::resolve_role(&self.store, name).await? else {

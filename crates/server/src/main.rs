@@ -260,11 +260,7 @@ enum ExclusionCommand {
     },
 }
 
-const PERMISSIONS: &[&str] = &[
-    "Machine.Isolate",
-    "Machine.Read.All",
-    "Machine.ReadWrite.All",
-];
+const PERMISSIONS: &[&str] = &server::auth::APPLICATION_PERMISSIONS;
 
 /// `--since`: an ISO 8601 UTC time, or a duration back from now.
 fn parse_since(text: &str) -> Result<i64, String> {

@@ -97,6 +97,12 @@ pub struct ExternalIdentity {
     /// Delegated scopes from `scp` (space separated) or `scope`; None when
     /// the token has neither.
     pub scopes: Option<Vec<String>>,
+    /// Set for an application's own token (client credentials, as Entra ID
+    /// issues them): the values of its `roles` claim, unmapped. An
+    /// application token has `idtyp` `app`, or names a client (`appid`,
+    /// `azp` or `client_id`) and carries neither delegated scopes nor a
+    /// user's name (`upn`, `preferred_username`, `email`).
+    pub application_roles: Option<Vec<String>>,
 }
 
 /// Why an external token was refused (for the log; clients get no detail).
@@ -607,6 +613,15 @@ fn identity(
                 .map(str::to_owned),
         )
     });
+    let names_client = ["appid", "azp", "client_id"]
+        .into_iter()
+        .any(|c| text(c).is_some());
+    let names_user = ["upn", "preferred_username", "email"]
+        .into_iter()
+        .any(|c| text(c).is_some());
+    let application =
+        text("idtyp") == Some("app") || (names_client && !names_user && scopes.is_none());
+    let application_roles = application.then(|| dedup(strings(claims.get("roles"))));
     Ok(ExternalIdentity {
         issuer: provider.issuer.clone(),
         subject: subject.to_owned(),
@@ -615,6 +630,7 @@ fn identity(
         roles: dedup(roles),
         user_groups: dedup(strings(claims.get(&settings.group_claim))),
         scopes,
+        application_roles,
     })
 }
 
@@ -684,6 +700,7 @@ mod tests {
             roles: vec!["Machine.Isolate".into()],
             user_groups: vec!["responders".into()],
             scopes: Some(vec!["Machine.Read".into(), "Machine.Isolate".into()]),
+            application_roles: None,
         };
         assert_eq!(user.unwrap(), expected);
         let app = check(json!({"app_displayname": "SOAR", "scope": ["a b", "c"]})).unwrap();
@@ -691,6 +708,24 @@ mod tests {
         assert_eq!(app.scopes.unwrap(), ["a", "b", "c"]);
         assert!(app.roles.is_empty() && app.user_groups.is_empty());
         assert_eq!(check(json!({})).unwrap().scopes, None);
+        // An application's own token (client credentials) keeps its roles as
+        // application permissions; a user's token is never one.
+        for (extra, expected) in [
+            (
+                json!({"appid": "a", "roles": ["Machine.Isolate", "Machine.Isolate"]}),
+                Some(vec!["Machine.Isolate".to_owned()]),
+            ),
+            (json!({"idtyp": "app", "upn": "x@y"}), Some(vec![])),
+            (json!({"azp": "a", "scp": "Machine.Read"}), None),
+            (json!({"azp": "a", "preferred_username": "ann"}), None),
+            (json!({"roles": ["Machine.Isolate"]}), None),
+        ] {
+            assert_eq!(
+                check(extra.clone()).unwrap().application_roles,
+                expected,
+                "{extra}"
+            );
+        }
     }
 
     #[test]

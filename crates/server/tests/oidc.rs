@@ -173,6 +173,7 @@ async fn tokens_of_another_cordon_server_verify_and_forgeries_do_not() {
         roles: vec!["Responder".into()],
         user_groups: Vec::new(),
         scopes: None,
+        application_roles: Some(vec!["Machine.Isolate".into(), "Machine.Read.All".into()]),
     };
     assert_eq!(verifier.verify(&token).await.unwrap(), expected);
     // The keys are cached.
@@ -472,6 +473,21 @@ async fn external_users_act_within_their_mapped_role_and_machine_groups() {
         token: user_token_of(&provider, "carol@b.example", &["fin"]).await,
     };
     assert_error(&carol.get("/api/machines").await, 403, "Forbidden");
+
+    // B's applications are applications at A (as an Entra ID app calling
+    // with client credentials): their application permissions, every group.
+    let mut soar = Api {
+        http: server.https(),
+        token: token_for_resource(&provider, "https://api.securitycenter.microsoft.com").await,
+    };
+    let listed = soar.get("/api/machines").await;
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+    assert_eq!(listed.json().unwrap()["value"].as_array().unwrap().len(), 2);
+    let reply = soar.isolate(&hr.machine_id()).await;
+    assert_eq!(reply.status, 201, "{:?}", reply.body);
+    assert_eq!(reply.json().unwrap()["requestor"], "Test SOAR");
+    // Without Machine.ReadWrite.All, the app may not read the audit trail.
+    assert_error(&soar.get("/api/auditEvents").await, 403, "Forbidden");
 
     // B's app token for another audience is refused; A's own tokens still work.
     let mut other = Api {
