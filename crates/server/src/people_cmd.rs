@@ -4,7 +4,7 @@
 use std::io::BufRead;
 
 use anyhow::{Context, bail};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use serde_json::json;
 use server::crypto;
 use server::rbac::{self, RolePermission};
@@ -15,6 +15,23 @@ use crate::DataDir;
 /// Shortest password accepted.
 const MIN_PASSWORD: usize = 8;
 const MAX_PASSWORD: usize = 1024;
+
+/// The name a command acts on: `--name NAME`, or just `NAME`.
+#[derive(Args)]
+pub struct NameArg {
+    /// The name (a user's sign-in name, a role's or a group's name).
+    #[arg(long = "name", value_name = "NAME", conflicts_with = "positional_name")]
+    flag_name: Option<String>,
+    /// The same, given without --name.
+    #[arg(value_name = "NAME", required_unless_present = "flag_name")]
+    positional_name: Option<String>,
+}
+
+impl NameArg {
+    fn get(self) -> String {
+        self.flag_name.or(self.positional_name).unwrap_or_default()
+    }
+}
 
 #[derive(Subcommand)]
 pub enum UserCommand {
@@ -52,15 +69,15 @@ pub enum UserCommand {
     Delete {
         #[command(flatten)]
         data: DataDir,
-        #[arg(long)]
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
     },
     /// Set a user's password (first line of standard input).
     SetPassword {
         #[command(flatten)]
         data: DataDir,
-        #[arg(long)]
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
         /// Read the password from standard input (the only way to give it).
         #[arg(long)]
         password_stdin: bool,
@@ -69,15 +86,15 @@ pub enum UserCommand {
     Disable {
         #[command(flatten)]
         data: DataDir,
-        #[arg(long)]
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
     },
     /// Enable a disabled user again.
     Enable {
         #[command(flatten)]
         data: DataDir,
-        #[arg(long)]
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
     },
 }
 
@@ -106,8 +123,8 @@ pub enum RoleCommand {
     Delete {
         #[command(flatten)]
         data: DataDir,
-        #[arg(long)]
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
     },
 }
 
@@ -148,8 +165,8 @@ pub enum GroupCommand {
     Delete {
         #[command(flatten)]
         data: DataDir,
-        #[arg(long)]
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
     },
 }
 
@@ -292,6 +309,7 @@ pub async fn user_command(command: UserCommand) -> anyhow::Result<()> {
             Ok(())
         }
         UserCommand::Delete { data, name } => {
+            let name = name.get();
             let store = server::open_store(&data.data_dir)?;
             store
                 .delete_user(&name)
@@ -306,6 +324,7 @@ pub async fn user_command(command: UserCommand) -> anyhow::Result<()> {
             name,
             password_stdin,
         } => {
+            let name = name.get();
             if !password_stdin {
                 bail!("give the new password on standard input with --password-stdin");
             }
@@ -319,8 +338,8 @@ pub async fn user_command(command: UserCommand) -> anyhow::Result<()> {
             println!("Set the password of '{name}'.");
             Ok(())
         }
-        UserCommand::Disable { data, name } => set_disabled(data, &name, true).await,
-        UserCommand::Enable { data, name } => set_disabled(data, &name, false).await,
+        UserCommand::Disable { data, name } => set_disabled(data, &name.get(), true).await,
+        UserCommand::Enable { data, name } => set_disabled(data, &name.get(), false).await,
     }
 }
 
@@ -431,6 +450,7 @@ pub async fn role_command(command: RoleCommand) -> anyhow::Result<()> {
             Ok(())
         }
         RoleCommand::Delete { data, name } => {
+            let name = name.get();
             if rbac::builtin_role(&name).is_some() {
                 bail!("'{name}' is a built-in role and cannot be deleted");
             }
@@ -554,6 +574,7 @@ pub async fn group_command(command: GroupCommand) -> anyhow::Result<()> {
             Ok(())
         }
         GroupCommand::Delete { data, name } => {
+            let name = name.get();
             let store = server::open_store(&data.data_dir)?;
             store
                 .delete_group(&name)

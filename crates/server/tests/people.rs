@@ -1889,13 +1889,11 @@ async fn admin_commands_are_recorded_in_the_audit_trail() {
         None,
     )
     .await;
-    cordon_ok(
-        &dir,
-        &["user", "disable", "--name", "ivy@example.com"],
-        None,
-    )
-    .await;
+    // The name may also be given without --name.
+    cordon_ok(&dir, &["user", "disable", "ivy@example.com"], None).await;
     // A command that fails changes nothing and records nothing.
+    cordon_fails(&dir, &["user", "delete"], None).await;
+    cordon_fails(&dir, &["user", "delete", "--name", "a@x", "b@x"], None).await;
     cordon_fails(
         &dir,
         &["user", "delete", "--name", "nobody@example.com"],
