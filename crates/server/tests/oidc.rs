@@ -124,27 +124,9 @@ impl LocalProvider {
 
 /// A client-credentials token of `server`'s test app for `resource`.
 async fn token_for_resource(server: &TestServer, resource: &str) -> String {
-    let scope = format!("{resource}/.default");
-    let reply = server
-        .https()
-        .request(
-            Method::POST,
-            &format!("/{}/oauth2/v2.0/token", server.tenant()),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", &server.client_id),
-                ("client_secret", &server.client_secret),
-                ("scope", &scope),
-            ]),
-        )
+    server
+        .token_for_resource(&server.client_id, &server.client_secret, resource)
         .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{:?}", reply.body);
-    reply.json().unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

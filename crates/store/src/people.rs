@@ -115,6 +115,14 @@ fn user_from_row(row: &Row<'_>) -> rusqlite::Result<UserRecord> {
     })
 }
 
+fn role_from_row(row: &Row<'_>) -> rusqlite::Result<RoleRecord> {
+    Ok(RoleRecord {
+        name: row.get(0)?,
+        permissions: unlines(row.get(1)?),
+        created_at: row.get(2)?,
+    })
+}
+
 const GROUP_COLUMNS: &str =
     "id, name, rank, match_tag, match_name_prefix, match_os, user_groups, created_at";
 
@@ -224,25 +232,22 @@ impl Store {
 
     /// A user by sign-in name (without regard to case).
     pub async fn get_user_by_upn(&self, upn: &str) -> Result<Option<UserRecord>> {
-        let upn = upn.to_owned();
-        self.read(move |conn| {
-            let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE upn = ?1");
-            Ok(conn
-                .prepare_cached(&sql)?
-                .query_row([upn], user_from_row)
-                .optional()?)
-        })
-        .await
+        self.user_where("upn", upn).await
     }
 
     /// A user by object id.
     pub async fn get_user(&self, id: &str) -> Result<Option<UserRecord>> {
-        let id = id.to_owned();
+        self.user_where("id", id).await
+    }
+
+    /// The user whose `column` (a fixed name, never client text) is `value`.
+    async fn user_where(&self, column: &'static str, value: &str) -> Result<Option<UserRecord>> {
+        let value = value.to_owned();
         self.read(move |conn| {
-            let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1");
+            let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE {column} = ?1");
             Ok(conn
                 .prepare_cached(&sql)?
-                .query_row([id], user_from_row)
+                .query_row([value], user_from_row)
                 .optional()?)
         })
         .await
@@ -319,13 +324,7 @@ impl Store {
         self.read(move |conn| {
             Ok(conn
                 .prepare_cached("SELECT name, permissions, created_at FROM roles WHERE name = ?1")?
-                .query_row([name], |r| {
-                    Ok(RoleRecord {
-                        name: r.get(0)?,
-                        permissions: unlines(r.get(1)?),
-                        created_at: r.get(2)?,
-                    })
-                })
+                .query_row([name], role_from_row)
                 .optional()?)
         })
         .await
@@ -335,13 +334,7 @@ impl Store {
         self.read(|conn| {
             Ok(conn
                 .prepare("SELECT name, permissions, created_at FROM roles ORDER BY name")?
-                .query_map([], |r| {
-                    Ok(RoleRecord {
-                        name: r.get(0)?,
-                        permissions: unlines(r.get(1)?),
-                        created_at: r.get(2)?,
-                    })
-                })?
+                .query_map([], role_from_row)?
                 .collect::<rusqlite::Result<_>>()?)
         })
         .await

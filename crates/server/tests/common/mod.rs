@@ -101,6 +101,22 @@ impl TestServer {
     }
 
     pub async fn token_for(&self, client_id: &str, secret: &str) -> String {
+        self.token_for_resource(
+            client_id,
+            secret,
+            "https://api.securitycenter.microsoft.com",
+        )
+        .await
+    }
+
+    /// A client-credentials token of an app for `resource`.
+    pub async fn token_for_resource(
+        &self,
+        client_id: &str,
+        secret: &str,
+        resource: &str,
+    ) -> String {
+        let scope = format!("{resource}/.default");
         let reply = self
             .https()
             .request(
@@ -111,7 +127,7 @@ impl TestServer {
                     ("grant_type", "client_credentials"),
                     ("client_id", client_id),
                     ("client_secret", secret),
-                    ("scope", "https://api.securitycenter.microsoft.com/.default"),
+                    ("scope", &scope),
                 ]),
             )
             .await
