@@ -229,20 +229,22 @@ fn new_action(
     })
 }
 
-/// Whether the machine exists and is in one of `groups` (`None`: any).
+/// Whether the caller reaches the machine: with `groups`, it must exist and
+/// be in one of them; without (`None`), any id passes and the caller's own
+/// lookup answers for its existence.
 async fn reachable(
     state: &AppState,
     machine_id: &str,
     groups: Option<Vec<i64>>,
 ) -> Result<bool, ApiError> {
-    if groups.is_none() {
+    let Some(groups) = groups else {
         return Ok(true);
-    }
+    };
     Ok(state
         .store
-        .get_machine_in(machine_id, groups)
+        .machine_group(machine_id)
         .await?
-        .is_some())
+        .is_some_and(|group| groups.contains(&group)))
 }
 
 async fn create(

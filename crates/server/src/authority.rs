@@ -14,7 +14,6 @@ use base64::Engine;
 use proto::auth::{Claims, Jwks, OAuthError, OpenIdConfiguration, TokenResponse};
 
 use crate::audit::PrincipalSlot;
-use crate::auth::DELEGATED_SCOPES;
 use crate::{AppState, ConnInfo, base_url, crypto, signin};
 
 /// The `{tenant}` path segment as sent. Never rejects: a segment that isn't
@@ -335,18 +334,10 @@ async fn issue_token(
         )
     })?;
     // The hash is computed even for an unknown client, so timing tells nothing.
-    let known_hash = app.as_ref().map(|a| a.secret_hash.clone());
-    let secret = client_secret.clone();
-    let dummy_hash = state.dummy_hash.clone();
-    let valid = tokio::task::spawn_blocking(move || match known_hash {
-        Some(hash) => crypto::verify_secret(&secret, &hash),
-        None => {
-            let _ = crypto::verify_secret(&secret, &dummy_hash);
-            false
-        }
-    })
-    .await
-    .unwrap_or(false);
+    let hash = app
+        .as_ref()
+        .map_or_else(|| state.dummy_hash.clone(), |a| a.secret_hash.clone());
+    let valid = crypto::verify_secret_off_thread(client_secret.clone(), hash).await;
     let Some(app) = app.filter(|_| valid) else {
         tracing::info!(client_id = %client_id.chars().take(64).collect::<String>(), "client authentication failed");
         return Err(oauth_error(
@@ -361,39 +352,57 @@ async fn issue_token(
             &format!("The resource '{resource}' is not served by this authority."),
         );
     }
-    let now = crate::unix_seconds();
     let claims = Claims {
+        appid: Some(app.client_id.clone()),
+        app_displayname: Some(app.name.clone()),
+        oid: app.client_id.clone(),
+        sub: Some(app.client_id.clone()),
+        roles: Some(app.permissions.clone()),
+        ..common_claims(state, &resource, version)
+    };
+    tracing::info!(client_id = %app.client_id, "token issued");
+    Ok(token_response(state, &claims, None))
+}
+
+/// The claims every token carries (audience, issuer, times, tenant,
+/// version, id), the caller's own left empty.
+fn common_claims(state: &AppState, resource: &str, version: Version) -> Claims {
+    let now = crate::unix_seconds();
+    Claims {
         aud: resource.trim_end_matches('/').to_owned(),
         iss: state.issuer.clone(),
         iat: now,
         nbf: now,
         exp: now + TOKEN_LIFETIME,
         tid: state.tenant_id.clone(),
-        appid: Some(app.client_id.clone()),
-        app_displayname: Some(app.name.clone()),
-        oid: app.client_id.clone(),
-        sub: Some(app.client_id.clone()),
+        appid: None,
+        app_displayname: None,
+        oid: String::new(),
+        sub: None,
         ver: if version == Version::V1 { "1.0" } else { "2.0" }.into(),
-        roles: Some(app.permissions.clone()),
+        roles: None,
         scp: None,
         upn: None,
         name: None,
         groups: None,
         jti: Some(crypto::new_guid()),
-    };
-    tracing::info!(client_id = %app.client_id, "token issued");
+    }
+}
+
+/// The token endpoint's answer: the signed token, never cached.
+fn token_response(state: &AppState, claims: &Claims, scope: Option<String>) -> Response {
     let mut response = axum::Json(TokenResponse {
         token_type: "Bearer".into(),
         expires_in: TOKEN_LIFETIME,
         ext_expires_in: TOKEN_LIFETIME,
-        access_token: state.signing_key.sign(&claims),
-        scope: None,
+        access_token: state.signing_key.sign(claims),
+        scope,
     })
     .into_response();
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, "no-store".parse().expect("header"));
-    Ok(response)
+    response
 }
 
 fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -463,10 +472,7 @@ async fn user_client(
         let Some(hash) = app.map(|a| a.secret_hash) else {
             return Err(unknown());
         };
-        let valid = tokio::task::spawn_blocking(move || crypto::verify_secret(&secret, &hash))
-            .await
-            .unwrap_or(false);
-        if !valid {
+        if !crypto::verify_secret_off_thread(secret, hash).await {
             return Err(unknown());
         }
     }
@@ -485,17 +491,12 @@ fn user_resource(
             signin::parse_scope(state, scope).map_err(|why| bad("invalid_scope", why))
         }
         (_, Some(resource), Version::V1) => {
-            if state.accepts_resource(resource) {
-                Ok((
-                    resource.trim_end_matches('/').to_owned(),
-                    DELEGATED_SCOPES.iter().map(|s| s.to_string()).collect(),
-                ))
-            } else {
-                Err(bad(
+            signin::parse_resource(state, resource).ok_or_else(|| {
+                bad(
                     "invalid_resource",
                     format!("The resource '{resource}' is not served by this authority."),
-                ))
-            }
+                )
+            })
         }
         (None, _, Version::V2) => Err(bad(
             "invalid_request",
@@ -627,45 +628,24 @@ fn user_token(
     scopes: &[String],
     version: Version,
 ) -> Response {
-    let now = crate::unix_seconds();
     let claims = Claims {
-        aud: resource.to_owned(),
-        iss: state.issuer.clone(),
-        iat: now,
-        nbf: now,
-        exp: now + TOKEN_LIFETIME,
-        tid: state.tenant_id.clone(),
         appid: Some(client_id.to_owned()),
         app_displayname: Some(client_name.to_owned()),
         oid: user.id.clone(),
         sub: Some(user.id.clone()),
-        ver: if version == Version::V1 { "1.0" } else { "2.0" }.into(),
-        roles: None,
         scp: Some(scopes.join(" ")),
         upn: Some(user.upn.clone()),
         name: Some(user.display_name.clone()),
         groups: (!user.user_groups.is_empty()).then(|| user.user_groups.clone()),
-        jti: Some(crypto::new_guid()),
+        ..common_claims(state, resource, version)
     };
     tracing::info!(user = %user.id, %client_id, "user token issued");
-    let mut response = axum::Json(TokenResponse {
-        token_type: "Bearer".into(),
-        expires_in: TOKEN_LIFETIME,
-        ext_expires_in: TOKEN_LIFETIME,
-        access_token: state.signing_key.sign(&claims),
-        scope: Some(
-            scopes
-                .iter()
-                .map(|s| format!("{resource}/{s}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-        ),
-    })
-    .into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, "no-store".parse().expect("header"));
-    response
+    let granted = scopes
+        .iter()
+        .map(|s| format!("{resource}/{s}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    token_response(state, &claims, Some(granted))
 }
 
 /// `Authorization: Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 2.3.1).

@@ -105,6 +105,14 @@ pub fn verify_secret(secret: &str, encoded: &str) -> bool {
         .is_ok()
 }
 
+/// [`verify_secret`] on the blocking pool, so the slow hash never holds up
+/// an async worker.
+pub async fn verify_secret_off_thread(secret: String, encoded: String) -> bool {
+    tokio::task::spawn_blocking(move || verify_secret(&secret, &encoded))
+        .await
+        .unwrap_or(false)
+}
+
 /// Whether `text` is a GUID (any case).
 pub fn is_guid(text: &str) -> bool {
     let b = text.as_bytes();

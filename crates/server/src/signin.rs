@@ -109,12 +109,8 @@ pub async fn check_password(
         .acquire()
         .await
         .map_err(|_| SignInFailure::Unavailable)?;
-    let matches = tokio::task::spawn_blocking(move || {
-        let ok = crypto::verify_secret(&password, &hash);
-        ok && password.len() <= MAX_PASSWORD
-    })
-    .await
-    .unwrap_or(false);
+    let too_long = password.len() > MAX_PASSWORD;
+    let matches = crypto::verify_secret_off_thread(password, hash).await && !too_long;
     match user {
         Some(user) if matches && !user.disabled => {
             attempt.succeeded();
@@ -154,6 +150,17 @@ pub async fn client_name(state: &AppState, client_id: &str) -> Option<String> {
         .ok()
         .flatten()
         .map(|app| app.name)
+}
+
+/// The resource and delegated permissions a v1 `resource` asks for: every
+/// delegated permission; `None` for a resource not served here.
+pub fn parse_resource(state: &AppState, resource: &str) -> Option<(String, Vec<String>)> {
+    state.accepts_resource(resource).then(|| {
+        (
+            resource.trim_end_matches('/').to_owned(),
+            DELEGATED_SCOPES.iter().map(|s| s.to_string()).collect(),
+        )
+    })
 }
 
 /// The resource and delegated permissions a v2 `scope` asks for. OpenID
@@ -435,12 +442,9 @@ async fn check_request(
         ));
     }
     let (resource, scopes) = if v1 {
-        match params.get("resource") {
-            Some(resource) if state.accepts_resource(resource) => (
-                resource.trim_end_matches('/').to_owned(),
-                DELEGATED_SCOPES.iter().map(|s| s.to_string()).collect(),
-            ),
-            Some(_) => {
+        match params.get("resource").map(|r| parse_resource(state, r)) {
+            Some(Some(parsed)) => parsed,
+            Some(None) => {
                 return Err(redirect(
                     "invalid_resource",
                     "The resource is not served by this authority.",
@@ -548,14 +552,9 @@ fn refusal_response(refusal: Refusal) -> Response {
     }
 }
 
-/// Sends the answer of an authorization request to the client: in the
-/// redirect's query, or (`form_post`) in a form the browser posts to it.
-fn answer(redirect_uri: &str, pairs: &[(&str, String)], form_post: bool) -> Response {
-    if !form_post {
-        return redirect_to(redirect_uri, pairs);
-    }
-    let hidden: String = pairs
-        .iter()
+/// Hidden form fields carrying `pairs`, escaped.
+fn hidden_inputs<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    pairs
         .map(|(n, v)| {
             format!(
                 "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
@@ -563,7 +562,16 @@ fn answer(redirect_uri: &str, pairs: &[(&str, String)], form_post: bool) -> Resp
                 escape(v)
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Sends the answer of an authorization request to the client: in the
+/// redirect's query, or (`form_post`) in a form the browser posts to it.
+fn answer(redirect_uri: &str, pairs: &[(&str, String)], form_post: bool) -> Response {
+    if !form_post {
+        return redirect_to(redirect_uri, pairs);
+    }
+    let hidden = hidden_inputs(pairs.iter().map(|(n, v)| (*n, v.as_str())));
     let body = format!(
         "<h1>Signing you in</h1><form method=\"post\" action=\"{}\">{hidden}\
          <noscript><button type=\"submit\">Continue</button></noscript></form>\
@@ -612,18 +620,13 @@ fn form(
     name: &str,
     error: Option<&str>,
 ) -> Response {
-    let hidden: String = params
-        .fields
-        .iter()
-        .filter(|(n, _)| n != "login" && n != "passwd")
-        .map(|(n, v)| {
-            format!(
-                "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
-                escape(n),
-                escape(v)
-            )
-        })
-        .collect();
+    let hidden = hidden_inputs(
+        params
+            .fields
+            .iter()
+            .filter(|(n, _)| n != "login" && n != "passwd")
+            .map(|(n, v)| (n.as_str(), v.as_str())),
+    );
     let error = error
         .map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e)))
         .unwrap_or_default();

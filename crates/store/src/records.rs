@@ -650,6 +650,18 @@ impl Store {
         .await
     }
 
+    /// The machine group of the machine with this id, if it exists.
+    pub async fn machine_group(&self, machine_id: &str) -> Result<Option<i64>> {
+        let machine_id = machine_id.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT rbac_group_id FROM machines WHERE id = ?1")?
+                .query_row([machine_id], |r| r.get(0))
+                .optional()?)
+        })
+        .await
+    }
+
     pub async fn list_machines(
         &self,
         query: Query<MachineField>,
