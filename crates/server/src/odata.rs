@@ -139,6 +139,7 @@ pub const AUDIT_PROPERTIES: &[&str] = &[
     "outcome",
     "status",
     "detail",
+    "count",
     "hash",
     "previousHash",
 ];

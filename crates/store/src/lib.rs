@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-pub use audit::{AuditBreak, AuditField, AuditRecord, NewAuditEvent};
+pub use audit::{AuditBreak, AuditCheckpoint, AuditField, AuditRecord, NewAuditEvent};
 pub use exclusions::{ExclusionRuleFields, ExclusionRuleRecord, ExclusionRuleSet};
 pub use people::{
     DEFAULT_GROUP_ID, DEFAULT_GROUP_NAME, GroupRecord, NewGroup, RoleRecord, UserRecord,
@@ -92,6 +92,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migration3.sql"),
     include_str!("migration4.sql"),
     include_str!("migration5.sql"),
+    include_str!("migration6.sql"),
 ];
 
 /// Held while a connection opens or closes. The bundled SQLite (3.51.1)
