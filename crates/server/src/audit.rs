@@ -73,9 +73,23 @@ impl PrincipalSlot {
     }
 }
 
-/// How many (source, principal, action, status) kinds are counted at once;
-/// beyond, refusals of new kinds are counted together in one record.
-const MAX_FOLDS: usize = 1024;
+/// How many kinds of refusal (source, action, status, and the principal
+/// when it is authenticated) are counted at once; beyond, refusals of new
+/// kinds are counted together in one record. So a flood, even from many
+/// addresses, writes at most about twice this many records per window.
+const MAX_FOLDS: usize = 256;
+
+/// The source part of a fold's key: the address, or for IPv6 its /64 (one
+/// host can hold a whole /64).
+fn source_key(address: &str) -> String {
+    match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        _ => address.to_owned(),
+    }
+}
 
 /// Repeated refusals counted in memory (see the module documentation).
 pub struct Folding {
@@ -107,10 +121,16 @@ impl Folding {
     }
 
     /// Whether `event` is to be written now; otherwise it was counted.
-    fn note(&self, event: &NewAuditEvent, now: Instant) -> bool {
+    /// An unauthenticated principal (a name tried) is not part of the kind:
+    /// trying many names from one source folds too.
+    fn note(&self, event: &NewAuditEvent, authenticated: bool, now: Instant) -> bool {
         let key = (
-            event.source_address.clone(),
-            event.principal.clone(),
+            source_key(&event.source_address),
+            if authenticated {
+                event.principal.clone()
+            } else {
+                String::new()
+            },
             event.action.clone(),
             event.status,
         );
@@ -168,6 +188,8 @@ impl Folding {
             closed.push((fold.extra, fold.first_at, fold.last.take(), true));
         }
         drop(state);
+        // Oldest first, whatever the map's order.
+        closed.sort_by_key(|(_, first_at, _, _)| *first_at);
         closed
             .into_iter()
             .filter_map(|(extra, first_at, last, overflow)| {
@@ -337,8 +359,13 @@ pub async fn record(
     }
     .capped();
     // Unauthenticated calls that fail, and rate-limited ones: folded.
-    let foldable = (outcome != "Succeeded" && !slot.authenticated()) || status.as_u16() == 429;
-    if foldable && !state.audit_folds.note(&event, Instant::now()) {
+    let authenticated = slot.authenticated();
+    let foldable = (outcome != "Succeeded" && !authenticated) || status.as_u16() == 429;
+    if foldable
+        && !state
+            .audit_folds
+            .note(&event, authenticated, Instant::now())
+    {
         return response;
     }
     if let Err(e) = state.store.append_audit(event.clone()).await {
@@ -518,5 +545,67 @@ mod tests {
         assert_eq!(name(Method::GET, "/t/oauth2/v2.0/token"), None);
         assert_eq!(name(Method::GET, "/agent/v1/health"), None);
         assert_eq!(name(Method::GET, "/apix"), None);
+    }
+
+    fn refusal(source: &str, principal: &str, at: i64) -> NewAuditEvent {
+        NewAuditEvent {
+            id: crypto::new_guid(),
+            at,
+            principal: principal.into(),
+            source_address: source.into(),
+            request_id: format!("r{at}"),
+            method: "POST".into(),
+            target: "/t/oauth2/v2.0/authorize".into(),
+            action: "signin".into(),
+            outcome: "Refused".into(),
+            status: 401,
+            detail: Some("Unauthorized: wrong".into()),
+            count: 1,
+        }
+    }
+
+    #[test]
+    fn refusals_fold_per_source_within_bounded_memory() {
+        let folds = Folding::new(Duration::from_secs(60));
+        let start = Instant::now();
+        // The first from a source is written; the rest, names tried
+        // included, are counted.
+        assert!(folds.note(&refusal("198.18.0.1", "user a", 1), false, start));
+        assert!(!folds.note(&refusal("198.18.0.1", "user b", 2), false, start));
+        assert!(!folds.note(&refusal("198.18.0.1", "user c", 3), false, start));
+        // Addresses of one IPv6 /64 are one source.
+        assert!(folds.note(&refusal("fd00::1", "anonymous", 4), false, start));
+        assert!(!folds.note(&refusal("fd00::2", "anonymous", 5), false, start));
+        assert!(folds.due(start, false).is_empty(), "the window is open");
+        let due = folds.due(start + Duration::from_secs(60), false);
+        assert_eq!(due.len(), 2);
+        assert_eq!((due[0].count, due[1].count), (2, 1));
+        let first = due.iter().find(|e| e.count == 2).unwrap();
+        assert_eq!(first.principal, "user c");
+        assert_eq!(first.request_id, "r3");
+        assert!(
+            first
+                .detail
+                .as_deref()
+                .unwrap()
+                .ends_with("; the last: Unauthorized: wrong")
+        );
+        // A new window writes the first one again.
+        assert!(folds.note(&refusal("198.18.0.1", "user a", 6), false, start));
+
+        // Many sources: at most MAX_FOLDS kinds are held; the rest are
+        // counted together.
+        let folds = Folding::new(Duration::from_secs(60));
+        let written = (0..10_000)
+            .filter(|n| {
+                let source = format!("198.18.{}.{}", n / 256, n % 256);
+                folds.note(&refusal(&source, "anonymous", *n), false, start)
+            })
+            .count();
+        assert_eq!(written, MAX_FOLDS);
+        let due = folds.due(start, true);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].count, 10_000 - MAX_FOLDS as i64);
+        assert_eq!(due[0].source_address, "various");
     }
 }
