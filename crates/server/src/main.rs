@@ -71,6 +71,7 @@ enum AuditCommand {
         /// that). Records from the first one at or after it on are kept.
         #[arg(long, value_parser = parse_since)]
         before: i64,
+        /// Print what was removed as JSON: removed, before, checkpointSeq, checkpointHash.
         #[arg(long)]
         json: bool,
     },

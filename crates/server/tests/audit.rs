@@ -620,3 +620,27 @@ async fn the_server_prunes_records_past_the_audit_retention() {
     let output = verify(&dir.0);
     assert!(output.status.success(), "{output:?}");
 }
+
+#[test]
+fn serve_takes_the_audit_retention_from_its_flag_or_environment() {
+    let output = cordon().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("--audit-retention"), "{help}");
+    assert!(help.contains("CORDON_AUDIT_RETENTION"), "{help}");
+    let dir = TempDir::new("retention-flag");
+    for (args, env) in [
+        (vec!["serve", "--audit-retention", "soon"], None),
+        (vec!["serve"], Some("a year")),
+    ] {
+        let mut command = cordon();
+        command.args(&args).env("CORDON_DATA_DIR", &dir.0);
+        if let Some(value) = env {
+            command.env("CORDON_AUDIT_RETENTION", value);
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success(), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--audit-retention"), "{stderr}");
+        assert!(stderr.contains("not a duration"), "{stderr}");
+    }
+}
