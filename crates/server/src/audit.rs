@@ -73,10 +73,10 @@ impl PrincipalSlot {
     }
 }
 
-/// How many kinds of refusal (source, action, status, and the principal
-/// when it is authenticated) are counted at once; beyond, refusals of new
-/// kinds are counted together in one record. So a flood, even from many
-/// addresses, writes at most about twice this many records per window.
+/// How many kinds of refusal (source, principal, action, status) are
+/// counted at once; beyond, refusals of new kinds are counted together in
+/// one record. So a flood, even from many addresses or naming many
+/// accounts, writes at most about twice this many records per window.
 const MAX_FOLDS: usize = 256;
 
 /// The source part of a fold's key: the address, or for IPv6 its /64 (one
@@ -121,16 +121,12 @@ impl Folding {
     }
 
     /// Whether `event` is to be written now; otherwise it was counted.
-    /// An unauthenticated principal (a name tried) is not part of the kind:
-    /// trying many names from one source folds too.
-    fn note(&self, event: &NewAuditEvent, authenticated: bool, now: Instant) -> bool {
+    /// The principal (for a sign-in, the name tried) is part of the kind,
+    /// so each account tried is named at least once a window.
+    fn note(&self, event: &NewAuditEvent, now: Instant) -> bool {
         let key = (
             source_key(&event.source_address),
-            if authenticated {
-                event.principal.clone()
-            } else {
-                String::new()
-            },
+            event.principal.clone(),
             event.action.clone(),
             event.status,
         );
@@ -361,11 +357,7 @@ pub async fn record(
     // Unauthenticated calls that fail, and rate-limited ones: folded.
     let authenticated = slot.authenticated();
     let foldable = (outcome != "Succeeded" && !authenticated) || status.as_u16() == 429;
-    if foldable
-        && !state
-            .audit_folds
-            .note(&event, authenticated, Instant::now())
-    {
+    if foldable && !state.audit_folds.note(&event, Instant::now()) {
         return response;
     }
     if let Err(e) = state.store.append_audit(event.clone()).await {
@@ -568,20 +560,21 @@ mod tests {
     fn refusals_fold_per_source_within_bounded_memory() {
         let folds = Folding::new(Duration::from_secs(60));
         let start = Instant::now();
-        // The first from a source is written; the rest, names tried
-        // included, are counted.
-        assert!(folds.note(&refusal("198.18.0.1", "user a", 1), false, start));
-        assert!(!folds.note(&refusal("198.18.0.1", "user b", 2), false, start));
-        assert!(!folds.note(&refusal("198.18.0.1", "user c", 3), false, start));
+        // The first of a kind from a source is written; the rest are
+        // counted. Another name tried is another kind.
+        assert!(folds.note(&refusal("198.18.0.1", "user a", 1), start));
+        assert!(!folds.note(&refusal("198.18.0.1", "user a", 2), start));
+        assert!(!folds.note(&refusal("198.18.0.1", "user a", 3), start));
+        assert!(folds.note(&refusal("198.18.0.1", "user b", 3), start));
         // Addresses of one IPv6 /64 are one source.
-        assert!(folds.note(&refusal("fd00::1", "anonymous", 4), false, start));
-        assert!(!folds.note(&refusal("fd00::2", "anonymous", 5), false, start));
+        assert!(folds.note(&refusal("fd00::1", "anonymous", 4), start));
+        assert!(!folds.note(&refusal("fd00::2", "anonymous", 5), start));
         assert!(folds.due(start, false).is_empty(), "the window is open");
         let due = folds.due(start + Duration::from_secs(60), false);
         assert_eq!(due.len(), 2);
         assert_eq!((due[0].count, due[1].count), (2, 1));
         let first = due.iter().find(|e| e.count == 2).unwrap();
-        assert_eq!(first.principal, "user c");
+        assert_eq!(first.principal, "user a");
         assert_eq!(first.request_id, "r3");
         assert!(
             first
@@ -591,7 +584,7 @@ mod tests {
                 .ends_with("; the last: Unauthorized: wrong")
         );
         // A new window writes the first one again.
-        assert!(folds.note(&refusal("198.18.0.1", "user a", 6), false, start));
+        assert!(folds.note(&refusal("198.18.0.1", "user a", 6), start));
 
         // Many sources: at most MAX_FOLDS kinds are held; the rest are
         // counted together.
@@ -599,7 +592,7 @@ mod tests {
         let written = (0..10_000)
             .filter(|n| {
                 let source = format!("198.18.{}.{}", n / 256, n % 256);
-                folds.note(&refusal(&source, "anonymous", *n), false, start)
+                folds.note(&refusal(&source, "anonymous", *n), start)
             })
             .count();
         assert_eq!(written, MAX_FOLDS);

@@ -1734,7 +1734,11 @@ async fn the_cli_manages_roles_and_users_who_then_sign_in() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_sign_ins_are_recorded_in_the_audit_trail() {
-    let server = TestServer::start_with(|config| config.signin_failures_per_user = 2).await;
+    let server = TestServer::start_with(|config| {
+        config.signin_failures_per_user = 2;
+        config.audit_fold_window = std::time::Duration::from_secs(1);
+    })
+    .await;
     add_user(&server, "alice@example.com", "Viewer", &[]).await;
     add_user(&server, "bob@example.com", "Viewer", &[]).await;
 
@@ -1754,6 +1758,23 @@ async fn failed_sign_ins_are_recorded_in_the_audit_trail() {
     assert_eq!(page.status, 401);
     code_for(&server, &challenge, "bob@example.com").await;
 
+    // Alice's second failure from this address within the minute is
+    // folded: written, with its count, when the (here one-second) window ends.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while server
+        .store()
+        .list_audit(store::Query::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|r| r.event.action == "token" || r.event.action == "signin")
+        .count()
+        < 6
+    {
+        assert!(std::time::Instant::now() < deadline, "the folded record");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     let mut admin = admin_app(&server).await;
     let reply = admin.get("/api/auditEvents?$orderby=dateTimeUtc").await;
     assert_eq!(reply.status, 200, "{}", text(&reply));
