@@ -122,26 +122,40 @@ struct ServeArgs {
     #[arg(long, env = "CORDON_SIGNIN_FAILURES_PER_SOURCE", default_value_t = 20)]
     signin_failures_per_source: u32,
     /// Issuer URL of an external OpenID Connect provider whose access tokens
-    /// are accepted (repeatable; each needs its --oidc-audience, in order).
-    #[arg(long = "oidc-issuer")]
+    /// are accepted (repeatable, or comma-separated; each needs its
+    /// --oidc-audience, in order).
+    #[arg(
+        long = "oidc-issuer",
+        env = "CORDON_OIDC_ISSUER",
+        value_delimiter = ','
+    )]
     oidc_issuers: Vec<String>,
     /// The audience (`aud`) the provider's tokens for Cordon carry.
-    #[arg(long = "oidc-audience")]
+    #[arg(
+        long = "oidc-audience",
+        env = "CORDON_OIDC_AUDIENCE",
+        value_delimiter = ','
+    )]
     oidc_audiences: Vec<String>,
     /// Claim of external tokens whose values name Cordon roles.
-    #[arg(long, default_value = "roles")]
+    #[arg(long, env = "CORDON_OIDC_ROLE_CLAIM", default_value = "roles")]
     oidc_role_claim: String,
     /// Claim of external tokens whose values are user groups.
-    #[arg(long, default_value = "groups")]
+    #[arg(long, env = "CORDON_OIDC_GROUP_CLAIM", default_value = "groups")]
     oidc_group_claim: String,
     /// VALUE=ROLE: a role-claim value that grants a Cordon role (repeatable),
     /// such as soc-tier1=Viewer. With any mapping given, only mapped values grant roles;
-    /// with none, the values name Cordon roles directly.
-    #[arg(long = "oidc-role-map")]
+    /// with none, the values name Cordon roles directly. Semicolon-separated
+    /// in the environment variable (claim values may hold commas).
+    #[arg(
+        long = "oidc-role-map",
+        env = "CORDON_OIDC_ROLE_MAP",
+        value_delimiter = ';'
+    )]
     oidc_role_map: Vec<String>,
     /// PEM file of CA certificates trusted for the providers' HTTPS
     /// (besides the system's).
-    #[arg(long)]
+    #[arg(long, env = "CORDON_OIDC_CA_FILE")]
     oidc_ca_file: Option<PathBuf>,
 }
 

@@ -110,17 +110,27 @@ async fn token(url: &str, ca: &Path, app: &Value) -> String {
 fn serve_help_documents_every_environment_variable() {
     let output = cordon().args(["serve", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
-    for var in [
-        "CORDON_DATA_DIR",
-        "CORDON_LISTEN",
-        "CORDON_PUBLIC_URL",
-        "CORDON_TLS_CERT",
-        "CORDON_TLS_KEY",
-        "CORDON_TLS_SAN",
-        "CORDON_ACTION_EXPIRY",
-        "CORDON_RATE_LIMIT_PER_MINUTE",
-        "CORDON_RATE_LIMIT_PER_HOUR",
-    ] {
+    // Each option's block of the long help, from its `--flag` line to the next.
+    let mut blocks: Vec<String> = Vec::new();
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("--") || trimmed.starts_with("-h") {
+            blocks.push(String::new());
+        }
+        if let Some(block) = blocks.last_mut() {
+            block.push_str(line);
+            block.push('\n');
+        }
+    }
+    let options: Vec<&String> = blocks.iter().filter(|b| !b.contains("--help")).collect();
+    assert!(options.len() >= 15, "{help}");
+    for block in options {
+        assert!(
+            block.contains("[env: CORDON_"),
+            "no environment variable:\n{block}"
+        );
+    }
+    for var in ["CORDON_DATA_DIR", "CORDON_LISTEN", "CORDON_OIDC_ISSUER"] {
         assert!(help.contains(var), "{var} missing from:\n{help}");
     }
     let output = cordon()
@@ -133,6 +143,51 @@ fn serve_help_documents_every_environment_variable() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("https://"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_logged_under_the_request_target() {
+    let dir = TempDir::new("reqlog");
+    let log = dir.0.join("serve.log");
+    let port = free_port();
+    let mut child = cordon()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("CORDON_DATA_DIR", dir.0.join("data"))
+        .env("CORDON_LOG", "info")
+        .env_remove("CORDON_LOG_FORMAT")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let ca = dir.0.join("data").join("ca.pem");
+    let url = format!("https://localhost:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let served = loop {
+        if ca.exists()
+            && let Ok(mut http) =
+                agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &url)
+            && let Ok(reply) = http
+                .request(http::Method::GET, "/api/machines", &[], Vec::new())
+                .await
+        {
+            assert_eq!(reply.status, 401);
+            let text = std::fs::read_to_string(&log).unwrap();
+            if let Some(line) = text.lines().find(|l| l.contains("served")) {
+                break line.to_owned();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(served.contains("cordon::request"), "{served}");
+    assert!(!served.contains("server::error"), "{served}");
+    assert!(served.contains("status=401"), "{served}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
