@@ -3,13 +3,13 @@
 mod people_cmd;
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use server::listen::ListenArg;
 use server::{Config, TlsSource, crypto};
 
 #[derive(Parser)]
@@ -83,11 +83,12 @@ struct DataDir {
 struct ServeArgs {
     #[command(flatten)]
     data: DataDir,
-    /// Address and port to serve HTTPS on.
+    /// Where to serve HTTPS: IP:PORT, [IPv6]:PORT, or HOST:PORT (every address
+    /// the name resolves to), such as 0.0.0.0:8443 or localhost:8443.
     #[arg(long, env = "CORDON_LISTEN", default_value = "127.0.0.1:8443")]
-    listen: SocketAddr,
+    listen: ListenArg,
     /// Canonical base URL (the tokens' issuer), such as https://cordon.example.com:8443.
-    /// Default: https://<listen address>, with localhost for 0.0.0.0 and ::.
+    /// Default: https://<listen host>:<port>, with this machine's host name for 0.0.0.0 and ::.
     #[arg(long, env = "CORDON_PUBLIC_URL")]
     public_url: Option<String>,
     /// PEM certificate chain to serve instead of the generated one (needs --tls-key).
@@ -420,7 +421,7 @@ fn init_logging() {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
     let mut config = Config::new(args.data.data_dir);
-    config.listen = args.listen;
+    config.listen_host = args.listen.name().map(str::to_owned);
     config.public_url = args.public_url;
     config.tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => TlsSource::Files { cert, key },
@@ -460,10 +461,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     {
         bail!("--public-url must start with https://");
     }
-    let running = server::start(config).await?;
+    let listeners = args.listen.bind()?;
+    config.listen = listeners[0].local_addr()?;
+    let self_signed = matches!(config.tls, TlsSource::SelfSigned { .. });
+    let guessed_url = config.public_url.is_none()
+        && args.listen.name().is_none()
+        && config.listen.ip().is_unspecified();
+    let running = server::start_with(config, listeners).await?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "Cordon is serving on https://{}", running.local_addr)?;
+    for addr in &running.listen_addrs {
+        writeln!(out, "Cordon is serving on https://{addr}")?;
+    }
     writeln!(out, "  URL:       {}", running.public_url)?;
+    if self_signed {
+        writeln!(out, "  TLS names: {}", running.tls_names.join(", "))?;
+    }
+    if guessed_url {
+        let port = running.local_addr.port();
+        if self_signed {
+            writeln!(
+                out,
+                "  Note:      serving every address, under this machine's host name. Clients must \
+                 use one of the TLS names; add a name with --tls-san NAME, and give the URL \
+                 clients use with --public-url https://NAME:{port}."
+            )?;
+        } else {
+            writeln!(
+                out,
+                "  Note:      serving every address, under this machine's host name. Give the URL \
+                 clients use (a name your certificate carries) with --public-url https://NAME:{port}."
+            )?;
+        }
+    }
     writeln!(out, "  Tenant id: {}", running.tenant_id)?;
     writeln!(
         out,
