@@ -13,6 +13,7 @@ pub mod error;
 pub mod exclusions;
 pub mod gateway;
 pub mod jwt;
+pub mod listen;
 pub mod odata;
 pub mod oidc;
 pub mod ratelimit;
@@ -51,7 +52,11 @@ pub enum TlsSource {
 pub struct Config {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
-    /// Canonical base URL; `None`: `https://<listen address>`.
+    /// The host name `--listen` gave (`None`: an address): the default
+    /// public URL's host, and a name of the generated certificate.
+    pub listen_host: Option<String>,
+    /// Canonical base URL; `None`: `https://<listen host>`, where an
+    /// unspecified address stands for this machine's host name.
     pub public_url: Option<String>,
     pub tls: TlsSource,
     /// How long a Pending action waits for its machine before `TimeOut`.
@@ -75,6 +80,7 @@ impl Config {
         Config {
             data_dir,
             listen: "127.0.0.1:8443".parse().expect("address"),
+            listen_host: None,
             public_url: None,
             tls: TlsSource::SelfSigned {
                 extra_names: Vec::new(),
@@ -188,6 +194,11 @@ pub fn app(state: Arc<AppState>) -> Router {
 /// A server that is running.
 pub struct RunningServer {
     pub local_addr: SocketAddr,
+    /// Every address served (`local_addr` first).
+    pub listen_addrs: Vec<SocketAddr>,
+    /// The names and addresses the generated certificate carries (empty
+    /// with the operator's own certificate).
+    pub tls_names: Vec<String>,
     pub tenant_id: String,
     pub public_url: String,
     /// Where the generated CA certificate is (self-signed mode).
@@ -265,45 +276,34 @@ pub async fn start_with(
     let signing_key = signing_key(&store).await?;
     let first = listeners.first().context("no listener")?;
     let local_addr = first.local_addr()?;
-    let listen_host = match local_addr.ip() {
-        ip if ip.is_unspecified() => "localhost".to_owned(),
-        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-        std::net::IpAddr::V4(ip) => ip.to_string(),
-    };
-    let public_url = config
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("https://{listen_host}:{}", local_addr.port()))
-        .trim_end_matches('/')
-        .to_owned();
-    let material = match &config.tls {
-        TlsSource::Files { cert, key } => tls::load_operator(cert, key)?,
+    let mut listen_addrs = Vec::new();
+    for listener in &listeners {
+        listen_addrs.push(listener.local_addr()?);
+    }
+    let ips: Vec<std::net::IpAddr> = listen_addrs.iter().map(SocketAddr::ip).collect();
+    let public_url = match &config.public_url {
+        Some(url) => url.clone(),
+        None => {
+            let host = listen::served(config.listen_host.as_deref(), &ips, &[]).url_host;
+            format!("https://{host}:{}", local_addr.port())
+        }
+    }
+    .trim_end_matches('/')
+    .to_owned();
+    let (material, tls_names) = match &config.tls {
+        TlsSource::Files { cert, key } => (tls::load_operator(cert, key)?, Vec::new()),
         TlsSource::SelfSigned { extra_names } => {
-            let mut names = vec!["localhost".to_owned()];
-            for listener in &listeners {
-                let ip = listener.local_addr()?.ip();
-                if ip.is_unspecified() {
-                    names.push("127.0.0.1".into());
-                    names.push("::1".into());
-                } else {
-                    names.push(ip.to_string());
-                }
-            }
+            let mut extra = Vec::new();
             if let Some(host) = public_url
                 .strip_prefix("https://")
                 .and_then(|rest| rest.split('/').next())
             {
                 let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-                names.push(host.trim_matches(|c| c == '[' || c == ']').to_owned());
+                extra.push(host.trim_matches(|c| c == '[' || c == ']').to_owned());
             }
-            names.extend(extra_names.iter().cloned());
-            let mut unique = Vec::new();
-            for name in names {
-                if !unique.contains(&name) {
-                    unique.push(name);
-                }
-            }
-            tls::ensure_self_signed(&config.data_dir, &unique)?
+            extra.extend(extra_names.iter().cloned());
+            let names = listen::served(config.listen_host.as_deref(), &ips, &extra).names;
+            (tls::ensure_self_signed(&config.data_dir, &names)?, names)
         }
     };
     let tls_config = tls::server_config(&material)?;
@@ -351,6 +351,8 @@ pub async fn start_with(
     }
     Ok(RunningServer {
         local_addr,
+        listen_addrs,
+        tls_names,
         tenant_id,
         public_url,
         ca_path: material.ca_path.clone(),

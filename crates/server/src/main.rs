@@ -3,13 +3,13 @@
 mod people_cmd;
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use server::listen::ListenArg;
 use server::{Config, TlsSource, crypto};
 
 #[derive(Parser)]
@@ -83,11 +83,12 @@ struct DataDir {
 struct ServeArgs {
     #[command(flatten)]
     data: DataDir,
-    /// Address and port to serve HTTPS on.
+    /// Where to serve HTTPS: IP:PORT, [IPv6]:PORT, or HOST:PORT (every address
+    /// the name resolves to), such as 0.0.0.0:8443 or localhost:8443.
     #[arg(long, env = "CORDON_LISTEN", default_value = "127.0.0.1:8443")]
-    listen: SocketAddr,
+    listen: ListenArg,
     /// Canonical base URL (the tokens' issuer), such as https://cordon.example.com:8443.
-    /// Default: https://<listen address>, with localhost for 0.0.0.0 and ::.
+    /// Default: https://<listen host>:<port>, with this machine's host name for 0.0.0.0 and ::.
     #[arg(long, env = "CORDON_PUBLIC_URL")]
     public_url: Option<String>,
     /// PEM certificate chain to serve instead of the generated one (needs --tls-key).
@@ -122,26 +123,40 @@ struct ServeArgs {
     #[arg(long, env = "CORDON_SIGNIN_FAILURES_PER_SOURCE", default_value_t = 20)]
     signin_failures_per_source: u32,
     /// Issuer URL of an external OpenID Connect provider whose access tokens
-    /// are accepted (repeatable; each needs its --oidc-audience, in order).
-    #[arg(long = "oidc-issuer")]
+    /// are accepted (repeatable, or comma-separated; each needs its
+    /// --oidc-audience, in order).
+    #[arg(
+        long = "oidc-issuer",
+        env = "CORDON_OIDC_ISSUER",
+        value_delimiter = ','
+    )]
     oidc_issuers: Vec<String>,
     /// The audience (`aud`) the provider's tokens for Cordon carry.
-    #[arg(long = "oidc-audience")]
+    #[arg(
+        long = "oidc-audience",
+        env = "CORDON_OIDC_AUDIENCE",
+        value_delimiter = ','
+    )]
     oidc_audiences: Vec<String>,
     /// Claim of external tokens whose values name Cordon roles.
-    #[arg(long, default_value = "roles")]
+    #[arg(long, env = "CORDON_OIDC_ROLE_CLAIM", default_value = "roles")]
     oidc_role_claim: String,
     /// Claim of external tokens whose values are user groups.
-    #[arg(long, default_value = "groups")]
+    #[arg(long, env = "CORDON_OIDC_GROUP_CLAIM", default_value = "groups")]
     oidc_group_claim: String,
     /// VALUE=ROLE: a role-claim value that grants a Cordon role (repeatable),
     /// such as soc-tier1=Viewer. With any mapping given, only mapped values grant roles;
-    /// with none, the values name Cordon roles directly.
-    #[arg(long = "oidc-role-map")]
+    /// with none, the values name Cordon roles directly. Semicolon-separated
+    /// in the environment variable (claim values may hold commas).
+    #[arg(
+        long = "oidc-role-map",
+        env = "CORDON_OIDC_ROLE_MAP",
+        value_delimiter = ';'
+    )]
     oidc_role_map: Vec<String>,
     /// PEM file of CA certificates trusted for the providers' HTTPS
     /// (besides the system's).
-    #[arg(long)]
+    #[arg(long, env = "CORDON_OIDC_CA_FILE")]
     oidc_ca_file: Option<PathBuf>,
 }
 
@@ -406,7 +421,7 @@ fn init_logging() {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
     let mut config = Config::new(args.data.data_dir);
-    config.listen = args.listen;
+    config.listen_host = args.listen.name().map(str::to_owned);
     config.public_url = args.public_url;
     config.tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => TlsSource::Files { cert, key },
@@ -446,10 +461,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     {
         bail!("--public-url must start with https://");
     }
-    let running = server::start(config).await?;
+    let listeners = args.listen.bind()?;
+    config.listen = listeners[0].local_addr()?;
+    let self_signed = matches!(config.tls, TlsSource::SelfSigned { .. });
+    let guessed_url = config.public_url.is_none()
+        && args.listen.name().is_none()
+        && config.listen.ip().is_unspecified();
+    let running = server::start_with(config, listeners).await?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "Cordon is serving on https://{}", running.local_addr)?;
+    for addr in &running.listen_addrs {
+        writeln!(out, "Cordon is serving on https://{addr}")?;
+    }
     writeln!(out, "  URL:       {}", running.public_url)?;
+    if self_signed {
+        writeln!(out, "  TLS names: {}", running.tls_names.join(", "))?;
+    }
+    if guessed_url {
+        let port = running.local_addr.port();
+        if self_signed {
+            writeln!(
+                out,
+                "  Note:      serving every address, under this machine's host name. Clients must \
+                 use one of the TLS names; add a name with --tls-san NAME, and give the URL \
+                 clients use with --public-url https://NAME:{port}."
+            )?;
+        } else {
+            writeln!(
+                out,
+                "  Note:      serving every address, under this machine's host name. Give the URL \
+                 clients use (a name your certificate carries) with --public-url https://NAME:{port}."
+            )?;
+        }
+    }
     writeln!(out, "  Tenant id: {}", running.tenant_id)?;
     writeln!(
         out,
