@@ -240,7 +240,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&data)?;
 
     // Prepare the data directory: an app and `machines` enrolled machines.
-    let store = server::open_store(&data)?;
+    let store = server::init_data_dir(&data)?;
     let tenant = server::tenant_id(&store).await?;
     let client_id = server::crypto::new_guid();
     let secret = server::crypto::new_secret();

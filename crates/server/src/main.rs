@@ -74,7 +74,37 @@ enum AuditCommand {
 
 #[derive(Args)]
 struct DataDir {
-    /// Directory with the database, keys and certificates.
+    /// Directory with the database, keys and certificates (made by `cordon serve`).
+    #[arg(long, env = "CORDON_DATA_DIR", default_value = "./cordon-data")]
+    pub data_dir: PathBuf,
+    /// Create the data directory and its database if they don't exist yet
+    /// (without it, a missing one is an error).
+    #[arg(long)]
+    pub init: bool,
+}
+
+impl DataDir {
+    /// Opens the data directory's store (creating it only with `--init`) and
+    /// says on standard error which directory and tenant it is, so a
+    /// command run from the wrong folder is noticed.
+    async fn open(&self) -> anyhow::Result<store::Store> {
+        let store = if self.init {
+            server::init_data_dir(&self.data_dir)?
+        } else {
+            server::open_store(&self.data_dir)?
+        };
+        let tenant_id = server::tenant_id(&store).await?;
+        eprintln!(
+            "data directory: {}, tenant: {tenant_id}",
+            server::absolute(&self.data_dir).display()
+        );
+        Ok(store)
+    }
+}
+
+#[derive(Args)]
+struct ServeDataDir {
+    /// Directory with the database, keys and certificates (created on first start).
     #[arg(long, env = "CORDON_DATA_DIR", default_value = "./cordon-data")]
     pub data_dir: PathBuf,
 }
@@ -82,7 +112,7 @@ struct DataDir {
 #[derive(Args)]
 struct ServeArgs {
     #[command(flatten)]
-    data: DataDir,
+    data: ServeDataDir,
     /// Address and port to serve HTTPS on.
     #[arg(long, env = "CORDON_LISTEN", default_value = "127.0.0.1:8443")]
     listen: SocketAddr,
@@ -304,6 +334,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    // Every file this process creates is private to its user: the data
+    // directory holds the token-signing key and the CA's key.
+    // SAFETY: umask only sets the process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -341,7 +375,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify { data } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             match store.verify_audit().await? {
                 Ok(count) => {
                     println!("{count} records, chain intact");
@@ -356,7 +390,7 @@ async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
             }
         }
         AuditCommand::Export { data, since } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let mut query = store::Query::<store::AuditField> {
                 filter: since.map(|at| {
                     store::Filter::Compare(
@@ -498,7 +532,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             if name.is_empty() || name.chars().count() > 200 {
                 bail!("--name must be 1 to 200 characters");
             }
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let tenant_id = server::tenant_id(&store).await?;
             let client_id = crypto::new_guid();
             let secret = crypto::new_secret();
@@ -535,7 +569,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AppCommand::List { data, json } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let apps = store.list_apps().await?;
             if json {
                 let list: Vec<_> = apps
@@ -558,7 +592,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AppCommand::Delete { data, client_id } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             match store.delete_app(&client_id).await {
                 Ok(()) => {
                     server::audit::record_command(&store, "app.delete", &client_id).await?;
@@ -584,7 +618,7 @@ async fn enroll_token_command(command: EnrollTokenCommand) -> anyhow::Result<()>
     if max_uses == Some(0) {
         bail!("--max-uses must be at least 1");
     }
-    let store = server::open_store(&data.data_dir)?;
+    let store = data.open().await?;
     server::tenant_id(&store).await?;
     let token = crypto::new_secret();
     let now = server::now_nanos();
@@ -632,7 +666,7 @@ async fn enroll_token_command(command: EnrollTokenCommand) -> anyhow::Result<()>
 async fn machine_command(command: MachineCommand) -> anyhow::Result<()> {
     match command {
         MachineCommand::List { data, json } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let page = store
                 .list_machines(store::Query::default(), store::SqlContext::default())
                 .await?;
@@ -664,7 +698,7 @@ async fn machine_command(command: MachineCommand) -> anyhow::Result<()> {
             Ok(())
         }
         MachineCommand::Revoke { data, machine_id } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             match store.revoke_machine(&machine_id.to_ascii_lowercase()).await {
                 Ok(()) => {
                     let machine_id = machine_id.to_ascii_lowercase();
@@ -712,7 +746,7 @@ async fn exclusion_command(command: ExclusionCommand) -> anyhow::Result<()> {
                 remote_ports: list(remote_ports),
             })
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let rule = exclusions::create_rule(&store, fields)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
@@ -728,7 +762,7 @@ async fn exclusion_command(command: ExclusionCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ExclusionCommand::List { data, json } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let rules = store.list_exclusion_rules().await?;
             if json {
                 let list: Vec<_> = rules.iter().map(exclusions::entity).collect();
@@ -743,7 +777,7 @@ async fn exclusion_command(command: ExclusionCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ExclusionCommand::Remove { data, name_or_id } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let by_id = if crypto::is_guid(&name_or_id) {
                 store
                     .get_exclusion_rule(&name_or_id.to_ascii_lowercase())
