@@ -220,6 +220,8 @@ fn local_addresses() -> Vec<HostAddress> {
         }
     }
     out.sort_by_key(|a| a.interface_type.as_deref() == Some("SoftwareLoopback"));
+    // The server refuses longer lists.
+    out.truncate(proto::agent::MAX_ADDRESSES);
     out
 }
 

@@ -270,7 +270,8 @@ async fn main() -> anyhow::Result<()> {
             .enroll_machine(
                 server::crypto::sha256_hex(enroll_token.as_bytes()),
                 id.clone(),
-                vec![0; 32],
+                // One key per machine: a key enrolls once.
+                (i as u64).to_le_bytes().repeat(4),
                 store::Facts {
                     computer_dns_name: format!("bench-{i}"),
                     ..Default::default()

@@ -67,6 +67,10 @@ pub struct Config {
     pub signin_failures_per_source: u32,
     /// External OpenID Connect providers whose access tokens are accepted.
     pub oidc: oidc::OidcSettings,
+    /// Enrollment attempts a minute from one source address (0: no limit).
+    pub enroll_per_source_per_minute: u32,
+    /// Enrollment attempts a minute from everywhere together (0: no limit).
+    pub enroll_per_minute: u32,
 }
 
 impl Config {
@@ -87,6 +91,8 @@ impl Config {
             signin_failures_per_user: 5,
             signin_failures_per_source: 20,
             oidc: oidc::OidcSettings::new(Vec::new()),
+            enroll_per_source_per_minute: 30,
+            enroll_per_minute: 300,
         }
     }
 }
@@ -102,6 +108,9 @@ pub struct AppState {
     pub issuer: String,
     pub signing_key: jwt::SigningKey,
     pub limiter: ratelimit::RateLimiter,
+    /// Enrollment attempts per source address, and in total.
+    pub enroll_per_source: ratelimit::RateLimiter,
+    pub enroll_total: ratelimit::RateLimiter,
     pub gateway: gateway::Gateway,
     /// Checked when a token request names an unknown client, so that
     /// response time doesn't tell which client ids exist.
@@ -474,6 +483,8 @@ pub async fn start_with(
             config.rate_limit_per_minute,
             config.rate_limit_per_hour,
         ),
+        enroll_per_source: ratelimit::RateLimiter::new(config.enroll_per_source_per_minute, 0),
+        enroll_total: ratelimit::RateLimiter::new(config.enroll_per_minute, 0),
         config,
         store,
         tenant_id: tenant_id.clone(),

@@ -56,6 +56,7 @@ fn serve_on(data_dir: &Path, port: u16) -> Served {
         .env("CORDON_DATA_DIR", data_dir)
         .env("CORDON_RATE_LIMIT_PER_MINUTE", "0")
         .env("CORDON_RATE_LIMIT_PER_HOUR", "0")
+        .env("CORDON_ENROLL_LIMIT_PER_SOURCE", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -255,7 +256,15 @@ async fn acknowledged_actions_survive_a_sigkill() {
         "Machine.Read.All",
         "--json",
     ]);
-    let enroll = run_json(&["enroll-token", "create", "--data-dir", &data, "--json"]);
+    let enroll = run_json(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--max-uses",
+        "40",
+        "--json",
+    ]);
     let mut machines = Vec::new();
     let mut states = Vec::new();
     for i in 0..40 {
@@ -612,4 +621,125 @@ fn a_second_server_on_the_same_data_directory_is_refused() {
     ]);
     drop(served);
     let _served = serve(&dir.0);
+}
+
+/// Tokens once defaulted to unlimited uses and no expiry, `--expires-in 24`
+/// meant 24 seconds, and nothing could withdraw one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_tokens_default_to_one_use_and_a_day_and_can_be_revoked() {
+    let dir = TempDir::new("enroll-tokens");
+    let data = dir.0.to_str().unwrap().to_owned();
+    let served = serve(&dir.0);
+    let ca = dir.0.join("ca.pem");
+
+    let stderr = run_fails(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--expires-in",
+        "24",
+    ]);
+    assert!(
+        stderr.contains("no unit") && stderr.contains("24h"),
+        "{stderr}"
+    );
+    let stderr = run_fails(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--expires-in",
+        "0s",
+    ]);
+    assert!(stderr.contains("zero"), "{stderr}");
+    let stderr = run_fails(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--max-uses",
+        "0",
+    ]);
+    assert!(stderr.contains("--max-uses"), "{stderr}");
+    // A typo in another duration flag is caught the same way.
+    let stderr = run_fails(&["serve", "--data-dir", &data, "--apply-deadline", "600"]);
+    assert!(stderr.contains("no unit"), "{stderr}");
+
+    let created = run_json(&["enroll-token", "create", "--data-dir", &data, "--json"]);
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["maxUses"], 1);
+    let expires = proto::time::parse_utc(created["expires"].as_str().unwrap()).unwrap();
+    let in_a_day = server::now_nanos() + 24 * 3600 * 1_000_000_000;
+    assert!((expires - in_a_day).abs() < 60 * 1_000_000_000, "{created}");
+
+    let listed = run_json(&["enroll-token", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["status"], "Active");
+    assert_eq!(listed[0]["usesLeft"], 1);
+    let text = serde_json::to_string(&listed).unwrap();
+    assert!(!text.contains(created["token"].as_str().unwrap()), "{text}");
+
+    let token = created["token"].as_str().unwrap();
+    let state = TempDir::new("agent");
+    agent::enroll(&served.url, token, &ca, &state.0, Some("t1"))
+        .await
+        .unwrap();
+    let state = TempDir::new("agent");
+    let err = agent::enroll(&served.url, token, &ca, &state.0, Some("t2"))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("used up"), "{err}");
+    let listed = run_json(&["enroll-token", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(listed[0]["status"], "UsedUp");
+    assert_eq!(listed[0]["usesLeft"], 0);
+
+    // Revoked: refused at once, by the server that is running.
+    let second = run_json(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--max-uses",
+        "5",
+        "--expires-in",
+        "7d",
+        "--json",
+    ]);
+    let second_id = second["id"].as_str().unwrap();
+    let output = cordon()
+        .args(["enroll-token", "revoke", "--data-dir", &data, second_id])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains(second_id));
+    let state = TempDir::new("agent");
+    let err = agent::enroll(
+        &served.url,
+        second["token"].as_str().unwrap(),
+        &ca,
+        &state.0,
+        None,
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("revoked"), "{err}");
+    let listed = run_json(&["enroll-token", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(listed[1]["status"], "Revoked");
+    assert!(listed[1]["revoked"].is_string());
+    let text = cordon()
+        .args(["enroll-token", "list", "--data-dir", &data])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&id) && text.contains("Revoked"), "{text}");
+
+    let stderr = run_fails(&["enroll-token", "revoke", "--data-dir", &data, "no-such-id"]);
+    assert!(
+        stderr.contains("no enroll token has id 'no-such-id'"),
+        "{stderr}"
+    );
 }
