@@ -768,8 +768,14 @@ where
                             return Ok(());
                         }
                     };
-                    if let Some(reply) = handle(&state, &machine_id, &mut reported, message).await {
-                        send(&mut writer, &reply).await?;
+                    match handle(&state, &machine_id, &mut reported, exclusions_sent, message).await {
+                        Ok(Some(reply)) => send(&mut writer, &reply).await?,
+                        Ok(None) => {}
+                        Err(violation) => {
+                            tracing::warn!(%violation, "agent protocol violation; closing the session");
+                            refuse(&mut writer, "ProtocolError", &violation).await;
+                            return Ok(());
+                        }
                     }
                 }
                 out = outbound.recv() => match out {
@@ -795,14 +801,23 @@ where
     result
 }
 
+/// Whether an exclusion rule-set version an agent reports is one it can run:
+/// from 0 to the newest this session sent it.
+fn exclusion_version_in_range(version: i64, sent: i64) -> bool {
+    (0..=sent).contains(&version)
+}
+
+/// Handles one message of an established session: `Ok` with the answer, if
+/// any, or `Err` with a protocol violation, which closes the session.
 async fn handle(
     state: &AppState,
     machine_id: &str,
     reported: &mut Reported,
+    exclusions_sent: i64,
     message: AgentMessage,
-) -> Option<ServerMessage> {
+) -> Result<Option<ServerMessage>, String> {
     let now = crate::now_nanos();
-    match message {
+    Ok(match message {
         AgentMessage::Hello { .. } => None,
         AgentMessage::Heartbeat {
             enforced,
@@ -811,9 +826,24 @@ async fn handle(
             reported
                 .record_scope(state, machine_id, enforced_scope(enforced))
                 .await;
-            reported
-                .record_exclusion_version(state, machine_id, exclusion_version)
-                .await;
+            // Only Selective isolation runs exclusion rules (record_scope
+            // cleared the version otherwise), and only a version it was sent.
+            if reported.scope.as_deref() == Some("Selective") {
+                match exclusion_version {
+                    Some(v) if !exclusion_version_in_range(v, exclusions_sent) => {
+                        tracing::warn!(
+                            version = v,
+                            newest = exclusions_sent,
+                            "heartbeat names an exclusion rule-set version never sent; not recorded"
+                        );
+                    }
+                    version => {
+                        reported
+                            .record_exclusion_version(state, machine_id, version)
+                            .await
+                    }
+                }
+            }
             None
         }
         AgentMessage::ExclusionsApplied {
@@ -821,11 +851,19 @@ async fn handle(
             succeeded,
             reason,
         } => {
-            if succeeded {
+            if succeeded && !exclusion_version_in_range(version, exclusions_sent) {
+                tracing::warn!(
+                    version,
+                    newest = exclusions_sent,
+                    "agent applied an exclusion rule-set version never sent; not recorded"
+                );
+            } else if succeeded {
                 tracing::info!(version, "agent applied the exclusion rules");
-                reported
-                    .record_exclusion_version(state, machine_id, Some(version))
-                    .await;
+                if reported.scope.as_deref() == Some("Selective") {
+                    reported
+                        .record_exclusion_version(state, machine_id, Some(version))
+                        .await;
+                }
             } else {
                 let reason: String = reason
                     .unwrap_or_default()
@@ -891,18 +929,11 @@ async fn handle(
             enforced,
         } => {
             let enforced = enforced_scope(enforced);
-            // finish_action records the scope itself.
-            reported.scope = enforced.clone();
-            if enforced.as_deref() != Some("Selective") {
-                reported
-                    .record_exclusion_version(state, machine_id, None)
-                    .await;
-            }
             let outcome = Outcome {
                 succeeded,
                 error_hresult: error_h_result,
                 reason: reason.map(|r| r.chars().take(1000).collect()),
-                enforced_scope: enforced,
+                enforced_scope: enforced.clone(),
             };
             match state
                 .store
@@ -910,14 +941,27 @@ async fn handle(
                 .await
             {
                 Ok(action) => {
-                    tracing::info!(%action_id, status = %action.status, "action finished")
+                    tracing::info!(%action_id, status = %action.status, "action finished");
+                    // finish_action recorded the scope itself.
+                    reported.scope = enforced.clone();
+                    if enforced.as_deref() != Some("Selective") {
+                        reported
+                            .record_exclusion_version(state, machine_id, None)
+                            .await;
+                    }
                 }
                 Err(StoreError::NotFound) => {
                     tracing::warn!(%action_id, "agent reported an action that is not its own");
+                }
+                Err(StoreError::WrongStatus(status)) => {
+                    return Err(format!(
+                        "a result for action {action_id}, which is {status}: results are \
+                         accepted only for actions the server sent proceed for"
+                    ));
                 }
                 Err(e) => tracing::error!(error = %e, "could not record an action's outcome"),
             }
             None
         }
-    }
+    })
 }

@@ -226,3 +226,138 @@ async fn enrollment_attempts_are_rate_limited_per_source_and_in_total() {
     agent_error(&reply, 429, "TooManyRequests");
     assert!(reply.header("retry-after").is_some());
 }
+
+// ---- the session's order and ranges ------------------------------------
+
+/// A `result` for an action the server never sent `proceed` for was once
+/// recorded: an agent (or someone holding its key) could finish an action
+/// that a cancel had already stopped, or skip the handshake altogether.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_without_proceed_is_a_protocol_error_and_changes_nothing() {
+    use proto::agent::{Enforced, ServerMessage};
+    let server = TestServer::start().await;
+    let agent = server.enroll("m1").await;
+    let mut api = server.api().await;
+    let mut session = agent.connect().await;
+    let id = api.isolate(&agent.machine_id()).await.json().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(action_id_of(&next(&mut session).await), id);
+    session
+        .send(&AgentMessage::Result {
+            action_id: id.clone(),
+            succeeded: true,
+            error_h_result: 0,
+            reason: None,
+            enforced: Enforced::Full,
+        })
+        .await
+        .unwrap();
+    match next(&mut session).await {
+        ServerMessage::Refused { code, reason } => {
+            assert_eq!(code, "ProtocolError");
+            assert!(reason.contains("proceed"), "{reason}");
+        }
+        other => panic!("expected the session to be refused, got {other:?}"),
+    }
+    let action = api.action(&id).await;
+    assert_eq!(action["status"], "Pending");
+    let machine = api.machine(&agent.machine_id()).await;
+    // Still waiting for its agent; nothing recorded as in force.
+    assert_eq!(machine["isolationState"], "Isolating", "{machine}");
+    assert_eq!(machine["isolationScope"], Value::Null, "{machine}");
+
+    // Cancelled: never proceeded either.
+    let mut session = agent.connect().await;
+    assert_eq!(action_id_of(&next(&mut session).await), id);
+    let cancel = api
+        .post(
+            &format!("/api/machineactions/{id}/cancel"),
+            serde_json::json!({"Comment": "not this one"}),
+        )
+        .await;
+    assert_eq!(cancel.status, 200, "{:?}", cancel.body);
+    session
+        .send(&AgentMessage::Result {
+            action_id: id.clone(),
+            succeeded: true,
+            error_h_result: 0,
+            reason: None,
+            enforced: Enforced::Full,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut session).await,
+        ServerMessage::Refused { .. }
+    ));
+    assert_eq!(api.action(&id).await["status"], "Cancelled");
+
+    // The documented order still works: ack, proceed, result.
+    let mut session = agent.connect().await;
+    let id = api.isolate(&agent.machine_id()).await.json().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(action_id_of(&next(&mut session).await), id);
+    execute(&mut session, &id, true, Enforced::Full).await;
+    api.wait_status(&id, "Succeeded").await;
+}
+
+/// A heartbeat's exclusion version was stored whatever it said, isolated
+/// Selectively or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusion_version_counts_only_in_range_and_when_selective() {
+    use proto::agent::Enforced;
+    let server = TestServer::start().await;
+    let agent = server.enroll("m1").await;
+    let mut api = server.api().await;
+    let mut session = agent.connect().await;
+    for (enforced, version) in [
+        (Enforced::NotIsolated, Some(0)),
+        (Enforced::Full, Some(0)),
+        (Enforced::Selective, Some(i64::MAX)),
+        (Enforced::Selective, Some(-5)),
+    ] {
+        session
+            .send(&AgentMessage::Heartbeat {
+                enforced,
+                exclusion_version: version,
+            })
+            .await
+            .unwrap();
+    }
+    session
+        .send(&AgentMessage::Facts(facts("m1-later")))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let machine = loop {
+        let machine = api.machine(&agent.machine_id()).await;
+        if machine["computerDnsName"] == "m1-later" {
+            break machine;
+        }
+        assert!(std::time::Instant::now() < deadline, "{machine}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(machine["exclusionRulesVersion"], Value::Null, "{machine}");
+
+    // In range (the session was sent version 0) and Selective: recorded.
+    session
+        .send(&AgentMessage::Heartbeat {
+            enforced: Enforced::Selective,
+            exclusion_version: Some(0),
+        })
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let machine = api.machine(&agent.machine_id()).await;
+        if machine["exclusionRulesVersion"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{machine}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -993,8 +993,12 @@ impl Store {
     }
 
     /// Records the outcome of an action reported by the agent of
-    /// `machine_id`. The action's status changes only if it was still in
-    /// flight; what is in force on the machine is recorded either way.
+    /// `machine_id`. The action's status changes only if it is InProgress;
+    /// what is in force on the machine is recorded too. An action the agent
+    /// was never told to proceed with (Pending, Cancelled) is
+    /// [`StoreError::WrongStatus`] and changes nothing; a report for one
+    /// already finished (a repeat, or one that timed out meanwhile) records
+    /// only what is in force.
     pub async fn finish_action(
         &self,
         machine_id: &str,
@@ -1007,7 +1011,10 @@ impl Store {
             let action = get_action(conn, &action_id)?
                 .filter(|a| a.machine_id == machine_id)
                 .ok_or(StoreError::NotFound)?;
-            if matches!(action.status.as_str(), "Pending" | "InProgress") {
+            if matches!(action.status.as_str(), "Pending" | "Cancelled") {
+                return Err(StoreError::WrongStatus(action.status));
+            }
+            if action.status == "InProgress" {
                 let (status, hresult, info) = if outcome.succeeded {
                     ("Succeeded", 0, None)
                 } else {
