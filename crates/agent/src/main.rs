@@ -119,6 +119,9 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    // Every file the agent creates is private: its key is in the state directory.
+    // SAFETY: umask only sets the process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

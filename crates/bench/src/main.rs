@@ -249,7 +249,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&data)?;
 
     // Prepare the data directory: an app and `machines` enrolled machines.
-    let store = server::open_store(&data)?;
+    let store = server::init_data_dir(&data)?;
     let tenant = server::tenant_id(&store).await?;
     let client_id = server::crypto::new_guid();
     let secret = server::crypto::new_secret();
@@ -279,7 +279,8 @@ async fn main() -> anyhow::Result<()> {
             .enroll_machine(
                 server::crypto::sha256_hex(enroll_token.as_bytes()),
                 id.clone(),
-                vec![0; 32],
+                // One key per machine: a key enrolls once.
+                (i as u64).to_le_bytes().repeat(4),
                 store::Facts {
                     computer_dns_name: format!("bench-{i}"),
                     ..Default::default()

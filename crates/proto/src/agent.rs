@@ -16,6 +16,10 @@ pub const SESSION_PATH: &str = "/agent/v1/session";
 pub const SESSION_PROTOCOL: &str = "cordon-agent/1";
 /// Longest line either side accepts, in bytes.
 pub const MAX_LINE: usize = 1 << 20;
+/// Most addresses host facts may list; the agent sends its first ones.
+pub const MAX_ADDRESSES: usize = 64;
+/// Longest text value of host facts, in characters.
+pub const MAX_FACT_LENGTH: usize = 256;
 /// TLS exporter label that binds session proofs to one TLS connection.
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-cordon-agent-session";
 

@@ -72,6 +72,10 @@ pub struct Config {
     pub signin_failures_per_source: u32,
     /// External OpenID Connect providers whose access tokens are accepted.
     pub oidc: oidc::OidcSettings,
+    /// Enrollment attempts a minute from one source address (0: no limit).
+    pub enroll_per_source_per_minute: u32,
+    /// Enrollment attempts a minute from everywhere together (0: no limit).
+    pub enroll_per_minute: u32,
 }
 
 impl Config {
@@ -93,6 +97,8 @@ impl Config {
             signin_failures_per_user: 5,
             signin_failures_per_source: 20,
             oidc: oidc::OidcSettings::new(Vec::new()),
+            enroll_per_source_per_minute: 30,
+            enroll_per_minute: 300,
         }
     }
 }
@@ -108,6 +114,9 @@ pub struct AppState {
     pub issuer: String,
     pub signing_key: jwt::SigningKey,
     pub limiter: ratelimit::RateLimiter,
+    /// Enrollment attempts per source address, and in total.
+    pub enroll_per_source: ratelimit::RateLimiter,
+    pub enroll_total: ratelimit::RateLimiter,
     pub gateway: gateway::Gateway,
     /// Checked when a token request names an unknown client, so that
     /// response time doesn't tell which client ids exist.
@@ -205,6 +214,9 @@ pub struct RunningServer {
     pub ca_path: Option<PathBuf>,
     pub state: Arc<AppState>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Held while this value lives: a second server on the same data
+    /// directory stops with a clear message.
+    _lock: DataDirLock,
 }
 
 impl RunningServer {
@@ -229,12 +241,159 @@ impl Drop for RunningServer {
     }
 }
 
-/// Opens the store in `data_dir`, creating the directory.
+/// The database's file name inside the data directory.
+pub const DATABASE_FILE: &str = "cordon.db";
+/// The file `cordon serve` locks while it serves a data directory.
+pub const LOCK_FILE: &str = "cordon.lock";
+
+/// Opens the store of an existing data directory; never creates one, so a
+/// mistyped `--data-dir` is an error rather than a new, empty tenant.
 pub fn open_store(data_dir: &std::path::Path) -> anyhow::Result<store::Store> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-    store::Store::open(&data_dir.join("cordon.db"))
+    let database = data_dir.join(DATABASE_FILE);
+    if !data_dir.is_dir() {
+        anyhow::bail!(
+            "there is no data directory at {}; `cordon serve --data-dir {}` creates one \
+             (or add --init to this command)",
+            absolute(data_dir).display(),
+            data_dir.display()
+        );
+    }
+    if !database.is_file() {
+        anyhow::bail!(
+            "{} is not a Cordon data directory (it has no {DATABASE_FILE}); \
+             `cordon serve --data-dir {}` creates one (or add --init to this command)",
+            absolute(data_dir).display(),
+            data_dir.display()
+        );
+    }
+    store::Store::open(&database)
         .with_context(|| format!("cannot open the database in {}", data_dir.display()))
+}
+
+/// Opens the store of `data_dir`, creating the directory (mode 0700) and
+/// the database when they don't exist yet.
+pub fn init_data_dir(data_dir: &std::path::Path) -> anyhow::Result<store::Store> {
+    use std::os::unix::fs::OpenOptionsExt;
+    create_private_dir(data_dir)?;
+    let database = data_dir.join(DATABASE_FILE);
+    // Private from its creation (SQLite gives its -wal and -shm files the
+    // database's mode), whatever the process's umask.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&database)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot create {}", database.display()));
+        }
+    }
+    store::Store::open(&database)
+        .with_context(|| format!("cannot open the database in {}", data_dir.display()))
+}
+
+/// `path` made absolute (for messages), as well as can be.
+pub fn absolute(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))
+}
+
+/// Makes the data directory 0700 and every file in it 0600 where they are
+/// looser (the database holds the token-signing key); returns what it
+/// changed, for a warning. Fails when a mode cannot be fixed.
+pub fn secure_data_dir(data_dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut fixed = Vec::new();
+    let mut tighten = |path: &std::path::Path, wanted: u32| -> anyhow::Result<()> {
+        let metadata = std::fs::symlink_metadata(path)
+            .with_context(|| format!("cannot read the mode of {}", path.display()))?;
+        let mode = metadata.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(wanted)).with_context(
+                || {
+                    format!(
+                        "{} has mode {mode:04o}, open to other users, and it cannot be \
+                         changed to {wanted:04o}; fix it (chmod {wanted:o}) and start again",
+                        path.display()
+                    )
+                },
+            )?;
+            fixed.push(format!(
+                "{}: {mode:04o} -> {wanted:04o}",
+                absolute(path).display()
+            ));
+        }
+        Ok(())
+    };
+    tighten(data_dir, 0o700)?;
+    let entries = std::fs::read_dir(data_dir)
+        .with_context(|| format!("cannot read the data directory {}", data_dir.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            tighten(&entry.path(), 0o600)?;
+        }
+    }
+    Ok(fixed)
+}
+
+/// An exclusive lock on a data directory, held while a server serves it.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Takes the lock (`flock` on [`LOCK_FILE`]) and records this process's
+    /// id in the file; fails naming the directory and the other server's id
+    /// when another server holds it.
+    pub fn acquire(data_dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let path = data_dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: flock on a file descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                let who = if pid.is_empty() {
+                    "another cordon serve".to_owned()
+                } else {
+                    format!("another cordon serve (PID {pid})")
+                };
+                anyhow::bail!(
+                    "{who} is already serving the data directory {}; stop it first, or give \
+                     this one another --data-dir",
+                    absolute(data_dir).display()
+                );
+            }
+            return Err(error).with_context(|| format!("cannot lock {}", path.display()));
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        file.sync_all()?;
+        Ok(DataDirLock { _file: file })
+    }
 }
 
 /// The tenant id, created on first start.
@@ -271,7 +430,12 @@ pub async fn start_with(
     config: Config,
     listeners: Vec<std::net::TcpListener>,
 ) -> anyhow::Result<RunningServer> {
-    let store = open_store(&config.data_dir)?;
+    create_private_dir(&config.data_dir)?;
+    let lock = DataDirLock::acquire(&config.data_dir)?;
+    let store = init_data_dir(&config.data_dir)?;
+    for change in secure_data_dir(&config.data_dir)? {
+        tracing::warn!(%change, "a file of the data directory was open to other users; made private");
+    }
     let tenant_id = tenant_id(&store).await?;
     let signing_key = signing_key(&store).await?;
     let first = listeners.first().context("no listener")?;
@@ -319,6 +483,8 @@ pub async fn start_with(
             config.rate_limit_per_minute,
             config.rate_limit_per_hour,
         ),
+        enroll_per_source: ratelimit::RateLimiter::new(config.enroll_per_source_per_minute, 0),
+        enroll_total: ratelimit::RateLimiter::new(config.enroll_per_minute, 0),
         config,
         store,
         tenant_id: tenant_id.clone(),
@@ -358,6 +524,7 @@ pub async fn start_with(
         ca_path: material.ca_path.clone(),
         state,
         tasks,
+        _lock: lock,
     })
 }
 

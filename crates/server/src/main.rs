@@ -74,7 +74,37 @@ enum AuditCommand {
 
 #[derive(Args)]
 struct DataDir {
-    /// Directory with the database, keys and certificates.
+    /// Directory with the database, keys and certificates (made by `cordon serve`).
+    #[arg(long, env = "CORDON_DATA_DIR", default_value = "./cordon-data")]
+    pub data_dir: PathBuf,
+    /// Create the data directory and its database if they don't exist yet
+    /// (without it, a missing one is an error).
+    #[arg(long)]
+    pub init: bool,
+}
+
+impl DataDir {
+    /// Opens the data directory's store (creating it only with `--init`) and
+    /// says on standard error which directory and tenant it is, so a
+    /// command run from the wrong folder is noticed.
+    async fn open(&self) -> anyhow::Result<store::Store> {
+        let store = if self.init {
+            server::init_data_dir(&self.data_dir)?
+        } else {
+            server::open_store(&self.data_dir)?
+        };
+        let tenant_id = server::tenant_id(&store).await?;
+        eprintln!(
+            "data directory: {}, tenant: {tenant_id}",
+            server::absolute(&self.data_dir).display()
+        );
+        Ok(store)
+    }
+}
+
+#[derive(Args)]
+struct ServeDataDir {
+    /// Directory with the database, keys and certificates (created on first start).
     #[arg(long, env = "CORDON_DATA_DIR", default_value = "./cordon-data")]
     pub data_dir: PathBuf,
 }
@@ -82,7 +112,7 @@ struct DataDir {
 #[derive(Args)]
 struct ServeArgs {
     #[command(flatten)]
-    data: DataDir,
+    data: ServeDataDir,
     /// Where to serve HTTPS: IP:PORT, [IPv6]:PORT, or HOST:PORT (every address
     /// the name resolves to), such as 0.0.0.0:8443 or localhost:8443.
     #[arg(long, env = "CORDON_LISTEN", default_value = "127.0.0.1:8443")]
@@ -122,6 +152,12 @@ struct ServeArgs {
     /// Failed sign-ins after which a source address is locked out for a while (0: never).
     #[arg(long, env = "CORDON_SIGNIN_FAILURES_PER_SOURCE", default_value_t = 20)]
     signin_failures_per_source: u32,
+    /// Agent enrollment attempts a minute from one source address (0: no limit).
+    #[arg(long, env = "CORDON_ENROLL_LIMIT_PER_SOURCE", default_value_t = 30)]
+    enroll_limit_per_source: u32,
+    /// Agent enrollment attempts a minute from all sources together (0: no limit).
+    #[arg(long, env = "CORDON_ENROLL_LIMIT_TOTAL", default_value_t = 300)]
+    enroll_limit_total: u32,
     /// Issuer URL of an external OpenID Connect provider whose access tokens
     /// are accepted (repeatable, or comma-separated; each needs its
     /// --oidc-audience, in order).
@@ -194,18 +230,34 @@ enum AppCommand {
 
 #[derive(Subcommand)]
 enum EnrollTokenCommand {
-    /// Create a token that agents enroll with (shown once).
+    /// Create a token that agents enroll with (shown once, with its id).
     Create {
         #[command(flatten)]
         data: DataDir,
-        /// Lifetime, such as 24h or 7d (default: no expiry).
-        #[arg(long, value_parser = parse_duration)]
-        expires_in: Option<Duration>,
-        /// How many enrollments it allows (default: no limit).
-        #[arg(long)]
-        max_uses: Option<u32>,
+        /// Lifetime, with its unit: such as 30m, 24h or 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        expires_in: Duration,
+        /// How many machines may enroll with it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        max_uses: u32,
         #[arg(long)]
         json: bool,
+    },
+    /// List the enroll tokens (never the tokens themselves): id, created,
+    /// expiry, uses left, revoked.
+    List {
+        #[command(flatten)]
+        data: DataDir,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: no machine can enroll with it any more (machines
+    /// enrolled with it stay enrolled).
+    Revoke {
+        #[command(flatten)]
+        data: DataDir,
+        /// The token's id (from `create` or `list`).
+        id: String,
     },
 }
 
@@ -290,7 +342,8 @@ fn parse_since(text: &str) -> Result<i64, String> {
     Ok(server::now_nanos().saturating_sub(i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)))
 }
 
-/// Parses `500ms`, `30s`, `10m`, `24h`, `3d` (a bare number is seconds).
+/// Parses `500ms`, `30s`, `10m`, `24h`, `3d`. The unit is required (a bare
+/// `24` meant 24 seconds to someone who meant hours) and zero is refused.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -301,24 +354,40 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("'{text}' is not a duration such as 30s, 10m, 24h or 3d"))?;
     let seconds = match unit {
-        "ms" => return Ok(Duration::from_millis(number)),
-        "" | "s" => 1,
+        "ms" => 0,
+        "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
+        "" => {
+            return Err(format!(
+                "'{text}' has no unit; say {text}s, {text}m, {text}h or {text}d"
+            ));
+        }
         _ => {
             return Err(format!(
                 "unknown unit '{unit}' in '{text}'; use ms, s, m, h or d"
             ));
         }
     };
+    if number == 0 {
+        return Err(format!("'{text}' is zero; give a positive duration"));
+    }
+    if seconds == 0 {
+        return Ok(Duration::from_millis(number));
+    }
     number
         .checked_mul(seconds)
+        .filter(|s| i64::try_from(*s).is_ok())
         .map(Duration::from_secs)
         .ok_or_else(|| format!("'{text}' is too long"))
 }
 
 fn main() -> ExitCode {
+    // Every file this process creates is private to its user: the data
+    // directory holds the token-signing key and the CA's key.
+    // SAFETY: umask only sets the process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -356,7 +425,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify { data } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             match store.verify_audit().await? {
                 Ok(count) => {
                     println!("{count} records, chain intact");
@@ -371,7 +440,7 @@ async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
             }
         }
         AuditCommand::Export { data, since } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let mut query = store::Query::<store::AuditField> {
                 filter: since.map(|at| {
                     store::Filter::Compare(
@@ -436,6 +505,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.heartbeat_interval = args.heartbeat_interval;
     config.signin_failures_per_user = args.signin_failures_per_user;
     config.signin_failures_per_source = args.signin_failures_per_source;
+    config.enroll_per_source_per_minute = args.enroll_limit_per_source;
+    config.enroll_per_minute = args.enroll_limit_total;
     if args.oidc_issuers.len() != args.oidc_audiences.len() {
         bail!("give one --oidc-audience for each --oidc-issuer, in the same order");
     }
@@ -541,7 +612,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             if name.is_empty() || name.chars().count() > 200 {
                 bail!("--name must be 1 to 200 characters");
             }
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let tenant_id = server::tenant_id(&store).await?;
             let client_id = crypto::new_guid();
             let secret = crypto::new_secret();
@@ -578,7 +649,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AppCommand::List { data, json } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let apps = store.list_apps().await?;
             if json {
                 let list: Vec<_> = apps
@@ -601,7 +672,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AppCommand::Delete { data, client_id } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             match store.delete_app(&client_id).await {
                 Ok(()) => {
                     server::audit::record_command(&store, "app.delete", &client_id).await?;
@@ -618,64 +689,122 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
 }
 
 async fn enroll_token_command(command: EnrollTokenCommand) -> anyhow::Result<()> {
-    let EnrollTokenCommand::Create {
-        data,
-        expires_in,
-        max_uses,
-        json,
-    } = command;
-    if max_uses == Some(0) {
-        bail!("--max-uses must be at least 1");
-    }
-    let store = server::open_store(&data.data_dir)?;
-    server::tenant_id(&store).await?;
-    let token = crypto::new_secret();
-    let now = server::now_nanos();
-    let expires_at = match expires_in {
-        Some(d) => Some(
-            i64::try_from(d.as_nanos())
+    match command {
+        EnrollTokenCommand::Create {
+            data,
+            expires_in,
+            max_uses,
+            json,
+        } => {
+            let store = data.open().await?;
+            let token = crypto::new_secret();
+            let id = crypto::new_guid();
+            let now = server::now_nanos();
+            let expires_at = i64::try_from(expires_in.as_nanos())
                 .ok()
                 .and_then(|n| now.checked_add(n))
-                .context("--expires-in is too long")?,
-        ),
-        None => None,
-    };
-    store
-        .create_enroll_token(store::EnrollToken {
-            id: crypto::new_guid(),
-            token_hash: crypto::sha256_hex(token.as_bytes()),
-            created_at: now,
-            expires_at,
-            max_uses: max_uses.map(i64::from),
-        })
-        .await?;
-    // Named by its hash's first characters: the token itself is a secret.
-    let token_hash = crypto::sha256_hex(token.as_bytes());
-    server::audit::record_command(&store, "enroll-token.create", &token_hash[..12]).await?;
-    if json {
-        let created = proto::cli::EnrollTokenCreated {
-            token,
-            expires: expires_at.map(proto::time::format_utc),
-            max_uses: max_uses.map(i64::from),
-        };
-        println!("{}", serde_json::to_string(&created)?);
-    } else {
-        println!("Enroll token: {token}");
-        if let Some(at) = expires_at {
-            println!("  Expires: {}", proto::time::format_utc(at));
+                .context("--expires-in is too long")?;
+            store
+                .create_enroll_token(store::EnrollToken {
+                    id: id.clone(),
+                    token_hash: crypto::sha256_hex(token.as_bytes()),
+                    created_at: now,
+                    expires_at: Some(expires_at),
+                    max_uses: Some(i64::from(max_uses)),
+                })
+                .await?;
+            server::audit::record_command(&store, "enroll-token.create", &id).await?;
+            if json {
+                let created = proto::cli::EnrollTokenCreated {
+                    id,
+                    token,
+                    expires: Some(proto::time::format_utc(expires_at)),
+                    max_uses: Some(i64::from(max_uses)),
+                };
+                println!("{}", serde_json::to_string(&created)?);
+            } else {
+                println!("Enroll token: {token}");
+                println!("  Id:      {id}");
+                println!("  Expires: {}", proto::time::format_utc(expires_at));
+                println!("  Uses:    {max_uses}");
+                println!(
+                    "The token is shown only now; `cordon enroll-token revoke {id}` withdraws it."
+                );
+            }
+            Ok(())
         }
-        if let Some(n) = max_uses {
-            println!("  Uses:    {n}");
+        EnrollTokenCommand::List { data, json } => {
+            let store = data.open().await?;
+            let now = server::now_nanos();
+            let list: Vec<_> = store
+                .list_enroll_tokens()
+                .await?
+                .into_iter()
+                .map(|t| {
+                    let uses_left = t.max_uses.map(|m| (m - t.uses).max(0));
+                    let status = if t.revoked_at.is_some() {
+                        "Revoked"
+                    } else if t.expires_at.is_some_and(|e| e <= now) {
+                        "Expired"
+                    } else if uses_left == Some(0) {
+                        "UsedUp"
+                    } else {
+                        "Active"
+                    };
+                    proto::cli::EnrollTokenSummary {
+                        id: t.id,
+                        created: proto::time::format_utc(t.created_at),
+                        expires: t.expires_at.map(proto::time::format_utc),
+                        max_uses: t.max_uses,
+                        uses: t.uses,
+                        uses_left,
+                        revoked: t.revoked_at.map(proto::time::format_utc),
+                        status: status.to_owned(),
+                    }
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else if list.is_empty() {
+                println!("No enroll tokens.");
+            } else {
+                for t in list {
+                    let left = t
+                        .uses_left
+                        .map_or("unlimited".to_owned(), |n| n.to_string());
+                    println!(
+                        "{}  {}  created {}  expires {}  uses left {left}",
+                        t.id,
+                        t.status,
+                        t.created,
+                        t.expires.as_deref().unwrap_or("never"),
+                    );
+                }
+            }
+            Ok(())
         }
-        println!("The token is shown only now.");
+        EnrollTokenCommand::Revoke { data, id } => {
+            let store = data.open().await?;
+            let id = id.trim().to_ascii_lowercase();
+            match store.revoke_enroll_token(&id, server::now_nanos()).await {
+                Ok(_) => {
+                    server::audit::record_command(&store, "enroll-token.revoke", &id).await?;
+                    println!("Revoked enroll token {id}; no machine can enroll with it any more.");
+                    Ok(())
+                }
+                Err(store::StoreError::NotFound) => {
+                    bail!("no enroll token has id '{id}' (`cordon enroll-token list` shows them)")
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
     }
-    Ok(())
 }
 
 async fn machine_command(command: MachineCommand) -> anyhow::Result<()> {
     match command {
         MachineCommand::List { data, json } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let page = store
                 .list_machines(store::Query::default(), store::SqlContext::default())
                 .await?;
@@ -707,7 +836,7 @@ async fn machine_command(command: MachineCommand) -> anyhow::Result<()> {
             Ok(())
         }
         MachineCommand::Revoke { data, machine_id } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             match store.revoke_machine(&machine_id.to_ascii_lowercase()).await {
                 Ok(()) => {
                     let machine_id = machine_id.to_ascii_lowercase();
@@ -755,7 +884,7 @@ async fn exclusion_command(command: ExclusionCommand) -> anyhow::Result<()> {
                 remote_ports: list(remote_ports),
             })
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let rule = exclusions::create_rule(&store, fields)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
@@ -771,7 +900,7 @@ async fn exclusion_command(command: ExclusionCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ExclusionCommand::List { data, json } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let rules = store.list_exclusion_rules().await?;
             if json {
                 let list: Vec<_> = rules.iter().map(exclusions::entity).collect();
@@ -786,7 +915,7 @@ async fn exclusion_command(command: ExclusionCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ExclusionCommand::Remove { data, name_or_id } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let by_id = if crypto::is_guid(&name_or_id) {
                 store
                     .get_exclusion_rule(&name_or_id.to_ascii_lowercase())
@@ -849,8 +978,11 @@ mod tests {
         assert_eq!(parse_duration("3d"), Ok(Duration::from_secs(259_200)));
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        // `--expires-in 24` once meant 24 seconds; `0s` made a dead token.
+        assert!(parse_duration("24").unwrap_err().contains("no unit"));
+        assert!(parse_duration("0s").unwrap_err().contains("zero"));
+        assert!(parse_duration("0ms").is_err());
         assert!(parse_duration("3x").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());

@@ -56,6 +56,7 @@ fn serve_on(data_dir: &Path, port: u16) -> Served {
         .env("CORDON_DATA_DIR", data_dir)
         .env("CORDON_RATE_LIMIT_PER_MINUTE", "0")
         .env("CORDON_RATE_LIMIT_PER_HOUR", "0")
+        .env("CORDON_ENROLL_LIMIT_PER_SOURCE", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -438,7 +439,15 @@ async fn acknowledged_actions_survive_a_sigkill() {
         "Machine.Read.All",
         "--json",
     ]);
-    let enroll = run_json(&["enroll-token", "create", "--data-dir", &data, "--json"]);
+    let enroll = run_json(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--max-uses",
+        "40",
+        "--json",
+    ]);
     let mut machines = Vec::new();
     let mut states = Vec::new();
     for i in 0..40 {
@@ -661,4 +670,259 @@ async fn exclusion_commands_reach_connected_agents() {
     assert_eq!(next_exclusions(&mut session).await, (4, vec![]));
     let stderr = run_fails(&["exclusion", "remove", "--data-dir", &data, "Backups"]);
     assert!(stderr.contains("no exclusion rule"), "{stderr}");
+}
+
+/// The mode bits of `path`.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// `cordon.db` holds the token-signing key: with a 0755 directory and 0644
+/// files any local user could read it and mint tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_and_its_files_are_private() {
+    let parent = TempDir::new("modes");
+    let fresh = parent.0.join("fresh");
+    let served = serve(&fresh);
+    let data = fresh.to_str().unwrap().to_owned();
+    run_json(&["app", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(mode(&fresh), 0o700);
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&fresh).unwrap() {
+        let entry = entry.unwrap();
+        names.push(entry.file_name().to_string_lossy().into_owned());
+        assert_eq!(mode(&entry.path()), 0o600, "{:?}", entry.path());
+    }
+    for expected in [
+        "cordon.db",
+        "cordon.db-wal",
+        "ca.pem",
+        "ca-key.pem",
+        "server-key.pem",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
+    drop(served);
+
+    // Found looser (an older version, a restored backup): fixed at start.
+    use std::os::unix::fs::PermissionsExt;
+    let loose = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    loose(&fresh, 0o755);
+    loose(&fresh.join("cordon.db"), 0o644);
+    loose(&fresh.join("ca-key.pem"), 0o644);
+    let _served = serve(&fresh);
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&fresh.join("cordon.db")), 0o600);
+    assert_eq!(mode(&fresh.join("ca-key.pem")), 0o600);
+}
+
+/// Admin commands run from the wrong folder once made a new, empty tenant
+/// and exited 0.
+#[test]
+fn admin_commands_never_create_a_data_directory() {
+    let parent = TempDir::new("no-implicit");
+    let missing = parent.0.join("typo");
+    let missing_text = missing.to_str().unwrap().to_owned();
+    let stderr = run_fails(&["app", "list", "--data-dir", &missing_text]);
+    assert!(stderr.contains(&missing_text), "{stderr}");
+    assert!(stderr.contains("cordon serve --data-dir"), "{stderr}");
+    assert!(!missing.exists(), "the command created {missing:?}");
+
+    // A directory that is not Cordon's (no database): refused, left alone.
+    let stderr = run_fails(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &parent.0.to_string_lossy(),
+    ]);
+    assert!(stderr.contains("no cordon.db"), "{stderr}");
+    assert!(!parent.0.join("cordon.db").exists());
+
+    // --init creates it; every command says which directory and tenant it used.
+    let output = cordon()
+        .args([
+            "app",
+            "list",
+            "--init",
+            "--json",
+            "--data-dir",
+            &missing_text,
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&output.stdout).unwrap(),
+        serde_json::json!([])
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with(&format!("data directory: {missing_text}, tenant: ")),
+        "{stderr}"
+    );
+    assert_eq!(mode(&missing), 0o700);
+    assert_eq!(mode(&missing.join("cordon.db")), 0o600);
+    let again = cordon()
+        .args(["app", "list", "--data-dir", &missing_text])
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(String::from_utf8_lossy(&again.stderr), stderr);
+}
+
+/// A second `cordon serve` on a data directory another one serves.
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    let dir = TempDir::new("locked");
+    let served = serve(&dir.0);
+    let output = cordon()
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .env("CORDON_DATA_DIR", &dir.0)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("already serving"), "{stderr}");
+    assert!(stderr.contains(&dir.0.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(&format!("PID {}", served.child.id())),
+        "{stderr}"
+    );
+    // Admin commands still work beside it.
+    run_json(&[
+        "app",
+        "list",
+        "--data-dir",
+        &dir.0.to_string_lossy(),
+        "--json",
+    ]);
+    drop(served);
+    let _served = serve(&dir.0);
+}
+
+/// Tokens once defaulted to unlimited uses and no expiry, `--expires-in 24`
+/// meant 24 seconds, and nothing could withdraw one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_tokens_default_to_one_use_and_a_day_and_can_be_revoked() {
+    let dir = TempDir::new("enroll-tokens");
+    let data = dir.0.to_str().unwrap().to_owned();
+    let served = serve(&dir.0);
+    let ca = dir.0.join("ca.pem");
+
+    let stderr = run_fails(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--expires-in",
+        "24",
+    ]);
+    assert!(
+        stderr.contains("no unit") && stderr.contains("24h"),
+        "{stderr}"
+    );
+    let stderr = run_fails(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--expires-in",
+        "0s",
+    ]);
+    assert!(stderr.contains("zero"), "{stderr}");
+    let stderr = run_fails(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--max-uses",
+        "0",
+    ]);
+    assert!(stderr.contains("--max-uses"), "{stderr}");
+    // A typo in another duration flag is caught the same way.
+    let stderr = run_fails(&["serve", "--data-dir", &data, "--apply-deadline", "600"]);
+    assert!(stderr.contains("no unit"), "{stderr}");
+
+    let created = run_json(&["enroll-token", "create", "--data-dir", &data, "--json"]);
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["maxUses"], 1);
+    let expires = proto::time::parse_utc(created["expires"].as_str().unwrap()).unwrap();
+    let in_a_day = server::now_nanos() + 24 * 3600 * 1_000_000_000;
+    assert!((expires - in_a_day).abs() < 60 * 1_000_000_000, "{created}");
+
+    let listed = run_json(&["enroll-token", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["status"], "Active");
+    assert_eq!(listed[0]["usesLeft"], 1);
+    let text = serde_json::to_string(&listed).unwrap();
+    assert!(!text.contains(created["token"].as_str().unwrap()), "{text}");
+
+    let token = created["token"].as_str().unwrap();
+    let state = TempDir::new("agent");
+    agent::enroll(&served.url, token, &ca, &state.0, Some("t1"))
+        .await
+        .unwrap();
+    let state = TempDir::new("agent");
+    let err = agent::enroll(&served.url, token, &ca, &state.0, Some("t2"))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("used up"), "{err}");
+    let listed = run_json(&["enroll-token", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(listed[0]["status"], "UsedUp");
+    assert_eq!(listed[0]["usesLeft"], 0);
+
+    // Revoked: refused at once, by the server that is running.
+    let second = run_json(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--max-uses",
+        "5",
+        "--expires-in",
+        "7d",
+        "--json",
+    ]);
+    let second_id = second["id"].as_str().unwrap();
+    let output = cordon()
+        .args(["enroll-token", "revoke", "--data-dir", &data, second_id])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains(second_id));
+    let state = TempDir::new("agent");
+    let err = agent::enroll(
+        &served.url,
+        second["token"].as_str().unwrap(),
+        &ca,
+        &state.0,
+        None,
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("revoked"), "{err}");
+    let listed = run_json(&["enroll-token", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(listed[1]["status"], "Revoked");
+    assert!(listed[1]["revoked"].is_string());
+    let text = cordon()
+        .args(["enroll-token", "list", "--data-dir", &data])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&id) && text.contains("Revoked"), "{text}");
+
+    let stderr = run_fails(&["enroll-token", "revoke", "--data-dir", &data, "no-such-id"]);
+    assert!(
+        stderr.contains("no enroll token has id 'no-such-id'"),
+        "{stderr}"
+    );
 }

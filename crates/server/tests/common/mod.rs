@@ -45,12 +45,14 @@ pub struct TestServer {
     pub client_secret: String,
 }
 
-/// Rate limits off unless a test turns them on.
+/// Rate limits (enrollment's too) off unless a test turns them on.
 pub fn test_config(dir: &Path) -> Config {
     let mut config = Config::new(dir.to_owned());
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.rate_limit_per_minute = 0;
     config.rate_limit_per_hour = 0;
+    config.enroll_per_source_per_minute = 0;
+    config.enroll_per_minute = 0;
     config
 }
 
