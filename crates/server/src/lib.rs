@@ -65,6 +65,10 @@ pub struct Config {
     pub signin_failures_per_user: u32,
     /// Failed sign-ins that lock a source address out (0: never).
     pub signin_failures_per_source: u32,
+    /// Failed client authentications that lock a client id out (0: never).
+    pub client_failures_per_client: u32,
+    /// Failed client authentications that lock a source address out (0: never).
+    pub client_failures_per_source: u32,
     /// External OpenID Connect providers whose access tokens are accepted.
     pub oidc: oidc::OidcSettings,
 }
@@ -86,6 +90,8 @@ impl Config {
             heartbeat_interval: Duration::from_secs(30),
             signin_failures_per_user: 5,
             signin_failures_per_source: 20,
+            client_failures_per_client: 10,
+            client_failures_per_source: 20,
             oidc: oidc::OidcSettings::new(Vec::new()),
         }
     }
@@ -103,20 +109,31 @@ pub struct AppState {
     pub signing_key: jwt::SigningKey,
     pub limiter: ratelimit::RateLimiter,
     pub gateway: gateway::Gateway,
-    /// Checked when a token request names an unknown client, so that
-    /// response time doesn't tell which client ids exist.
+    /// Checked when a sign-in names an unknown account, so that response
+    /// time doesn't tell which accounts exist.
     pub dummy_hash: String,
     /// Failed sign-ins, per account and source address.
     pub throttle: throttle::Throttle,
     /// Authorization codes not yet exchanged.
     pub codes: signin::Codes,
-    /// Password hashes computed at once for sign-ins, at most.
-    pub password_hashes: tokio::sync::Semaphore,
+    /// Failed client authentications (token requests with a client
+    /// secret), per client id and source address.
+    pub client_throttle: throttle::Throttle,
+    /// Slow (PBKDF2) hashes computed at once, at most: users' passwords and
+    /// applications' secrets still stored the old way.
+    pub slow_hashes: Arc<tokio::sync::Semaphore>,
     /// Verifies tokens of the external providers (none configured: empty).
     pub oidc: oidc::Verifier,
 }
 
 impl AppState {
+    /// Checks `secret` against a slow (PBKDF2) hash, waiting for one of the
+    /// few slots; `None` if the server is shutting down.
+    pub async fn verify_slow_hash(&self, secret: String, encoded: String) -> Option<bool> {
+        let slot = self.slow_hashes.clone().acquire_owned().await.ok()?;
+        Some(crypto::verify_secret_off_thread(secret, encoded, slot).await)
+    }
+
     /// Thresholds of `healthStatus` as of now.
     pub fn sql_context(&self) -> store::SqlContext {
         let now = now_nanos();
@@ -314,6 +331,10 @@ pub async fn start_with(
         config.signin_failures_per_user,
         config.signin_failures_per_source,
     );
+    let config_client = (
+        config.client_failures_per_client,
+        config.client_failures_per_source,
+    );
     let state = Arc::new(AppState {
         limiter: ratelimit::RateLimiter::new(
             config.rate_limit_per_minute,
@@ -329,7 +350,8 @@ pub async fn start_with(
         dummy_hash: crypto::hash_secret("not a secret"),
         throttle: throttle::Throttle::new(config_signin.0, config_signin.1),
         codes: signin::Codes::default(),
-        password_hashes: tokio::sync::Semaphore::new(4),
+        client_throttle: throttle::Throttle::new(config_client.0, config_client.1),
+        slow_hashes: Arc::new(tokio::sync::Semaphore::new(4)),
         oidc,
     });
     let mut tasks = vec![

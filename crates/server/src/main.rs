@@ -121,6 +121,13 @@ struct ServeArgs {
     /// Failed sign-ins after which a source address is locked out for a while (0: never).
     #[arg(long, env = "CORDON_SIGNIN_FAILURES_PER_SOURCE", default_value_t = 20)]
     signin_failures_per_source: u32,
+    /// Failed client authentications (wrong or unknown client id or secret
+    /// at the token endpoints) after which a client id is locked out for a while (0: never).
+    #[arg(long, env = "CORDON_CLIENT_FAILURES_PER_CLIENT", default_value_t = 10)]
+    client_failures_per_client: u32,
+    /// Failed client authentications after which a source address is locked out for a while (0: never).
+    #[arg(long, env = "CORDON_CLIENT_FAILURES_PER_SOURCE", default_value_t = 20)]
+    client_failures_per_source: u32,
     /// Issuer URL of an external OpenID Connect provider whose access tokens
     /// are accepted (repeatable; each needs its --oidc-audience, in order).
     #[arg(long = "oidc-issuer")]
@@ -421,6 +428,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.heartbeat_interval = args.heartbeat_interval;
     config.signin_failures_per_user = args.signin_failures_per_user;
     config.signin_failures_per_source = args.signin_failures_per_source;
+    config.client_failures_per_client = args.client_failures_per_client;
+    config.client_failures_per_source = args.client_failures_per_source;
     if args.oidc_issuers.len() != args.oidc_audiences.len() {
         bail!("give one --oidc-audience for each --oidc-issuer, in the same order");
     }
@@ -512,7 +521,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
                 .create_app(store::App {
                     client_id: client_id.clone(),
                     name: name.clone(),
-                    secret_hash: crypto::hash_secret(&secret),
+                    secret_hash: crypto::hash_client_secret(&secret),
                     permissions: unique.clone(),
                     created_at: server::now_nanos(),
                 })
