@@ -368,7 +368,11 @@ async fn authenticate_client(
         .client_throttle
         .begin(client_id, source)
         .map_err(|wait| {
-            tracing::info!(client_id = %logged_id(), source, "client authentication throttled");
+            // Refusals come in floods: a line every few seconds at most.
+            if let Some(suppressed) = state.connections.log.allow("client authentication throttled")
+            {
+                tracing::info!(client_id = %logged_id(), source, suppressed, "client authentication throttled");
+            }
             let mut refusal = oauth_error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "invalid_client",

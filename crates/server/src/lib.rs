@@ -8,6 +8,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod authority;
+pub mod conns;
 pub mod crypto;
 pub mod error;
 pub mod exclusions;
@@ -71,6 +72,14 @@ pub struct Config {
     pub client_failures_per_source: u32,
     /// External OpenID Connect providers whose access tokens are accepted.
     pub oidc: oidc::OidcSettings,
+    /// Caps on connections, in all and per source address.
+    pub connections: conns::Limits,
+    /// How long a connection may take to send a request's head, counted
+    /// from its opening or its previous response (the keep-alive idle time).
+    pub idle_timeout: Duration,
+    /// How long a connection other than an agent session is kept at most:
+    /// then it is closed once its request in progress is answered.
+    pub max_connection_lifetime: Duration,
 }
 
 impl Config {
@@ -93,6 +102,9 @@ impl Config {
             client_failures_per_client: 10,
             client_failures_per_source: 20,
             oidc: oidc::OidcSettings::new(Vec::new()),
+            connections: conns::Limits::default(),
+            idle_timeout: Duration::from_secs(30),
+            max_connection_lifetime: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -124,6 +136,8 @@ pub struct AppState {
     pub slow_hashes: Arc<tokio::sync::Semaphore>,
     /// Verifies tokens of the external providers (none configured: empty).
     pub oidc: oidc::Verifier,
+    /// The connections open now, within their caps.
+    pub connections: Arc<conns::Connections>,
 }
 
 impl AppState {
@@ -193,6 +207,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(|| async {
             ApiError::not_found("The requested resource was not found.").into_response()
         })
+        .layer(axum::middleware::from_fn(conns::classify))
         .layer(axum::middleware::from_fn(error::request_context))
         // Outermost, so that it sees every response as sent, request id included.
         .layer(axum::middleware::from_fn_with_state(
@@ -335,6 +350,33 @@ pub async fn start_with(
         config.client_failures_per_client,
         config.client_failures_per_source,
     );
+    let files = match conns::raise_file_limit() {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the open file limit");
+            u64::MAX
+        }
+    };
+    let limits = config.connections.fit(files);
+    if limits != config.connections {
+        tracing::warn!(
+            open_file_limit = files,
+            agents = limits.agents,
+            api = limits.api,
+            handshakes = limits.handshakes,
+            "the open file limit is too low for the connection caps; they were scaled down \
+             (raise LimitNOFILE)"
+        );
+    }
+    tracing::info!(
+        open_file_limit = files,
+        agents = limits.agents,
+        api = limits.api,
+        handshakes = limits.handshakes,
+        per_source = limits.per_source,
+        "connection caps"
+    );
+    let connections = conns::Connections::new(limits);
     let state = Arc::new(AppState {
         limiter: ratelimit::RateLimiter::new(
             config.rate_limit_per_minute,
@@ -353,6 +395,7 @@ pub async fn start_with(
         client_throttle: throttle::Throttle::new(config_client.0, config_client.1),
         slow_hashes: Arc::new(tokio::sync::Semaphore::new(4)),
         oidc,
+        connections,
     });
     let mut tasks = vec![
         tokio::spawn(expire_actions(state.clone())),
@@ -369,6 +412,7 @@ pub async fn start_with(
             listener,
             acceptor.clone(),
             router.clone(),
+            state.clone(),
         )));
     }
     Ok(RunningServer {
@@ -435,24 +479,44 @@ async fn watch_exclusions(state: Arc<AppState>) {
     }
 }
 
+/// How long a connection closing at the end of its lifetime may take to
+/// finish the request it is serving.
+const CLOSING_GRACE: Duration = Duration::from_secs(30);
+
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     router: Router,
+    state: Arc<AppState>,
 ) {
+    let log = &state.connections.log;
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: wait, don't spin.
-                tracing::warn!(error = %e, "accept failed");
+                if let Some(suppressed) = log.allow("accept failed") {
+                    tracing::warn!(error = %e, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let slot = match state.connections.admit(peer.ip()) {
+            Ok(slot) => Arc::new(slot),
+            Err(refusal) => {
+                if let Some(suppressed) = log.allow(refusal.as_str()) {
+                    tracing::warn!(%peer, reason = refusal.as_str(), suppressed, "connection refused");
+                }
+                drop(tcp);
                 continue;
             }
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let idle_timeout = state.config.idle_timeout;
+        let lifetime = state.config.max_connection_lifetime;
         tokio::spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -470,19 +534,33 @@ async fn accept_loop(
                 .ok()
                 .map(|ekm| base64::engine::general_purpose::STANDARD.encode(ekm));
             let info = ConnInfo { peer, exporter };
+            let conn_slot = conns::ConnSlot(slot);
             let service = hyper::service::service_fn(
                 move |mut request: hyper::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(info.clone());
+                    request.extensions_mut().insert(conn_slot.clone());
                     let mut router = router.clone();
                     async move { router.call(request.map(Body::new)).await }
                 },
             );
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(idle_timeout)
                 .serve_connection(TokioIo::new(tls), service)
                 .with_upgrades();
-            if let Err(e) = connection.await {
+            tokio::pin!(connection);
+            // An agent's session leaves this future when it upgrades, so
+            // the lifetime bounds everything else.
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = tokio::time::sleep(lifetime) => {
+                    connection.as_mut().graceful_shutdown();
+                    tokio::time::timeout(CLOSING_GRACE, connection.as_mut())
+                        .await
+                        .unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
