@@ -80,6 +80,9 @@ pub struct Config {
     /// How long a connection other than an agent session is kept at most:
     /// then it is closed once its request in progress is answered.
     pub max_connection_lifetime: Duration,
+    /// How long a connection may take, from its opening, to become an API
+    /// connection or an agent session before it is cut.
+    pub handshake_timeout: Duration,
 }
 
 impl Config {
@@ -105,6 +108,7 @@ impl Config {
             connections: conns::Limits::default(),
             idle_timeout: Duration::from_secs(30),
             max_connection_lifetime: Duration::from_secs(10 * 60),
+            handshake_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -517,6 +521,7 @@ async fn accept_loop(
         let router = router.clone();
         let idle_timeout = state.config.idle_timeout;
         let lifetime = state.config.max_connection_lifetime;
+        let handshake_timeout = state.config.handshake_timeout;
         tokio::spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -534,6 +539,7 @@ async fn accept_loop(
                 .ok()
                 .map(|ekm| base64::engine::general_purpose::STANDARD.encode(ekm));
             let info = ConnInfo { peer, exporter };
+            let watch = slot.clone();
             let conn_slot = conns::ConnSlot(slot);
             let service = hyper::service::service_fn(
                 move |mut request: hyper::Request<hyper::body::Incoming>| {
@@ -550,14 +556,30 @@ async fn accept_loop(
                 .with_upgrades();
             tokio::pin!(connection);
             // An agent's session leaves this future when it upgrades, so
-            // the lifetime bounds everything else.
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = tokio::time::sleep(lifetime) => {
-                    connection.as_mut().graceful_shutdown();
-                    tokio::time::timeout(CLOSING_GRACE, connection.as_mut())
-                        .await
-                        .unwrap_or(Ok(()))
+            // the lifetime bounds everything else. A connection still not
+            // known as an API client or agent by its handshake deadline
+            // (it sent nothing, or only failed session requests) is cut.
+            let handshake_deadline =
+                tokio::time::sleep(handshake_timeout.saturating_sub(watch.age()));
+            let lifetime_over = tokio::time::sleep(lifetime);
+            tokio::pin!(handshake_deadline, lifetime_over);
+            let mut handshake_checked = false;
+            let result = loop {
+                tokio::select! {
+                    result = connection.as_mut() => break result,
+                    _ = &mut handshake_deadline, if !handshake_checked => {
+                        handshake_checked = true;
+                        if watch.kind() == conns::Kind::Handshake {
+                            tracing::debug!(%peer, "connection cut: no request within the handshake deadline");
+                            break Ok(());
+                        }
+                    }
+                    _ = &mut lifetime_over => {
+                        connection.as_mut().graceful_shutdown();
+                        break tokio::time::timeout(CLOSING_GRACE, connection.as_mut())
+                            .await
+                            .unwrap_or(Ok(()));
+                    }
                 }
             };
             if let Err(e) = result {

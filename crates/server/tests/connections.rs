@@ -222,3 +222,40 @@ async fn keep_alive_connections_have_a_bounded_life() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A connection must become an API client or an agent session within its
+/// handshake deadline: one that only sends session requests that never
+/// upgrade cannot sit in the handshake share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cannot_stay_a_handshake() {
+    let server = TestServer::start_with(|config| {
+        config.handshake_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut http = ClientFrom::connect(&server, "127.0.0.2").await.unwrap();
+    let started = Instant::now();
+    loop {
+        let reply = http
+            .request(Method::GET, proto::agent::SESSION_PATH, &[], Vec::new())
+            .await;
+        match reply {
+            Ok(reply) => assert_eq!(reply.status, 400),
+            Err(_) => break,
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the connection stayed a handshake"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.server.state.connections.counts().handshakes > 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An agent still opens its session, well within the deadline.
+    let agent = server.enroll("m").await;
+    let _session = agent.connect().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(server.server.state.connections.counts().agents, 1);
+}
