@@ -225,6 +225,24 @@ mod tests {
         );
     }
 
+    /// A client that hangs up drops its request, not the hash it started:
+    /// that hash keeps its slot until it ends, so abandoned requests cannot
+    /// run more slow hashes at once than there are slots.
+    #[tokio::test]
+    async fn an_abandoned_slow_hash_keeps_its_slot_until_it_ends() {
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+        let hash = hash_secret("the secret");
+        let slot = slots.clone().acquire_owned().await.unwrap();
+        let check = tokio::spawn(verify_secret_off_thread("a guess".into(), hash, slot));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        check.abort();
+        assert_eq!(slots.available_permits(), 0, "the hash still runs");
+        let _slot = tokio::time::timeout(std::time::Duration::from_secs(60), slots.acquire())
+            .await
+            .expect("the slot comes back when the hash ends")
+            .unwrap();
+    }
+
     #[test]
     fn identifiers_have_their_shapes() {
         let guid = new_guid();
