@@ -364,6 +364,12 @@ async fn authenticate_client(
             .take(64)
             .collect::<String>()
     };
+    // An IPv6 source counts by its /64, which one host usually holds.
+    let source = source
+        .parse()
+        .map(|ip| crate::conns::source_key(ip).to_string())
+        .unwrap_or_else(|_| source.to_owned());
+    let source = source.as_str();
     let attempt = state
         .client_throttle
         .begin(client_id, source)
