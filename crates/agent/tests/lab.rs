@@ -112,7 +112,7 @@ impl Env {
             .create_app(store::App {
                 client_id: client_id.clone(),
                 name: "Lab SOAR".into(),
-                secret_hash: server::crypto::hash_secret(&secret),
+                secret_hash: server::crypto::hash_client_secret(&secret),
                 permissions: vec![
                     "Machine.Isolate".into(),
                     "Machine.Read.All".into(),

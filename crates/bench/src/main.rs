@@ -257,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
         .create_app(store::App {
             client_id: client_id.clone(),
             name: "bench".into(),
-            secret_hash: server::crypto::hash_secret(&secret),
+            secret_hash: server::crypto::hash_client_secret(&secret),
             permissions: vec!["Machine.Isolate".into(), "Machine.Read.All".into()],
             created_at: server::now_nanos(),
         })

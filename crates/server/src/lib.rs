@@ -8,6 +8,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod authority;
+pub mod conns;
 pub mod crypto;
 pub mod error;
 pub mod exclusions;
@@ -70,12 +71,27 @@ pub struct Config {
     pub signin_failures_per_user: u32,
     /// Failed sign-ins that lock a source address out (0: never).
     pub signin_failures_per_source: u32,
+    /// Failed client authentications that lock a client id out (0: never).
+    pub client_failures_per_client: u32,
+    /// Failed client authentications that lock a source address out (0: never).
+    pub client_failures_per_source: u32,
     /// External OpenID Connect providers whose access tokens are accepted.
     pub oidc: oidc::OidcSettings,
     /// Enrollment attempts a minute from one source address (0: no limit).
     pub enroll_per_source_per_minute: u32,
     /// Enrollment attempts a minute from everywhere together (0: no limit).
     pub enroll_per_minute: u32,
+    /// Caps on connections, in all and per source address.
+    pub connections: conns::Limits,
+    /// How long a connection may take to send a request's head, counted
+    /// from its opening or its previous response (the keep-alive idle time).
+    pub idle_timeout: Duration,
+    /// How long a connection other than an agent session is kept at most:
+    /// then it is closed once its request in progress is answered.
+    pub max_connection_lifetime: Duration,
+    /// How long a connection may take, from its opening, to become an API
+    /// connection or an agent session before it is cut.
+    pub handshake_timeout: Duration,
 }
 
 impl Config {
@@ -96,9 +112,15 @@ impl Config {
             heartbeat_interval: Duration::from_secs(30),
             signin_failures_per_user: 5,
             signin_failures_per_source: 20,
+            client_failures_per_client: 10,
+            client_failures_per_source: 20,
             oidc: oidc::OidcSettings::new(Vec::new()),
             enroll_per_source_per_minute: 30,
             enroll_per_minute: 300,
+            connections: conns::Limits::default(),
+            idle_timeout: Duration::from_secs(30),
+            max_connection_lifetime: Duration::from_secs(10 * 60),
+            handshake_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -118,20 +140,33 @@ pub struct AppState {
     pub enroll_per_source: ratelimit::RateLimiter,
     pub enroll_total: ratelimit::RateLimiter,
     pub gateway: gateway::Gateway,
-    /// Checked when a token request names an unknown client, so that
-    /// response time doesn't tell which client ids exist.
+    /// Checked when a sign-in names an unknown account, so that response
+    /// time doesn't tell which accounts exist.
     pub dummy_hash: String,
     /// Failed sign-ins, per account and source address.
     pub throttle: throttle::Throttle,
     /// Authorization codes not yet exchanged.
     pub codes: signin::Codes,
-    /// Password hashes computed at once for sign-ins, at most.
-    pub password_hashes: tokio::sync::Semaphore,
+    /// Failed client authentications (token requests with a client
+    /// secret), per client id and source address.
+    pub client_throttle: throttle::Throttle,
+    /// Slow (PBKDF2) hashes computed at once, at most: users' passwords and
+    /// applications' secrets still stored the old way.
+    pub slow_hashes: Arc<tokio::sync::Semaphore>,
     /// Verifies tokens of the external providers (none configured: empty).
     pub oidc: oidc::Verifier,
+    /// The connections open now, within their caps.
+    pub connections: Arc<conns::Connections>,
 }
 
 impl AppState {
+    /// Checks `secret` against a slow (PBKDF2) hash, waiting for one of the
+    /// few slots; `None` if the server is shutting down.
+    pub async fn verify_slow_hash(&self, secret: String, encoded: String) -> Option<bool> {
+        let slot = self.slow_hashes.clone().acquire_owned().await.ok()?;
+        Some(crypto::verify_secret_off_thread(secret, encoded, slot).await)
+    }
+
     /// Thresholds of `healthStatus` as of now.
     pub fn sql_context(&self) -> store::SqlContext {
         let now = now_nanos();
@@ -191,6 +226,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(|| async {
             ApiError::not_found("The requested resource was not found.").into_response()
         })
+        .layer(axum::middleware::from_fn(conns::classify))
         .layer(axum::middleware::from_fn(error::request_context))
         // Outermost, so that it sees every response as sent, request id included.
         .layer(axum::middleware::from_fn_with_state(
@@ -478,6 +514,37 @@ pub async fn start_with(
         config.signin_failures_per_user,
         config.signin_failures_per_source,
     );
+    let config_client = (
+        config.client_failures_per_client,
+        config.client_failures_per_source,
+    );
+    let files = match conns::raise_file_limit() {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the open file limit");
+            u64::MAX
+        }
+    };
+    let limits = config.connections.fit(files);
+    if limits != config.connections {
+        tracing::warn!(
+            open_file_limit = files,
+            agents = limits.agents,
+            api = limits.api,
+            handshakes = limits.handshakes,
+            "the open file limit is too low for the connection caps; they were scaled down \
+             (raise LimitNOFILE)"
+        );
+    }
+    tracing::info!(
+        open_file_limit = files,
+        agents = limits.agents,
+        api = limits.api,
+        handshakes = limits.handshakes,
+        per_source = limits.per_source,
+        "connection caps"
+    );
+    let connections = conns::Connections::new(limits);
     let state = Arc::new(AppState {
         limiter: ratelimit::RateLimiter::new(
             config.rate_limit_per_minute,
@@ -495,8 +562,10 @@ pub async fn start_with(
         dummy_hash: crypto::hash_secret("not a secret"),
         throttle: throttle::Throttle::new(config_signin.0, config_signin.1),
         codes: signin::Codes::default(),
-        password_hashes: tokio::sync::Semaphore::new(4),
+        client_throttle: throttle::Throttle::new(config_client.0, config_client.1),
+        slow_hashes: Arc::new(tokio::sync::Semaphore::new(4)),
         oidc,
+        connections,
     });
     let mut tasks = vec![
         tokio::spawn(expire_actions(state.clone())),
@@ -513,6 +582,7 @@ pub async fn start_with(
             listener,
             acceptor.clone(),
             router.clone(),
+            state.clone(),
         )));
     }
     Ok(RunningServer {
@@ -582,24 +652,45 @@ async fn watch_exclusions(state: Arc<AppState>) {
     }
 }
 
+/// How long a connection closing at the end of its lifetime may take to
+/// finish the request it is serving.
+const CLOSING_GRACE: Duration = Duration::from_secs(30);
+
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     router: Router,
+    state: Arc<AppState>,
 ) {
+    let log = &state.connections.log;
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: wait, don't spin.
-                tracing::warn!(error = %e, "accept failed");
+                if let Some(suppressed) = log.allow("accept failed") {
+                    tracing::warn!(error = %e, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let slot = match state.connections.admit(peer.ip()) {
+            Ok(slot) => Arc::new(slot),
+            Err(refusal) => {
+                if let Some(suppressed) = log.allow(refusal.as_str()) {
+                    tracing::warn!(%peer, reason = refusal.as_str(), suppressed, "connection refused");
+                }
+                drop(tcp);
                 continue;
             }
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let idle_timeout = state.config.idle_timeout;
+        let lifetime = state.config.max_connection_lifetime;
+        let handshake_timeout = state.config.handshake_timeout;
         tokio::spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -617,19 +708,50 @@ async fn accept_loop(
                 .ok()
                 .map(|ekm| base64::engine::general_purpose::STANDARD.encode(ekm));
             let info = ConnInfo { peer, exporter };
+            let watch = slot.clone();
+            let conn_slot = conns::ConnSlot(slot);
             let service = hyper::service::service_fn(
                 move |mut request: hyper::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(info.clone());
+                    request.extensions_mut().insert(conn_slot.clone());
                     let mut router = router.clone();
                     async move { router.call(request.map(Body::new)).await }
                 },
             );
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(idle_timeout)
                 .serve_connection(TokioIo::new(tls), service)
                 .with_upgrades();
-            if let Err(e) = connection.await {
+            tokio::pin!(connection);
+            // An agent's session leaves this future when it upgrades, so
+            // the lifetime bounds everything else. A connection still not
+            // known as an API client or agent by its handshake deadline
+            // (it sent nothing, or only failed session requests) is cut.
+            let handshake_deadline =
+                tokio::time::sleep(handshake_timeout.saturating_sub(watch.age()));
+            let lifetime_over = tokio::time::sleep(lifetime);
+            tokio::pin!(handshake_deadline, lifetime_over);
+            let mut handshake_checked = false;
+            let result = loop {
+                tokio::select! {
+                    result = connection.as_mut() => break result,
+                    _ = &mut handshake_deadline, if !handshake_checked => {
+                        handshake_checked = true;
+                        if watch.kind() == conns::Kind::Handshake {
+                            tracing::debug!(%peer, "connection cut: no request within the handshake deadline");
+                            break Ok(());
+                        }
+                    }
+                    _ = &mut lifetime_over => {
+                        connection.as_mut().graceful_shutdown();
+                        break tokio::time::timeout(CLOSING_GRACE, connection.as_mut())
+                            .await
+                            .unwrap_or(Ok(()));
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

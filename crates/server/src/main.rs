@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: the isolation API, its OAuth authority and the agent gateway.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage the applications that call the API.
     #[command(subcommand)]
     App(AppCommand),
@@ -158,6 +158,36 @@ struct ServeArgs {
     /// Agent enrollment attempts a minute from all sources together (0: no limit).
     #[arg(long, env = "CORDON_ENROLL_LIMIT_TOTAL", default_value_t = 300)]
     enroll_limit_total: u32,
+    /// Failed client authentications (wrong or unknown client id or secret
+    /// at the token endpoints) after which a client id is locked out for a while (0: never).
+    #[arg(long, env = "CORDON_CLIENT_FAILURES_PER_CLIENT", default_value_t = 10)]
+    client_failures_per_client: u32,
+    /// Failed client authentications after which a source address is locked out for a while (0: never).
+    #[arg(long, env = "CORDON_CLIENT_FAILURES_PER_SOURCE", default_value_t = 20)]
+    client_failures_per_source: u32,
+    /// Agent sessions open at once, at most (agents whose key was proved).
+    #[arg(long, env = "CORDON_MAX_AGENT_CONNECTIONS", default_value_t = 120_000)]
+    max_agent_connections: usize,
+    /// Other connections open at once, at most (API clients, sign-ins,
+    /// enrollments); they can never take the agents' share, nor agents theirs.
+    #[arg(long, env = "CORDON_MAX_API_CONNECTIONS", default_value_t = 4_096)]
+    max_api_connections: usize,
+    /// Connections not yet known as either (TLS handshake, first request,
+    /// an agent's proof of its key) at once, at most.
+    #[arg(long, env = "CORDON_MAX_HANDSHAKES", default_value_t = 1_024)]
+    max_handshakes: usize,
+    /// Connections from one source address (an IPv6 /64), agent sessions
+    /// excepted; further ones are closed at once (0: no cap).
+    #[arg(long, env = "CORDON_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 64)]
+    max_connections_per_source: usize,
+    /// How long a connection may wait before sending a request (after
+    /// opening, or between keep-alive requests).
+    #[arg(long, env = "CORDON_CONNECTION_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    connection_idle_timeout: Duration,
+    /// How long a connection other than an agent session is kept at most;
+    /// then it is closed once its request in progress is answered.
+    #[arg(long, env = "CORDON_CONNECTION_MAX_LIFETIME", default_value = "10m", value_parser = parse_duration)]
+    connection_max_lifetime: Duration,
     /// Issuer URL of an external OpenID Connect provider whose access tokens
     /// are accepted (repeatable, or comma-separated; each needs its
     /// --oidc-audience, in order).
@@ -410,7 +440,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::App(command) => app_command(command).await,
         Command::EnrollToken(command) => enroll_token_command(command).await,
         Command::Machine(command) => machine_command(command).await,
@@ -507,6 +537,35 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.signin_failures_per_source = args.signin_failures_per_source;
     config.enroll_per_source_per_minute = args.enroll_limit_per_source;
     config.enroll_per_minute = args.enroll_limit_total;
+    config.client_failures_per_client = args.client_failures_per_client;
+    config.client_failures_per_source = args.client_failures_per_source;
+    config.connections = server::conns::Limits {
+        agents: args.max_agent_connections,
+        api: args.max_api_connections,
+        handshakes: args.max_handshakes,
+        per_source: args.max_connections_per_source,
+    };
+    for (flag, value) in [
+        ("--max-agent-connections", args.max_agent_connections),
+        ("--max-api-connections", args.max_api_connections),
+        ("--max-handshakes", args.max_handshakes),
+    ] {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if args.connection_idle_timeout.is_zero()
+        || args.connection_idle_timeout > Duration::from_secs(86_400)
+    {
+        bail!("--connection-idle-timeout must be between 1ms and 24h");
+    }
+    if args.connection_max_lifetime.is_zero()
+        || args.connection_max_lifetime > Duration::from_secs(30 * 86_400)
+    {
+        bail!("--connection-max-lifetime must be between 1ms and 30d");
+    }
+    config.idle_timeout = args.connection_idle_timeout;
+    config.max_connection_lifetime = args.connection_max_lifetime;
     if args.oidc_issuers.len() != args.oidc_audiences.len() {
         bail!("give one --oidc-audience for each --oidc-issuer, in the same order");
     }
@@ -626,7 +685,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
                 .create_app(store::App {
                     client_id: client_id.clone(),
                     name: name.clone(),
-                    secret_hash: crypto::hash_secret(&secret),
+                    secret_hash: crypto::hash_client_secret(&secret),
                     permissions: unique.clone(),
                     created_at: server::now_nanos(),
                 })

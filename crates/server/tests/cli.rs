@@ -51,8 +51,14 @@ fn serve(data_dir: &Path) -> Served {
 }
 
 fn serve_on(data_dir: &Path, port: u16) -> Served {
+    serve_with(data_dir, port, &[])
+}
+
+/// `cordon serve` with extra arguments.
+fn serve_with(data_dir: &Path, port: u16, extra: &[&str]) -> Served {
     let mut child = cordon()
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .env("CORDON_DATA_DIR", data_dir)
         .env("CORDON_RATE_LIMIT_PER_MINUTE", "0")
         .env("CORDON_RATE_LIMIT_PER_HOUR", "0")
@@ -925,4 +931,82 @@ async fn enroll_tokens_default_to_one_use_and_a_day_and_can_be_revoked() {
         stderr.contains("no enroll token has id 'no-such-id'"),
         "{stderr}"
     );
+}
+
+/// The connection caps and the client-authentication throttle are set by
+/// flags, each with its environment variable, and bad values are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_flags_reach_the_server() {
+    let output = cordon().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for var in [
+        "CORDON_CLIENT_FAILURES_PER_CLIENT",
+        "CORDON_CLIENT_FAILURES_PER_SOURCE",
+        "CORDON_MAX_AGENT_CONNECTIONS",
+        "CORDON_MAX_API_CONNECTIONS",
+        "CORDON_MAX_HANDSHAKES",
+        "CORDON_MAX_CONNECTIONS_PER_SOURCE",
+        "CORDON_CONNECTION_IDLE_TIMEOUT",
+        "CORDON_CONNECTION_MAX_LIFETIME",
+    ] {
+        assert!(help.contains(var), "{var} missing from:\n{help}");
+    }
+    let unused = std::env::temp_dir().join("cordon-unused");
+    for (args, env, says) in [
+        (
+            vec!["--max-api-connections", "0"],
+            None,
+            "--max-api-connections must be at least 1",
+        ),
+        (
+            vec![],
+            Some(("CORDON_CONNECTION_IDLE_TIMEOUT", "0s")),
+            "--connection-idle-timeout",
+        ),
+        (
+            vec!["--connection-max-lifetime", "99d"],
+            None,
+            "--connection-max-lifetime",
+        ),
+        (vec!["--max-handshakes", "many"], None, "invalid value"),
+    ] {
+        let mut command = cordon();
+        command
+            .arg("serve")
+            .args(&args)
+            .env("CORDON_DATA_DIR", &unused);
+        if let Some((name, value)) = env {
+            command.env(name, value);
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+
+    let dir = TempDir::new("cli-caps");
+    let port = free_port();
+    let served = serve_with(&dir.0, port, &["--max-connections-per-source", "2"]);
+    let ca = dir.0.join("ca.pem");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut http =
+            agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &served.url).unwrap();
+        let reply = http
+            .request(http::Method::GET, "/agent/v1/health", &[], Vec::new())
+            .await
+            .unwrap();
+        assert!(reply.status.is_success(), "{:?}", reply.status);
+        held.push(http);
+    }
+    let mut third =
+        agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &served.url).unwrap();
+    assert!(
+        third
+            .request(http::Method::GET, "/agent/v1/health", &[], Vec::new())
+            .await
+            .is_err(),
+        "a third connection from the same address was served"
+    );
+    drop(held);
 }

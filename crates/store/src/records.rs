@@ -10,7 +10,8 @@ use crate::{Result, Store, StoreError};
 pub struct App {
     pub client_id: String,
     pub name: String,
-    /// Encoded slow salted hash of the client secret.
+    /// Encoded hash of the client secret (`sha256$…`, or the older
+    /// `pbkdf2-sha512$…`).
     pub secret_hash: String,
     pub permissions: Vec<String>,
     pub created_at: i64,
@@ -522,6 +523,25 @@ impl Store {
                 )?
                 .query_row([client_id], app_from_row)
                 .optional()?)
+        })
+        .await
+    }
+
+    /// Replaces an app's secret hash, only if it is still `old` (an
+    /// upgrade of the hash's scheme must not undo a concurrent change);
+    /// returns whether it was replaced.
+    pub async fn replace_app_secret_hash(
+        &self,
+        client_id: &str,
+        old: &str,
+        new: String,
+    ) -> Result<bool> {
+        let (client_id, old) = (client_id.to_owned(), old.to_owned());
+        self.write(move |conn| {
+            Ok(conn.execute(
+                "UPDATE apps SET secret_hash = ?3 WHERE client_id = ?1 AND secret_hash = ?2",
+                params![client_id, old, new],
+            )? == 1)
         })
         .await
     }
