@@ -92,6 +92,11 @@ pub struct Config {
     /// How long a connection may take, from its opening, to become an API
     /// connection or an agent session before it is cut.
     pub handshake_timeout: Duration,
+    /// Audit records older than this are pruned every hour (`None`: kept).
+    pub audit_retention: Option<Duration>,
+    /// How long repeated refusals are counted before their record is
+    /// written (see `audit::Folding`).
+    pub audit_fold_window: Duration,
 }
 
 impl Config {
@@ -121,6 +126,8 @@ impl Config {
             idle_timeout: Duration::from_secs(30),
             max_connection_lifetime: Duration::from_secs(10 * 60),
             handshake_timeout: Duration::from_secs(30),
+            audit_retention: None,
+            audit_fold_window: Duration::from_secs(60),
         }
     }
 }
@@ -134,7 +141,7 @@ pub struct AppState {
     pub public_url: String,
     /// `<public-url>/<tenant>/v2.0`: every token's `iss`.
     pub issuer: String,
-    pub signing_key: jwt::SigningKey,
+    pub signing_key: Arc<jwt::SigningKey>,
     pub limiter: ratelimit::RateLimiter,
     /// Enrollment attempts per source address, and in total.
     pub enroll_per_source: ratelimit::RateLimiter,
@@ -157,6 +164,8 @@ pub struct AppState {
     pub oidc: oidc::Verifier,
     /// The connections open now, within their caps.
     pub connections: Arc<conns::Connections>,
+    /// Repeated refusals counted before they are recorded.
+    pub audit_folds: audit::Folding,
 }
 
 impl AppState {
@@ -437,7 +446,8 @@ pub async fn tenant_id(store: &store::Store) -> anyhow::Result<String> {
     Ok(store.meta_or_init("tenant_id", crypto::new_guid).await?)
 }
 
-async fn signing_key(store: &store::Store) -> anyhow::Result<jwt::SigningKey> {
+/// The token-signing key, created on first use.
+pub async fn signing_key(store: &store::Store) -> anyhow::Result<jwt::SigningKey> {
     let encoded = match store.meta("signing_key").await? {
         Some(encoded) => encoded,
         None => {
@@ -545,7 +555,9 @@ pub async fn start_with(
         "connection caps"
     );
     let connections = conns::Connections::new(limits);
+    let audit_folds = audit::Folding::new(config.audit_fold_window);
     let state = Arc::new(AppState {
+        audit_folds,
         limiter: ratelimit::RateLimiter::new(
             config.rate_limit_per_minute,
             config.rate_limit_per_hour,
@@ -557,7 +569,7 @@ pub async fn start_with(
         tenant_id: tenant_id.clone(),
         public_url: public_url.clone(),
         issuer,
-        signing_key,
+        signing_key: Arc::new(signing_key),
         gateway: gateway::Gateway::default(),
         dummy_hash: crypto::hash_secret("not a secret"),
         throttle: throttle::Throttle::new(config_signin.0, config_signin.1),
@@ -571,6 +583,7 @@ pub async fn start_with(
         tokio::spawn(expire_actions(state.clone())),
         tokio::spawn(flush_liveness(state.clone())),
         tokio::spawn(watch_exclusions(state.clone())),
+        tokio::spawn(audit_upkeep(state.clone())),
     ];
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
     let router = app(state.clone());
@@ -619,6 +632,40 @@ async fn expire_actions(state: Arc<AppState>) {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not expire actions"),
+        }
+    }
+}
+
+/// Writes the records of folded refusals whose window ended, and prunes
+/// the audit trail past its retention (at start, then every hour).
+async fn audit_upkeep(state: Arc<AppState>) {
+    let tick = Duration::from_secs(5).min(state.config.audit_fold_window);
+    let mut next_prune = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        audit::flush_folds(&state, false).await;
+        let Some(retention) = state.config.audit_retention else {
+            continue;
+        };
+        if tokio::time::Instant::now() < next_prune {
+            continue;
+        }
+        next_prune = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let before = now_nanos().saturating_sub(retention.as_nanos().min(i64::MAX as u128) as i64);
+        match audit::prune(
+            &state.store,
+            state.signing_key.clone(),
+            before,
+            "server (audit retention)".to_owned(),
+            "SERVER",
+        )
+        .await
+        {
+            Ok((0, _)) => {}
+            Ok((removed, _)) => {
+                tracing::info!(removed, "audit records past their retention pruned")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not prune the audit trail"),
         }
     }
 }

@@ -61,6 +61,19 @@ enum AuditCommand {
         #[command(flatten)]
         data: DataDir,
     },
+    /// Remove the records older than a time, leaving a checkpoint signed
+    /// with the server's key from which `audit verify` still checks the rest.
+    Prune {
+        #[command(flatten)]
+        data: DataDir,
+        /// Remove the records before this time: an ISO 8601 UTC time such as
+        /// 2026-01-31T08:00:00Z, or an age such as 90d (records older than
+        /// that). Records from the first one at or after it on are kept.
+        #[arg(long, value_parser = parse_since)]
+        before: i64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the records as JSON lines, oldest first.
     Export {
         #[command(flatten)]
@@ -204,6 +217,10 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     oidc_audiences: Vec<String>,
+    /// Prune audit records older than this (e.g. 365d) at start and every
+    /// hour, leaving a signed checkpoint (default: keep every record).
+    #[arg(long, env = "CORDON_AUDIT_RETENTION", value_parser = parse_duration)]
+    audit_retention: Option<Duration>,
     /// Claim of external tokens whose values name Cordon roles.
     #[arg(long, env = "CORDON_OIDC_ROLE_CLAIM", default_value = "roles")]
     oidc_role_claim: String,
@@ -456,9 +473,28 @@ async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify { data } => {
             let store = data.open().await?;
+            let checkpoint = store.audit_checkpoint().await?;
+            if let Some(c) = &checkpoint {
+                let key = server::signing_key(&store).await?;
+                if !key.verify_text(&c.signed_text(), &c.signature) {
+                    bail!(
+                        "the audit chain is broken: the checkpoint of the last prune (record {}) \
+                         is not signed by this server's key (it was altered)",
+                        c.seq
+                    );
+                }
+            }
             match store.verify_audit().await? {
                 Ok(count) => {
-                    println!("{count} records, chain intact");
+                    match &checkpoint {
+                        Some(c) => println!(
+                            "{count} records, chain intact from the signed checkpoint \
+                             (records up to {} pruned on {})",
+                            c.seq,
+                            proto::time::format_utc(c.pruned_at)
+                        ),
+                        None => println!("{count} records, chain intact"),
+                    }
                     Ok(())
                 }
                 Err(broken) => bail!(
@@ -468,6 +504,35 @@ async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
                     broken.reason
                 ),
             }
+        }
+        AuditCommand::Prune { data, before, json } => {
+            if before > server::now_nanos() {
+                bail!("--before is in the future: that would remove records still being written");
+            }
+            let store = server::open_store(&data.data_dir)?;
+            let key = std::sync::Arc::new(server::signing_key(&store).await?);
+            let (removed, checkpoint) =
+                server::audit::prune(&store, key, before, server::audit::cli_principal(), "CLI")
+                    .await?;
+            let before = proto::time::format_utc(before);
+            if json {
+                let out = serde_json::json!({
+                    "removed": removed,
+                    "before": before,
+                    "checkpointSeq": checkpoint.as_ref().map(|c| c.seq),
+                    "checkpointHash": checkpoint.as_ref().map(|c| c.hash.clone()),
+                });
+                println!("{out}");
+            } else if removed == 0 {
+                println!("no audit records before {before}; nothing removed");
+            } else if let Some(c) = checkpoint {
+                println!(
+                    "removed {removed} audit records before {before}; the chain now starts \
+                     after record {} (checkpoint hash {})",
+                    c.seq, c.hash
+                );
+            }
+            Ok(())
         }
         AuditCommand::Export { data, since } => {
             let store = data.open().await?;
@@ -566,6 +631,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     config.idle_timeout = args.connection_idle_timeout;
     config.max_connection_lifetime = args.connection_max_lifetime;
+    config.audit_retention = args.audit_retention.filter(|r| !r.is_zero());
     if args.oidc_issuers.len() != args.oidc_audiences.len() {
         bail!("give one --oidc-audience for each --oidc-issuer, in the same order");
     }
@@ -635,10 +701,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     out.flush()?;
     drop(out);
     tracing::info!(address = %running.local_addr, tenant_id = %running.tenant_id, "serving");
+    let state = running.state.clone();
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("stopping"),
         _ = running.wait() => {}
     }
+    // Refusals counted but not yet recorded.
+    server::audit::flush_folds(&state, true).await;
     Ok(())
 }
 
