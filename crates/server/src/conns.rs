@@ -57,19 +57,36 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// The shares scaled down in proportion, if need be, so that their sum
-    /// and [`RESERVED_FILES`] fit within `files` descriptors.
+    /// The shares shrunk, if need be, so that their sum and
+    /// [`RESERVED_FILES`] fit within `files` descriptors: the handshake and
+    /// API shares keep their size while they need at most half of the room
+    /// (else they share that half in proportion), and the agents get the
+    /// rest.
     pub fn fit(&self, files: u64) -> Limits {
-        let budget = files.saturating_sub(RESERVED_FILES).max(3) as u128;
-        let sum = (self.agents + self.api + self.handshakes) as u128;
-        if sum <= budget {
+        let budget = usize::try_from(files.saturating_sub(RESERVED_FILES))
+            .unwrap_or(usize::MAX)
+            .max(3);
+        if self
+            .agents
+            .saturating_add(self.api)
+            .saturating_add(self.handshakes)
+            <= budget
+        {
             return self.clone();
         }
-        let scale = |n: usize| ((n as u128 * budget / sum) as usize).max(1);
+        let (mut api, mut handshakes) = (self.api, self.handshakes);
+        let half = budget / 2;
+        if api + handshakes > half {
+            let others = (api + handshakes) as u128;
+            api = ((api as u128 * half as u128 / others) as usize).max(1);
+            handshakes = ((handshakes as u128 * half as u128 / others) as usize).max(1);
+        }
         Limits {
-            agents: scale(self.agents),
-            api: scale(self.api),
-            handshakes: scale(self.handshakes),
+            agents: budget
+                .saturating_sub(api + handshakes)
+                .clamp(1, self.agents),
+            api,
+            handshakes,
             per_source: self.per_source,
         }
     }
@@ -471,11 +488,21 @@ mod tests {
     fn shares_shrink_to_fit_the_file_limit() {
         let limits = Limits::default();
         assert_eq!(limits.fit(1 << 20), limits);
+        // The agents give way first…
         let fitted = limits.fit(20_000);
+        assert_eq!((fitted.api, fitted.handshakes), (4_096, 1_024));
+        assert_eq!(
+            fitted.agents + fitted.api + fitted.handshakes,
+            20_000 - RESERVED_FILES as usize
+        );
+        // …down to half of the room.
+        let fitted = limits.fit(1_024);
         let sum = fitted.agents + fitted.api + fitted.handshakes;
-        assert!(sum as u64 <= 20_000 - RESERVED_FILES, "{fitted:?}");
-        assert!(fitted.agents > fitted.api && fitted.api > fitted.handshakes);
-        assert!(limits.fit(0).handshakes >= 1);
+        assert!(sum <= 1_024 - RESERVED_FILES as usize, "{fitted:?}");
+        assert!(fitted.agents >= sum / 2, "{fitted:?}");
+        assert!(fitted.api > fitted.handshakes, "{fitted:?}");
+        let tiny = limits.fit(0);
+        assert!(tiny.agents >= 1 && tiny.api >= 1 && tiny.handshakes >= 1);
     }
 
     #[test]
