@@ -18,14 +18,14 @@
 //! that `accept` never runs out of descriptors.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 /// Descriptors kept for everything but client connections (the database,
 /// its journal, log files, outgoing connections to identity providers).
@@ -303,47 +303,58 @@ impl Drop for Slot {
 #[derive(Clone)]
 pub struct ConnSlot(pub Arc<Slot>);
 
+/// Left on a request whose connection could not become an API connection
+/// (a request extension), for [`classify`] to answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused(pub Refusal);
+
 /// Seconds a client refused for a full share is asked to wait.
 const RETRY_AFTER_FULL: u64 = 5;
 
-/// Middleware: the first request on a connection that is not an agent's
-/// session upgrade makes it an API connection; when the API share is full
-/// it is answered 503 (`ServiceUnavailable`, or the OAuth
-/// `temporarily_unavailable` on the token endpoints) and the connection
-/// closed.
-pub async fn classify(request: Request, next: Next) -> Response {
-    let slot = request.extensions().get::<ConnSlot>().cloned();
-    if let Some(ConnSlot(slot)) = slot
-        && request.uri().path() != proto::agent::SESSION_PATH
+/// Called for each request as soon as its head is read, before its body:
+/// the first request on a connection that is not an agent's session
+/// upgrade makes it an API connection; when the API share is full, the
+/// request is marked [`Refused`].
+pub fn on_request_head(slot: &Slot, request: &mut http::Request<impl Sized>) {
+    if request.uri().path() != proto::agent::SESSION_PATH
         && let Err(refusal) = slot.become_api()
     {
-        let message = format!(
-            "The server is at its cap of connections ({}); try again later.",
-            refusal.as_str()
-        );
-        let mut response = if request.uri().path().contains("/oauth2/") {
-            let body = proto::auth::OAuthError {
-                error: "temporarily_unavailable".to_owned(),
-                error_description: message,
-            };
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
-        } else {
-            crate::error::ApiError {
-                retry_after: Some(RETRY_AFTER_FULL),
-                ..crate::error::ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    message,
-                )
-            }
-            .into_response()
-        };
-        let headers = response.headers_mut();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_FULL));
-        return response;
+        request.extensions_mut().insert(Refused(refusal));
     }
-    next.run(request).await
+}
+
+/// Middleware: a request marked [`Refused`] is answered 503
+/// (`ServiceUnavailable`, or the OAuth `temporarily_unavailable` on the
+/// token endpoints) with `Retry-After`, and its connection closed.
+pub async fn classify(request: Request, next: Next) -> Response {
+    let Some(Refused(refusal)) = request.extensions().get::<Refused>().copied() else {
+        return next.run(request).await;
+    };
+    let message = format!(
+        "The server is at its cap of connections ({}); try again later.",
+        refusal.as_str()
+    );
+    let mut response = if request.uri().path().contains("/oauth2/") {
+        let body = proto::auth::OAuthError {
+            error: "temporarily_unavailable".to_owned(),
+            error_description: message,
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    } else {
+        crate::error::ApiError {
+            retry_after: Some(RETRY_AFTER_FULL),
+            ..crate::error::ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                message,
+            )
+        }
+        .into_response()
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_FULL));
+    response
 }
 
 /// Raises the soft limit on open files to the hard limit; returns the
