@@ -18,14 +18,14 @@
 //! that `accept` never runs out of descriptors.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 /// Descriptors kept for everything but client connections (the database,
 /// its journal, log files, outgoing connections to identity providers).
@@ -57,19 +57,36 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// The shares scaled down in proportion, if need be, so that their sum
-    /// and [`RESERVED_FILES`] fit within `files` descriptors.
+    /// The shares shrunk, if need be, so that their sum and
+    /// [`RESERVED_FILES`] fit within `files` descriptors: the handshake and
+    /// API shares keep their size while they need at most half of the room
+    /// (else they share that half in proportion), and the agents get the
+    /// rest.
     pub fn fit(&self, files: u64) -> Limits {
-        let budget = files.saturating_sub(RESERVED_FILES).max(3) as u128;
-        let sum = (self.agents + self.api + self.handshakes) as u128;
-        if sum <= budget {
+        let budget = usize::try_from(files.saturating_sub(RESERVED_FILES))
+            .unwrap_or(usize::MAX)
+            .max(3);
+        if self
+            .agents
+            .saturating_add(self.api)
+            .saturating_add(self.handshakes)
+            <= budget
+        {
             return self.clone();
         }
-        let scale = |n: usize| ((n as u128 * budget / sum) as usize).max(1);
+        let (mut api, mut handshakes) = (self.api, self.handshakes);
+        let half = budget / 2;
+        if api + handshakes > half {
+            let others = (api + handshakes) as u128;
+            api = ((api as u128 * half as u128 / others) as usize).max(1);
+            handshakes = ((handshakes as u128 * half as u128 / others) as usize).max(1);
+        }
         Limits {
-            agents: scale(self.agents),
-            api: scale(self.api),
-            handshakes: scale(self.handshakes),
+            agents: budget
+                .saturating_sub(api + handshakes)
+                .clamp(1, self.agents),
+            api,
+            handshakes,
             per_source: self.per_source,
         }
     }
@@ -286,47 +303,58 @@ impl Drop for Slot {
 #[derive(Clone)]
 pub struct ConnSlot(pub Arc<Slot>);
 
+/// Left on a request whose connection could not become an API connection
+/// (a request extension), for [`classify`] to answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused(pub Refusal);
+
 /// Seconds a client refused for a full share is asked to wait.
 const RETRY_AFTER_FULL: u64 = 5;
 
-/// Middleware: the first request on a connection that is not an agent's
-/// session upgrade makes it an API connection; when the API share is full
-/// it is answered 503 (`ServiceUnavailable`, or the OAuth
-/// `temporarily_unavailable` on the token endpoints) and the connection
-/// closed.
-pub async fn classify(request: Request, next: Next) -> Response {
-    let slot = request.extensions().get::<ConnSlot>().cloned();
-    if let Some(ConnSlot(slot)) = slot
-        && request.uri().path() != proto::agent::SESSION_PATH
+/// Called for each request as soon as its head is read, before its body:
+/// the first request on a connection that is not an agent's session
+/// upgrade makes it an API connection; when the API share is full, the
+/// request is marked [`Refused`].
+pub fn on_request_head(slot: &Slot, request: &mut http::Request<impl Sized>) {
+    if request.uri().path() != proto::agent::SESSION_PATH
         && let Err(refusal) = slot.become_api()
     {
-        let message = format!(
-            "The server is at its cap of connections ({}); try again later.",
-            refusal.as_str()
-        );
-        let mut response = if request.uri().path().contains("/oauth2/") {
-            let body = proto::auth::OAuthError {
-                error: "temporarily_unavailable".to_owned(),
-                error_description: message,
-            };
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
-        } else {
-            crate::error::ApiError {
-                retry_after: Some(RETRY_AFTER_FULL),
-                ..crate::error::ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    message,
-                )
-            }
-            .into_response()
-        };
-        let headers = response.headers_mut();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_FULL));
-        return response;
+        request.extensions_mut().insert(Refused(refusal));
     }
-    next.run(request).await
+}
+
+/// Middleware: a request marked [`Refused`] is answered 503
+/// (`ServiceUnavailable`, or the OAuth `temporarily_unavailable` on the
+/// token endpoints) with `Retry-After`, and its connection closed.
+pub async fn classify(request: Request, next: Next) -> Response {
+    let Some(Refused(refusal)) = request.extensions().get::<Refused>().copied() else {
+        return next.run(request).await;
+    };
+    let message = format!(
+        "The server is at its cap of connections ({}); try again later.",
+        refusal.as_str()
+    );
+    let mut response = if request.uri().path().contains("/oauth2/") {
+        let body = proto::auth::OAuthError {
+            error: "temporarily_unavailable".to_owned(),
+            error_description: message,
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    } else {
+        crate::error::ApiError {
+            retry_after: Some(RETRY_AFTER_FULL),
+            ..crate::error::ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                message,
+            )
+        }
+        .into_response()
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_FULL));
+    response
 }
 
 /// Raises the soft limit on open files to the hard limit; returns the
@@ -471,11 +499,21 @@ mod tests {
     fn shares_shrink_to_fit_the_file_limit() {
         let limits = Limits::default();
         assert_eq!(limits.fit(1 << 20), limits);
+        // The agents give way first…
         let fitted = limits.fit(20_000);
+        assert_eq!((fitted.api, fitted.handshakes), (4_096, 1_024));
+        assert_eq!(
+            fitted.agents + fitted.api + fitted.handshakes,
+            20_000 - RESERVED_FILES as usize
+        );
+        // …down to half of the room.
+        let fitted = limits.fit(1_024);
         let sum = fitted.agents + fitted.api + fitted.handshakes;
-        assert!(sum as u64 <= 20_000 - RESERVED_FILES, "{fitted:?}");
-        assert!(fitted.agents > fitted.api && fitted.api > fitted.handshakes);
-        assert!(limits.fit(0).handshakes >= 1);
+        assert!(sum <= 1_024 - RESERVED_FILES as usize, "{fitted:?}");
+        assert!(fitted.agents >= sum / 2, "{fitted:?}");
+        assert!(fitted.api > fitted.handshakes, "{fitted:?}");
+        let tiny = limits.fit(0);
+        assert!(tiny.agents >= 1 && tiny.api >= 1 && tiny.handshakes >= 1);
     }
 
     #[test]

@@ -760,6 +760,7 @@ async fn accept_loop(
             let service = hyper::service::service_fn(
                 move |mut request: hyper::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(info.clone());
+                    conns::on_request_head(&conn_slot.0, &mut request);
                     request.extensions_mut().insert(conn_slot.clone());
                     let mut router = router.clone();
                     async move { router.call(request.map(Body::new)).await }
