@@ -23,13 +23,36 @@ const CA_FILE: &str = "ca.pem";
 pub struct Identity {
     pub machine_id: String,
     pub server: String,
+    /// The computer name given at enrollment; `None`: the host name.
+    pub name: Option<String>,
     pub key: Ed25519KeyPair,
     pub tls: Arc<rustls::ClientConfig>,
     pub state_dir: PathBuf,
 }
 
+/// What `state_dir` says about its enrollment: `None` when it was never
+/// enrolled (no `identity.json`).
+pub fn stored(state_dir: &Path) -> anyhow::Result<Option<StoredIdentity>> {
+    let path = state_dir.join(IDENTITY_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .with_context(|| format!("{IDENTITY_FILE} in {} is corrupt", state_dir.display()))
+}
+
 impl Identity {
+    /// Loads the identity; first makes the state directory and its files
+    /// private to the agent's user where they are not (with a warning).
     pub fn load(state_dir: &Path) -> anyhow::Result<Identity> {
+        if state_dir.is_dir() {
+            for change in secure_state_dir(state_dir)? {
+                tracing::warn!(%change, "a file of the state directory was open to other users; made private");
+            }
+        }
         let stored: StoredIdentity = serde_json::from_slice(
             &std::fs::read(state_dir.join(IDENTITY_FILE)).with_context(|| {
                 format!(
@@ -44,15 +67,58 @@ impl Identity {
         Ok(Identity {
             machine_id: stored.machine_id,
             server: stored.server,
+            name: stored.name,
             key,
             tls: tls_config(&state_dir.join(CA_FILE))?,
             state_dir: state_dir.to_owned(),
         })
     }
 
+    /// What this host looks like, under the name given here (`run --name`),
+    /// else the name it was enrolled with, else its host name.
+    pub fn host_facts(&self, name: Option<&str>) -> HostFacts {
+        host_facts(name.or(self.name.as_deref()))
+    }
+
     pub fn sign(&self, message: &[u8]) -> String {
         STANDARD.encode(self.key.sign(message).as_ref())
     }
+}
+
+/// Makes `dir` 0700 and each file in it 0600 where they are looser (the
+/// agent's private key is there); returns what it changed. Fails when a
+/// mode cannot be fixed.
+pub fn secure_state_dir(dir: &Path) -> anyhow::Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut fixed = Vec::new();
+    let mut tighten = |path: &Path, wanted: u32| -> anyhow::Result<()> {
+        let mode = std::fs::symlink_metadata(path)
+            .with_context(|| format!("cannot read the mode of {}", path.display()))?
+            .permissions()
+            .mode()
+            & 0o7777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(wanted)).with_context(
+                || {
+                    format!(
+                        "{} has mode {mode:04o}, open to other users, and it cannot be \
+                         changed to {wanted:04o}; fix it (chmod {wanted:o}) and start again",
+                        path.display()
+                    )
+                },
+            )?;
+            fixed.push(format!("{}: {mode:04o} -> {wanted:04o}", path.display()));
+        }
+        Ok(())
+    };
+    tighten(dir, 0o700)?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            tighten(&entry.path(), 0o600)?;
+        }
+    }
+    Ok(fixed)
 }
 
 /// Writes `data` to `path` atomically and durably: temp file, fsync, rename.
@@ -177,6 +243,8 @@ fn local_addresses() -> Vec<HostAddress> {
         }
     }
     out.sort_by_key(|a| a.interface_type.as_deref() == Some("SoftwareLoopback"));
+    // The server refuses longer lists.
+    out.truncate(proto::agent::MAX_ADDRESSES);
     out
 }
 
@@ -191,8 +259,15 @@ pub async fn enroll(
 ) -> anyhow::Result<Identity> {
     let server = server.trim_end_matches('/').to_owned();
     let tls = tls_config(ca_file)?;
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    }
+    secure_state_dir(state_dir)?;
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
         .map_err(|_| anyhow::anyhow!("key generation failed"))?;
     let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
@@ -226,10 +301,12 @@ pub async fn enroll(
     let response: EnrollResponse =
         serde_json::from_slice(&reply.body).context("the server's enrollment answer is invalid")?;
     write_atomic(&state_dir.join(KEY_FILE), pkcs8.as_ref(), 0o600)?;
-    write_atomic(&state_dir.join(CA_FILE), &std::fs::read(ca_file)?, 0o644)?;
+    write_atomic(&state_dir.join(CA_FILE), &std::fs::read(ca_file)?, 0o600)?;
+    let name = name.map(str::to_owned);
     let stored = StoredIdentity {
         machine_id: response.machine_id.clone(),
         server: server.clone(),
+        name: name.clone(),
     };
     write_atomic(
         &state_dir.join(IDENTITY_FILE),
@@ -239,6 +316,7 @@ pub async fn enroll(
     Ok(Identity {
         machine_id: response.machine_id,
         server,
+        name,
         key,
         tls,
         state_dir: state_dir.to_owned(),

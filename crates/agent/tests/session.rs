@@ -90,3 +90,53 @@ async fn the_agent_trusts_only_the_ca_it_enrolled_with() {
     .expect("refused");
     assert!(format!("{error:#}").contains("TLS handshake"), "{error:#}");
 }
+
+/// The state directory holds the agent's private key: `cordon-agent enroll`
+/// (the real binary) makes it and its files private, and tightens a
+/// directory it finds open to other users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_directory_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let (ours, parent) = (Dir::new("modes-server"), Dir::new("modes-state"));
+    let (_server, url, token) = serve(&ours).await;
+    let ca = ours.0.join("server").join("ca.pem");
+    let enroll = |state: std::path::PathBuf, name: &'static str| {
+        let (url, token, ca) = (url.clone(), token.clone(), ca.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_cordon-agent"))
+                .args([
+                    "enroll", "--server", &url, "--token", &token, "--name", name,
+                ])
+                .arg("--ca-file")
+                .arg(&ca)
+                .arg("--state-dir")
+                .arg(&state)
+                .output()
+                .unwrap()
+        })
+    };
+
+    let fresh = parent.0.join("fresh");
+    let output = enroll(fresh.clone(), "m1").await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(mode(&fresh), 0o700);
+    for file in ["agent.key", "ca.pem", "identity.json"] {
+        assert_eq!(mode(&fresh.join(file)), 0o600, "{file}");
+    }
+
+    let loose = parent.0.join("loose");
+    std::fs::create_dir(&loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(loose.join("state.json"), b"{}").unwrap();
+    std::fs::set_permissions(
+        loose.join("state.json"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let output = enroll(loose.clone(), "m2").await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(mode(&loose), 0o700);
+    assert_eq!(mode(&loose.join("state.json")), 0o600);
+}

@@ -229,18 +229,27 @@ fn report(label: &str, rates: &mut [f64], p50s: &mut [f64], p99s: &mut [f64]) {
     );
 }
 
+/// Measures a release `cordon serve` on loopback, as BENCHMARKS.md reports
+/// it: build with `cargo build --release` first (it runs the `cordon` binary
+/// beside this one). Takes a few minutes.
+#[derive(clap::Parser)]
+#[command(name = "cordon-bench", version)]
+struct Cli {
+    /// How many enrolled machines to prepare.
+    #[arg(default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    machines: u32,
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let machines: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(2000);
+    let cli = <Cli as clap::Parser>::parse();
+    let machines = cli.machines as usize;
     let data = std::env::temp_dir().join(format!("cordon-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data)?;
 
     // Prepare the data directory: an app and `machines` enrolled machines.
-    let store = server::open_store(&data)?;
+    let store = server::init_data_dir(&data)?;
     let tenant = server::tenant_id(&store).await?;
     let client_id = server::crypto::new_guid();
     let secret = server::crypto::new_secret();
@@ -248,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
         .create_app(store::App {
             client_id: client_id.clone(),
             name: "bench".into(),
-            secret_hash: server::crypto::hash_secret(&secret),
+            secret_hash: server::crypto::hash_client_secret(&secret),
             permissions: vec!["Machine.Isolate".into(), "Machine.Read.All".into()],
             created_at: server::now_nanos(),
         })
@@ -270,7 +279,8 @@ async fn main() -> anyhow::Result<()> {
             .enroll_machine(
                 server::crypto::sha256_hex(enroll_token.as_bytes()),
                 id.clone(),
-                vec![0; 32],
+                // One key per machine: a key enrolls once.
+                (i as u64).to_le_bytes().repeat(4),
                 store::Facts {
                     computer_dns_name: format!("bench-{i}"),
                     ..Default::default()

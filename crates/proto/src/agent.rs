@@ -16,6 +16,10 @@ pub const SESSION_PATH: &str = "/agent/v1/session";
 pub const SESSION_PROTOCOL: &str = "cordon-agent/1";
 /// Longest line either side accepts, in bytes.
 pub const MAX_LINE: usize = 1 << 20;
+/// Most addresses host facts may list; the agent sends its first ones.
+pub const MAX_ADDRESSES: usize = 64;
+/// Longest text value of host facts, in characters.
+pub const MAX_FACT_LENGTH: usize = 256;
 /// TLS exporter label that binds session proofs to one TLS connection.
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-cordon-agent-session";
 
@@ -202,6 +206,10 @@ pub struct StoredIdentity {
     pub machine_id: String,
     /// Base URL of the server, such as `https://cordon.example.com:8443`.
     pub server: String,
+    /// The computer name given at enrollment (`--name`), reported instead of
+    /// the host name. Absent in identities saved before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// What the agent keeps on disk about what it enforces (`state.json`),
@@ -246,6 +254,13 @@ pub struct ActionOutcome {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentStatus {
+    /// Whether the state directory holds an identity (`cordon-agent enroll`).
+    pub enrolled: bool,
+    pub machine_id: Option<String>,
+    /// The server's base URL.
+    pub server: Option<String>,
+    /// The computer name given at enrollment (`None`: the host name).
+    pub name: Option<String>,
     /// `NotIsolated`, `Full`, `Selective` or `Unknown` (state file unreadable).
     pub intent: String,
     /// `present`, `absent` or `unknown`.

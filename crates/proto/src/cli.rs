@@ -25,9 +25,27 @@ pub struct AppSummary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollTokenCreated {
+    /// What `cordon enroll-token list` shows and `revoke` takes.
+    pub id: String,
     pub token: String,
     pub expires: Option<String>,
     pub max_uses: Option<i64>,
+}
+
+/// One row of `cordon enroll-token list --json` (never the token).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollTokenSummary {
+    pub id: String,
+    pub created: String,
+    pub expires: Option<String>,
+    pub max_uses: Option<i64>,
+    pub uses: i64,
+    /// `None`: no limit.
+    pub uses_left: Option<i64>,
+    pub revoked: Option<String>,
+    /// `Active`, `Expired`, `UsedUp` or `Revoked`.
+    pub status: String,
 }
 
 /// One row of `cordon machine list --json`.

@@ -260,16 +260,22 @@ fn enforced_scope(enforced: Enforced) -> Option<String> {
     }
 }
 
-/// Host facts from an agent, bounded and cleaned before they are stored.
+/// Host facts from an agent, checked before they are stored: anything out
+/// of bounds refuses the whole report, naming the field, so nothing of it
+/// is stored.
 fn facts_from(facts: HostFacts) -> Result<Facts, String> {
-    let clean = |v: Option<String>| {
-        v.map(|s| {
-            s.chars()
-                .filter(|c| !c.is_control())
-                .take(256)
-                .collect::<String>()
-        })
-        .filter(|s| !s.is_empty())
+    use proto::agent::{MAX_ADDRESSES, MAX_FACT_LENGTH};
+    let text = |field: &str, value: Option<String>| -> Result<Option<String>, String> {
+        match value {
+            Some(v) if v.chars().count() > MAX_FACT_LENGTH => Err(format!(
+                "{field} is longer than {MAX_FACT_LENGTH} characters"
+            )),
+            Some(v) if v.chars().any(char::is_control) => {
+                Err(format!("{field} contains control characters"))
+            }
+            Some(v) if v.trim().is_empty() => Ok(None),
+            other => Ok(other),
+        }
     };
     let name = facts.computer_dns_name.trim().to_ascii_lowercase();
     let valid_name = !name.is_empty()
@@ -280,30 +286,40 @@ fn facts_from(facts: HostFacts) -> Result<Facts, String> {
     if !valid_name {
         return Err("computerDnsName must be 1 to 255 letters, digits, '.', '-' or '_'".into());
     }
-    let addresses: Vec<Address> = facts
-        .addresses
-        .into_iter()
-        .take(64)
-        .filter(|a| a.ip_address.parse::<std::net::IpAddr>().is_ok())
-        .map(|a| Address {
-            ip_address: a.ip_address,
-            mac_address: clean(a.mac_address),
-            interface_type: clean(a.interface_type),
-            operational_status: clean(a.operational_status),
-        })
-        .collect();
+    if facts.addresses.len() > MAX_ADDRESSES {
+        return Err(format!(
+            "addresses lists {} addresses; at most {MAX_ADDRESSES} are accepted",
+            facts.addresses.len()
+        ));
+    }
+    let mut addresses = Vec::with_capacity(facts.addresses.len());
+    for (i, a) in facts.addresses.into_iter().enumerate() {
+        let ip: std::net::IpAddr = a.ip_address.parse().map_err(|_| {
+            let shown: String = a.ip_address.chars().take(64).collect();
+            format!("addresses[{i}].ipAddress '{shown}' is not an IPv4 or IPv6 address")
+        })?;
+        addresses.push(Address {
+            ip_address: ip.to_string(),
+            mac_address: text(&format!("addresses[{i}].macAddress"), a.mac_address)?,
+            interface_type: text(&format!("addresses[{i}].interfaceType"), a.interface_type)?,
+            operational_status: text(
+                &format!("addresses[{i}].operationalStatus"),
+                a.operational_status,
+            )?,
+        });
+    }
     let last_ip_address = addresses.iter().map(|a| a.ip_address.clone()).find(|ip| {
         ip.parse::<std::net::IpAddr>()
             .is_ok_and(|ip| !ip.is_loopback())
     });
     Ok(Facts {
         computer_dns_name: name,
-        os_platform: clean(facts.os_platform),
-        os_version: clean(facts.os_version),
-        os_processor: clean(facts.os_processor),
-        os_architecture: clean(facts.os_architecture),
+        os_platform: text("osPlatform", facts.os_platform)?,
+        os_version: text("osVersion", facts.os_version)?,
+        os_processor: text("osProcessor", facts.os_processor)?,
+        os_architecture: text("osArchitecture", facts.os_architecture)?,
         os_build: facts.os_build,
-        agent_version: clean(facts.agent_version),
+        agent_version: text("agentVersion", facts.agent_version)?,
         last_ip_address,
         last_external_ip_address: None,
         addresses,
@@ -319,7 +335,30 @@ fn verify_signature(public_key: &[u8], message: &[u8], signature_b64: &str) -> b
         .is_ok()
 }
 
-async fn enroll(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+/// Counts one enrollment attempt from `peer`, per source address and in
+/// total; a refusal says how many seconds to wait.
+fn admit_enrollment(state: &AppState, peer: Option<std::net::IpAddr>) -> Result<(), u64> {
+    let source = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+    state.enroll_per_source.check(&source, "enroll")?;
+    state.enroll_total.check("all", "enroll")
+}
+
+async fn enroll(
+    State(state): State<Arc<AppState>>,
+    conn: Option<axum::Extension<ConnInfo>>,
+    body: Bytes,
+) -> Response {
+    if let Err(wait) = admit_enrollment(&state, conn.map(|c| c.0.peer.ip())) {
+        let mut response = agent_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequests",
+            format!("too many enrollment attempts; try again in {wait} seconds"),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait));
+        return response;
+    }
     let request: EnrollRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -377,6 +416,14 @@ async fn enroll(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         Err(StoreError::TokenRejected(reason)) => {
             agent_error(StatusCode::FORBIDDEN, "EnrollTokenRejected", reason)
         }
+        Err(StoreError::KeyEnrolled(machine_id)) => agent_error(
+            StatusCode::CONFLICT,
+            "KeyAlreadyEnrolled",
+            format!(
+                "this public key is already enrolled as machine {machine_id}; \
+                 a key enrolls once (make a new key to enroll again)"
+            ),
+        ),
         Err(e) => {
             tracing::error!(error = %e, "enrollment failed");
             agent_error(
@@ -418,9 +465,13 @@ async fn session(State(state): State<Arc<AppState>>, mut request: Request) -> Re
             "the connection can't be upgraded",
         );
     };
+    let slot = request
+        .extensions()
+        .get::<crate::conns::ConnSlot>()
+        .map(|s| s.0.clone());
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => run_session(state, TokioIo::new(upgraded), exporter).await,
+            Ok(upgraded) => run_session(state, TokioIo::new(upgraded), exporter, slot).await,
             Err(e) => tracing::info!(error = %e, "session upgrade failed"),
         }
     });
@@ -494,8 +545,15 @@ async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, code: &str, reason: &str)
     let _ = writer.shutdown().await;
 }
 
-async fn run_session<IO>(state: Arc<AppState>, io: IO, exporter: String)
-where
+/// `slot` is the connection's place among the open connections: it moves
+/// to the agents' share once the agent proved its key, and is held until
+/// the session ends.
+async fn run_session<IO>(
+    state: Arc<AppState>,
+    io: IO,
+    exporter: String,
+    slot: Option<Arc<crate::conns::Slot>>,
+) where
     IO: tokio::io::AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (read_half, mut writer) = tokio::io::split(io);
@@ -577,6 +635,19 @@ where
             &mut writer,
             "Revoked",
             "this machine's enrollment was revoked",
+        )
+        .await;
+    }
+    if let Some(slot) = &slot
+        && let Err(refusal) = slot.become_agent()
+    {
+        if let Some(suppressed) = state.connections.log.allow(refusal.as_str()) {
+            tracing::warn!(%machine_id, reason = refusal.as_str(), suppressed, "session refused");
+        }
+        return refuse(
+            &mut writer,
+            "Unavailable",
+            "the server is at its cap of agent sessions; try again later",
         )
         .await;
     }
@@ -721,8 +792,14 @@ where
                             return Ok(());
                         }
                     };
-                    if let Some(reply) = handle(&state, &machine_id, &mut reported, message).await {
-                        send(&mut writer, &reply).await?;
+                    match handle(&state, &machine_id, &mut reported, exclusions_sent, message).await {
+                        Ok(Some(reply)) => send(&mut writer, &reply).await?,
+                        Ok(None) => {}
+                        Err(violation) => {
+                            tracing::warn!(%violation, "agent protocol violation; closing the session");
+                            refuse(&mut writer, "ProtocolError", &violation).await;
+                            return Ok(());
+                        }
                     }
                 }
                 out = outbound.recv() => match out {
@@ -748,14 +825,23 @@ where
     result
 }
 
+/// Whether an exclusion rule-set version an agent reports is one it can run:
+/// from 0 to the newest this session sent it.
+fn exclusion_version_in_range(version: i64, sent: i64) -> bool {
+    (0..=sent).contains(&version)
+}
+
+/// Handles one message of an established session: `Ok` with the answer, if
+/// any, or `Err` with a protocol violation, which closes the session.
 async fn handle(
     state: &AppState,
     machine_id: &str,
     reported: &mut Reported,
+    exclusions_sent: i64,
     message: AgentMessage,
-) -> Option<ServerMessage> {
+) -> Result<Option<ServerMessage>, String> {
     let now = crate::now_nanos();
-    match message {
+    Ok(match message {
         AgentMessage::Hello { .. } => None,
         AgentMessage::Heartbeat {
             enforced,
@@ -764,9 +850,24 @@ async fn handle(
             reported
                 .record_scope(state, machine_id, enforced_scope(enforced))
                 .await;
-            reported
-                .record_exclusion_version(state, machine_id, exclusion_version)
-                .await;
+            // Only Selective isolation runs exclusion rules (record_scope
+            // cleared the version otherwise), and only a version it was sent.
+            if reported.scope.as_deref() == Some("Selective") {
+                match exclusion_version {
+                    Some(v) if !exclusion_version_in_range(v, exclusions_sent) => {
+                        tracing::warn!(
+                            version = v,
+                            newest = exclusions_sent,
+                            "heartbeat names an exclusion rule-set version never sent; not recorded"
+                        );
+                    }
+                    version => {
+                        reported
+                            .record_exclusion_version(state, machine_id, version)
+                            .await
+                    }
+                }
+            }
             None
         }
         AgentMessage::ExclusionsApplied {
@@ -774,11 +875,19 @@ async fn handle(
             succeeded,
             reason,
         } => {
-            if succeeded {
+            if succeeded && !exclusion_version_in_range(version, exclusions_sent) {
+                tracing::warn!(
+                    version,
+                    newest = exclusions_sent,
+                    "agent applied an exclusion rule-set version never sent; not recorded"
+                );
+            } else if succeeded {
                 tracing::info!(version, "agent applied the exclusion rules");
-                reported
-                    .record_exclusion_version(state, machine_id, Some(version))
-                    .await;
+                if reported.scope.as_deref() == Some("Selective") {
+                    reported
+                        .record_exclusion_version(state, machine_id, Some(version))
+                        .await;
+                }
             } else {
                 let reason: String = reason
                     .unwrap_or_default()
@@ -844,18 +953,11 @@ async fn handle(
             enforced,
         } => {
             let enforced = enforced_scope(enforced);
-            // finish_action records the scope itself.
-            reported.scope = enforced.clone();
-            if enforced.as_deref() != Some("Selective") {
-                reported
-                    .record_exclusion_version(state, machine_id, None)
-                    .await;
-            }
             let outcome = Outcome {
                 succeeded,
                 error_hresult: error_h_result,
                 reason: reason.map(|r| r.chars().take(1000).collect()),
-                enforced_scope: enforced,
+                enforced_scope: enforced.clone(),
             };
             match state
                 .store
@@ -863,14 +965,27 @@ async fn handle(
                 .await
             {
                 Ok(action) => {
-                    tracing::info!(%action_id, status = %action.status, "action finished")
+                    tracing::info!(%action_id, status = %action.status, "action finished");
+                    // finish_action recorded the scope itself.
+                    reported.scope = enforced.clone();
+                    if enforced.as_deref() != Some("Selective") {
+                        reported
+                            .record_exclusion_version(state, machine_id, None)
+                            .await;
+                    }
                 }
                 Err(StoreError::NotFound) => {
                     tracing::warn!(%action_id, "agent reported an action that is not its own");
+                }
+                Err(StoreError::WrongStatus(status)) => {
+                    return Err(format!(
+                        "a result for action {action_id}, which is {status}: results are \
+                         accepted only for actions the server sent proceed for"
+                    ));
                 }
                 Err(e) => tracing::error!(error = %e, "could not record an action's outcome"),
             }
             None
         }
-    }
+    })
 }

@@ -8,11 +8,13 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod authority;
+pub mod conns;
 pub mod crypto;
 pub mod error;
 pub mod exclusions;
 pub mod gateway;
 pub mod jwt;
+pub mod listen;
 pub mod odata;
 pub mod oidc;
 pub mod ratelimit;
@@ -51,7 +53,11 @@ pub enum TlsSource {
 pub struct Config {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
-    /// Canonical base URL; `None`: `https://<listen address>`.
+    /// The host name `--listen` gave (`None`: an address): the default
+    /// public URL's host, and a name of the generated certificate.
+    pub listen_host: Option<String>,
+    /// Canonical base URL; `None`: `https://<listen host>`, where an
+    /// unspecified address stands for this machine's host name.
     pub public_url: Option<String>,
     pub tls: TlsSource,
     /// How long a Pending action waits for its machine before `TimeOut`.
@@ -65,8 +71,27 @@ pub struct Config {
     pub signin_failures_per_user: u32,
     /// Failed sign-ins that lock a source address out (0: never).
     pub signin_failures_per_source: u32,
+    /// Failed client authentications that lock a client id out (0: never).
+    pub client_failures_per_client: u32,
+    /// Failed client authentications that lock a source address out (0: never).
+    pub client_failures_per_source: u32,
     /// External OpenID Connect providers whose access tokens are accepted.
     pub oidc: oidc::OidcSettings,
+    /// Enrollment attempts a minute from one source address (0: no limit).
+    pub enroll_per_source_per_minute: u32,
+    /// Enrollment attempts a minute from everywhere together (0: no limit).
+    pub enroll_per_minute: u32,
+    /// Caps on connections, in all and per source address.
+    pub connections: conns::Limits,
+    /// How long a connection may take to send a request's head, counted
+    /// from its opening or its previous response (the keep-alive idle time).
+    pub idle_timeout: Duration,
+    /// How long a connection other than an agent session is kept at most:
+    /// then it is closed once its request in progress is answered.
+    pub max_connection_lifetime: Duration,
+    /// How long a connection may take, from its opening, to become an API
+    /// connection or an agent session before it is cut.
+    pub handshake_timeout: Duration,
     /// Audit records older than this are pruned every hour (`None`: kept).
     pub audit_retention: Option<Duration>,
     /// How long repeated refusals are counted before their record is
@@ -80,6 +105,7 @@ impl Config {
         Config {
             data_dir,
             listen: "127.0.0.1:8443".parse().expect("address"),
+            listen_host: None,
             public_url: None,
             tls: TlsSource::SelfSigned {
                 extra_names: Vec::new(),
@@ -91,7 +117,15 @@ impl Config {
             heartbeat_interval: Duration::from_secs(30),
             signin_failures_per_user: 5,
             signin_failures_per_source: 20,
+            client_failures_per_client: 10,
+            client_failures_per_source: 20,
             oidc: oidc::OidcSettings::new(Vec::new()),
+            enroll_per_source_per_minute: 30,
+            enroll_per_minute: 300,
+            connections: conns::Limits::default(),
+            idle_timeout: Duration::from_secs(30),
+            max_connection_lifetime: Duration::from_secs(10 * 60),
+            handshake_timeout: Duration::from_secs(30),
             audit_retention: None,
             audit_fold_window: Duration::from_secs(60),
         }
@@ -109,23 +143,39 @@ pub struct AppState {
     pub issuer: String,
     pub signing_key: Arc<jwt::SigningKey>,
     pub limiter: ratelimit::RateLimiter,
+    /// Enrollment attempts per source address, and in total.
+    pub enroll_per_source: ratelimit::RateLimiter,
+    pub enroll_total: ratelimit::RateLimiter,
     pub gateway: gateway::Gateway,
-    /// Checked when a token request names an unknown client, so that
-    /// response time doesn't tell which client ids exist.
+    /// Checked when a sign-in names an unknown account, so that response
+    /// time doesn't tell which accounts exist.
     pub dummy_hash: String,
     /// Failed sign-ins, per account and source address.
     pub throttle: throttle::Throttle,
     /// Authorization codes not yet exchanged.
     pub codes: signin::Codes,
-    /// Password hashes computed at once for sign-ins, at most.
-    pub password_hashes: tokio::sync::Semaphore,
+    /// Failed client authentications (token requests with a client
+    /// secret), per client id and source address.
+    pub client_throttle: throttle::Throttle,
+    /// Slow (PBKDF2) hashes computed at once, at most: users' passwords and
+    /// applications' secrets still stored the old way.
+    pub slow_hashes: Arc<tokio::sync::Semaphore>,
     /// Verifies tokens of the external providers (none configured: empty).
     pub oidc: oidc::Verifier,
+    /// The connections open now, within their caps.
+    pub connections: Arc<conns::Connections>,
     /// Repeated refusals counted before they are recorded.
     pub audit_folds: audit::Folding,
 }
 
 impl AppState {
+    /// Checks `secret` against a slow (PBKDF2) hash, waiting for one of the
+    /// few slots; `None` if the server is shutting down.
+    pub async fn verify_slow_hash(&self, secret: String, encoded: String) -> Option<bool> {
+        let slot = self.slow_hashes.clone().acquire_owned().await.ok()?;
+        Some(crypto::verify_secret_off_thread(secret, encoded, slot).await)
+    }
+
     /// Thresholds of `healthStatus` as of now.
     pub fn sql_context(&self) -> store::SqlContext {
         let now = now_nanos();
@@ -185,6 +235,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(|| async {
             ApiError::not_found("The requested resource was not found.").into_response()
         })
+        .layer(axum::middleware::from_fn(conns::classify))
         .layer(axum::middleware::from_fn(error::request_context))
         // Outermost, so that it sees every response as sent, request id included.
         .layer(axum::middleware::from_fn_with_state(
@@ -197,12 +248,20 @@ pub fn app(state: Arc<AppState>) -> Router {
 /// A server that is running.
 pub struct RunningServer {
     pub local_addr: SocketAddr,
+    /// Every address served (`local_addr` first).
+    pub listen_addrs: Vec<SocketAddr>,
+    /// The names and addresses the generated certificate carries (empty
+    /// with the operator's own certificate).
+    pub tls_names: Vec<String>,
     pub tenant_id: String,
     pub public_url: String,
     /// Where the generated CA certificate is (self-signed mode).
     pub ca_path: Option<PathBuf>,
     pub state: Arc<AppState>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Held while this value lives: a second server on the same data
+    /// directory stops with a clear message.
+    _lock: DataDirLock,
 }
 
 impl RunningServer {
@@ -227,12 +286,159 @@ impl Drop for RunningServer {
     }
 }
 
-/// Opens the store in `data_dir`, creating the directory.
+/// The database's file name inside the data directory.
+pub const DATABASE_FILE: &str = "cordon.db";
+/// The file `cordon serve` locks while it serves a data directory.
+pub const LOCK_FILE: &str = "cordon.lock";
+
+/// Opens the store of an existing data directory; never creates one, so a
+/// mistyped `--data-dir` is an error rather than a new, empty tenant.
 pub fn open_store(data_dir: &std::path::Path) -> anyhow::Result<store::Store> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-    store::Store::open(&data_dir.join("cordon.db"))
+    let database = data_dir.join(DATABASE_FILE);
+    if !data_dir.is_dir() {
+        anyhow::bail!(
+            "there is no data directory at {}; `cordon serve --data-dir {}` creates one \
+             (or add --init to this command)",
+            absolute(data_dir).display(),
+            data_dir.display()
+        );
+    }
+    if !database.is_file() {
+        anyhow::bail!(
+            "{} is not a Cordon data directory (it has no {DATABASE_FILE}); \
+             `cordon serve --data-dir {}` creates one (or add --init to this command)",
+            absolute(data_dir).display(),
+            data_dir.display()
+        );
+    }
+    store::Store::open(&database)
         .with_context(|| format!("cannot open the database in {}", data_dir.display()))
+}
+
+/// Opens the store of `data_dir`, creating the directory (mode 0700) and
+/// the database when they don't exist yet.
+pub fn init_data_dir(data_dir: &std::path::Path) -> anyhow::Result<store::Store> {
+    use std::os::unix::fs::OpenOptionsExt;
+    create_private_dir(data_dir)?;
+    let database = data_dir.join(DATABASE_FILE);
+    // Private from its creation (SQLite gives its -wal and -shm files the
+    // database's mode), whatever the process's umask.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&database)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot create {}", database.display()));
+        }
+    }
+    store::Store::open(&database)
+        .with_context(|| format!("cannot open the database in {}", data_dir.display()))
+}
+
+/// `path` made absolute (for messages), as well as can be.
+pub fn absolute(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))
+}
+
+/// Makes the data directory 0700 and every file in it 0600 where they are
+/// looser (the database holds the token-signing key); returns what it
+/// changed, for a warning. Fails when a mode cannot be fixed.
+pub fn secure_data_dir(data_dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut fixed = Vec::new();
+    let mut tighten = |path: &std::path::Path, wanted: u32| -> anyhow::Result<()> {
+        let metadata = std::fs::symlink_metadata(path)
+            .with_context(|| format!("cannot read the mode of {}", path.display()))?;
+        let mode = metadata.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(wanted)).with_context(
+                || {
+                    format!(
+                        "{} has mode {mode:04o}, open to other users, and it cannot be \
+                         changed to {wanted:04o}; fix it (chmod {wanted:o}) and start again",
+                        path.display()
+                    )
+                },
+            )?;
+            fixed.push(format!(
+                "{}: {mode:04o} -> {wanted:04o}",
+                absolute(path).display()
+            ));
+        }
+        Ok(())
+    };
+    tighten(data_dir, 0o700)?;
+    let entries = std::fs::read_dir(data_dir)
+        .with_context(|| format!("cannot read the data directory {}", data_dir.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            tighten(&entry.path(), 0o600)?;
+        }
+    }
+    Ok(fixed)
+}
+
+/// An exclusive lock on a data directory, held while a server serves it.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Takes the lock (`flock` on [`LOCK_FILE`]) and records this process's
+    /// id in the file; fails naming the directory and the other server's id
+    /// when another server holds it.
+    pub fn acquire(data_dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let path = data_dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: flock on a file descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                let who = if pid.is_empty() {
+                    "another cordon serve".to_owned()
+                } else {
+                    format!("another cordon serve (PID {pid})")
+                };
+                anyhow::bail!(
+                    "{who} is already serving the data directory {}; stop it first, or give \
+                     this one another --data-dir",
+                    absolute(data_dir).display()
+                );
+            }
+            return Err(error).with_context(|| format!("cannot lock {}", path.display()));
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        file.sync_all()?;
+        Ok(DataDirLock { _file: file })
+    }
 }
 
 /// The tenant id, created on first start.
@@ -270,50 +476,44 @@ pub async fn start_with(
     config: Config,
     listeners: Vec<std::net::TcpListener>,
 ) -> anyhow::Result<RunningServer> {
-    let store = open_store(&config.data_dir)?;
+    create_private_dir(&config.data_dir)?;
+    let lock = DataDirLock::acquire(&config.data_dir)?;
+    let store = init_data_dir(&config.data_dir)?;
+    for change in secure_data_dir(&config.data_dir)? {
+        tracing::warn!(%change, "a file of the data directory was open to other users; made private");
+    }
     let tenant_id = tenant_id(&store).await?;
     let signing_key = signing_key(&store).await?;
     let first = listeners.first().context("no listener")?;
     let local_addr = first.local_addr()?;
-    let listen_host = match local_addr.ip() {
-        ip if ip.is_unspecified() => "localhost".to_owned(),
-        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-        std::net::IpAddr::V4(ip) => ip.to_string(),
-    };
-    let public_url = config
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("https://{listen_host}:{}", local_addr.port()))
-        .trim_end_matches('/')
-        .to_owned();
-    let material = match &config.tls {
-        TlsSource::Files { cert, key } => tls::load_operator(cert, key)?,
+    let mut listen_addrs = Vec::new();
+    for listener in &listeners {
+        listen_addrs.push(listener.local_addr()?);
+    }
+    let ips: Vec<std::net::IpAddr> = listen_addrs.iter().map(SocketAddr::ip).collect();
+    let public_url = match &config.public_url {
+        Some(url) => url.clone(),
+        None => {
+            let host = listen::served(config.listen_host.as_deref(), &ips, &[]).url_host;
+            format!("https://{host}:{}", local_addr.port())
+        }
+    }
+    .trim_end_matches('/')
+    .to_owned();
+    let (material, tls_names) = match &config.tls {
+        TlsSource::Files { cert, key } => (tls::load_operator(cert, key)?, Vec::new()),
         TlsSource::SelfSigned { extra_names } => {
-            let mut names = vec!["localhost".to_owned()];
-            for listener in &listeners {
-                let ip = listener.local_addr()?.ip();
-                if ip.is_unspecified() {
-                    names.push("127.0.0.1".into());
-                    names.push("::1".into());
-                } else {
-                    names.push(ip.to_string());
-                }
-            }
+            let mut extra = Vec::new();
             if let Some(host) = public_url
                 .strip_prefix("https://")
                 .and_then(|rest| rest.split('/').next())
             {
                 let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-                names.push(host.trim_matches(|c| c == '[' || c == ']').to_owned());
+                extra.push(host.trim_matches(|c| c == '[' || c == ']').to_owned());
             }
-            names.extend(extra_names.iter().cloned());
-            let mut unique = Vec::new();
-            for name in names {
-                if !unique.contains(&name) {
-                    unique.push(name);
-                }
-            }
-            tls::ensure_self_signed(&config.data_dir, &unique)?
+            extra.extend(extra_names.iter().cloned());
+            let names = listen::served(config.listen_host.as_deref(), &ips, &extra).names;
+            (tls::ensure_self_signed(&config.data_dir, &names)?, names)
         }
     };
     let tls_config = tls::server_config(&material)?;
@@ -324,6 +524,37 @@ pub async fn start_with(
         config.signin_failures_per_user,
         config.signin_failures_per_source,
     );
+    let config_client = (
+        config.client_failures_per_client,
+        config.client_failures_per_source,
+    );
+    let files = match conns::raise_file_limit() {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the open file limit");
+            u64::MAX
+        }
+    };
+    let limits = config.connections.fit(files);
+    if limits != config.connections {
+        tracing::warn!(
+            open_file_limit = files,
+            agents = limits.agents,
+            api = limits.api,
+            handshakes = limits.handshakes,
+            "the open file limit is too low for the connection caps; they were scaled down \
+             (raise LimitNOFILE)"
+        );
+    }
+    tracing::info!(
+        open_file_limit = files,
+        agents = limits.agents,
+        api = limits.api,
+        handshakes = limits.handshakes,
+        per_source = limits.per_source,
+        "connection caps"
+    );
+    let connections = conns::Connections::new(limits);
     let audit_folds = audit::Folding::new(config.audit_fold_window);
     let state = Arc::new(AppState {
         audit_folds,
@@ -331,6 +562,8 @@ pub async fn start_with(
             config.rate_limit_per_minute,
             config.rate_limit_per_hour,
         ),
+        enroll_per_source: ratelimit::RateLimiter::new(config.enroll_per_source_per_minute, 0),
+        enroll_total: ratelimit::RateLimiter::new(config.enroll_per_minute, 0),
         config,
         store,
         tenant_id: tenant_id.clone(),
@@ -341,8 +574,10 @@ pub async fn start_with(
         dummy_hash: crypto::hash_secret("not a secret"),
         throttle: throttle::Throttle::new(config_signin.0, config_signin.1),
         codes: signin::Codes::default(),
-        password_hashes: tokio::sync::Semaphore::new(4),
+        client_throttle: throttle::Throttle::new(config_client.0, config_client.1),
+        slow_hashes: Arc::new(tokio::sync::Semaphore::new(4)),
         oidc,
+        connections,
     });
     let mut tasks = vec![
         tokio::spawn(expire_actions(state.clone())),
@@ -360,15 +595,19 @@ pub async fn start_with(
             listener,
             acceptor.clone(),
             router.clone(),
+            state.clone(),
         )));
     }
     Ok(RunningServer {
         local_addr,
+        listen_addrs,
+        tls_names,
         tenant_id,
         public_url,
         ca_path: material.ca_path.clone(),
         state,
         tasks,
+        _lock: lock,
     })
 }
 
@@ -460,24 +699,45 @@ async fn watch_exclusions(state: Arc<AppState>) {
     }
 }
 
+/// How long a connection closing at the end of its lifetime may take to
+/// finish the request it is serving.
+const CLOSING_GRACE: Duration = Duration::from_secs(30);
+
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     router: Router,
+    state: Arc<AppState>,
 ) {
+    let log = &state.connections.log;
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: wait, don't spin.
-                tracing::warn!(error = %e, "accept failed");
+                if let Some(suppressed) = log.allow("accept failed") {
+                    tracing::warn!(error = %e, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let slot = match state.connections.admit(peer.ip()) {
+            Ok(slot) => Arc::new(slot),
+            Err(refusal) => {
+                if let Some(suppressed) = log.allow(refusal.as_str()) {
+                    tracing::warn!(%peer, reason = refusal.as_str(), suppressed, "connection refused");
+                }
+                drop(tcp);
                 continue;
             }
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let idle_timeout = state.config.idle_timeout;
+        let lifetime = state.config.max_connection_lifetime;
+        let handshake_timeout = state.config.handshake_timeout;
         tokio::spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -495,19 +755,51 @@ async fn accept_loop(
                 .ok()
                 .map(|ekm| base64::engine::general_purpose::STANDARD.encode(ekm));
             let info = ConnInfo { peer, exporter };
+            let watch = slot.clone();
+            let conn_slot = conns::ConnSlot(slot);
             let service = hyper::service::service_fn(
                 move |mut request: hyper::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(info.clone());
+                    conns::on_request_head(&conn_slot.0, &mut request);
+                    request.extensions_mut().insert(conn_slot.clone());
                     let mut router = router.clone();
                     async move { router.call(request.map(Body::new)).await }
                 },
             );
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(idle_timeout)
                 .serve_connection(TokioIo::new(tls), service)
                 .with_upgrades();
-            if let Err(e) = connection.await {
+            tokio::pin!(connection);
+            // An agent's session leaves this future when it upgrades, so
+            // the lifetime bounds everything else. A connection still not
+            // known as an API client or agent by its handshake deadline
+            // (it sent nothing, or only failed session requests) is cut.
+            let handshake_deadline =
+                tokio::time::sleep(handshake_timeout.saturating_sub(watch.age()));
+            let lifetime_over = tokio::time::sleep(lifetime);
+            tokio::pin!(handshake_deadline, lifetime_over);
+            let mut handshake_checked = false;
+            let result = loop {
+                tokio::select! {
+                    result = connection.as_mut() => break result,
+                    _ = &mut handshake_deadline, if !handshake_checked => {
+                        handshake_checked = true;
+                        if watch.kind() == conns::Kind::Handshake {
+                            tracing::debug!(%peer, "connection cut: no request within the handshake deadline");
+                            break Ok(());
+                        }
+                    }
+                    _ = &mut lifetime_over => {
+                        connection.as_mut().graceful_shutdown();
+                        break tokio::time::timeout(CLOSING_GRACE, connection.as_mut())
+                            .await
+                            .unwrap_or(Ok(()));
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

@@ -3,13 +3,13 @@
 mod people_cmd;
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use server::listen::ListenArg;
 use server::{Config, TlsSource, crypto};
 
 #[derive(Parser)]
@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: the isolation API, its OAuth authority and the agent gateway.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage the applications that call the API.
     #[command(subcommand)]
     App(AppCommand),
@@ -88,7 +88,37 @@ enum AuditCommand {
 
 #[derive(Args)]
 struct DataDir {
-    /// Directory with the database, keys and certificates.
+    /// Directory with the database, keys and certificates (made by `cordon serve`).
+    #[arg(long, env = "CORDON_DATA_DIR", default_value = "./cordon-data")]
+    pub data_dir: PathBuf,
+    /// Create the data directory and its database if they don't exist yet
+    /// (without it, a missing one is an error).
+    #[arg(long)]
+    pub init: bool,
+}
+
+impl DataDir {
+    /// Opens the data directory's store (creating it only with `--init`) and
+    /// says on standard error which directory and tenant it is, so a
+    /// command run from the wrong folder is noticed.
+    async fn open(&self) -> anyhow::Result<store::Store> {
+        let store = if self.init {
+            server::init_data_dir(&self.data_dir)?
+        } else {
+            server::open_store(&self.data_dir)?
+        };
+        let tenant_id = server::tenant_id(&store).await?;
+        eprintln!(
+            "data directory: {}, tenant: {tenant_id}",
+            server::absolute(&self.data_dir).display()
+        );
+        Ok(store)
+    }
+}
+
+#[derive(Args)]
+struct ServeDataDir {
+    /// Directory with the database, keys and certificates (created on first start).
     #[arg(long, env = "CORDON_DATA_DIR", default_value = "./cordon-data")]
     pub data_dir: PathBuf,
 }
@@ -96,12 +126,13 @@ struct DataDir {
 #[derive(Args)]
 struct ServeArgs {
     #[command(flatten)]
-    data: DataDir,
-    /// Address and port to serve HTTPS on.
+    data: ServeDataDir,
+    /// Where to serve HTTPS: IP:PORT, [IPv6]:PORT, or HOST:PORT (every address
+    /// the name resolves to), such as 0.0.0.0:8443 or localhost:8443.
     #[arg(long, env = "CORDON_LISTEN", default_value = "127.0.0.1:8443")]
-    listen: SocketAddr,
+    listen: ListenArg,
     /// Canonical base URL (the tokens' issuer), such as https://cordon.example.com:8443.
-    /// Default: https://<listen address>, with localhost for 0.0.0.0 and ::.
+    /// Default: https://<listen host>:<port>, with this machine's host name for 0.0.0.0 and ::.
     #[arg(long, env = "CORDON_PUBLIC_URL")]
     public_url: Option<String>,
     /// PEM certificate chain to serve instead of the generated one (needs --tls-key).
@@ -135,31 +166,81 @@ struct ServeArgs {
     /// Failed sign-ins after which a source address is locked out for a while (0: never).
     #[arg(long, env = "CORDON_SIGNIN_FAILURES_PER_SOURCE", default_value_t = 20)]
     signin_failures_per_source: u32,
+    /// Agent enrollment attempts a minute from one source address (0: no limit).
+    #[arg(long, env = "CORDON_ENROLL_LIMIT_PER_SOURCE", default_value_t = 30)]
+    enroll_limit_per_source: u32,
+    /// Agent enrollment attempts a minute from all sources together (0: no limit).
+    #[arg(long, env = "CORDON_ENROLL_LIMIT_TOTAL", default_value_t = 300)]
+    enroll_limit_total: u32,
+    /// Failed client authentications (wrong or unknown client id or secret
+    /// at the token endpoints) after which a client id is locked out for a while (0: never).
+    #[arg(long, env = "CORDON_CLIENT_FAILURES_PER_CLIENT", default_value_t = 10)]
+    client_failures_per_client: u32,
+    /// Failed client authentications after which a source address is locked out for a while (0: never).
+    #[arg(long, env = "CORDON_CLIENT_FAILURES_PER_SOURCE", default_value_t = 20)]
+    client_failures_per_source: u32,
+    /// Agent sessions open at once, at most (agents whose key was proved).
+    #[arg(long, env = "CORDON_MAX_AGENT_CONNECTIONS", default_value_t = 120_000)]
+    max_agent_connections: usize,
+    /// Other connections open at once, at most (API clients, sign-ins,
+    /// enrollments); they can never take the agents' share, nor agents theirs.
+    #[arg(long, env = "CORDON_MAX_API_CONNECTIONS", default_value_t = 4_096)]
+    max_api_connections: usize,
+    /// Connections not yet known as either (TLS handshake, first request,
+    /// an agent's proof of its key) at once, at most.
+    #[arg(long, env = "CORDON_MAX_HANDSHAKES", default_value_t = 1_024)]
+    max_handshakes: usize,
+    /// Connections from one source address (an IPv6 /64), agent sessions
+    /// excepted; further ones are closed at once (0: no cap).
+    #[arg(long, env = "CORDON_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 64)]
+    max_connections_per_source: usize,
+    /// How long a connection may wait before sending a request (after
+    /// opening, or between keep-alive requests).
+    #[arg(long, env = "CORDON_CONNECTION_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    connection_idle_timeout: Duration,
+    /// How long a connection other than an agent session is kept at most;
+    /// then it is closed once its request in progress is answered.
+    #[arg(long, env = "CORDON_CONNECTION_MAX_LIFETIME", default_value = "10m", value_parser = parse_duration)]
+    connection_max_lifetime: Duration,
     /// Issuer URL of an external OpenID Connect provider whose access tokens
-    /// are accepted (repeatable; each needs its --oidc-audience, in order).
-    #[arg(long = "oidc-issuer")]
+    /// are accepted (repeatable, or comma-separated; each needs its
+    /// --oidc-audience, in order).
+    #[arg(
+        long = "oidc-issuer",
+        env = "CORDON_OIDC_ISSUER",
+        value_delimiter = ','
+    )]
     oidc_issuers: Vec<String>,
     /// The audience (`aud`) the provider's tokens for Cordon carry.
-    #[arg(long = "oidc-audience")]
+    #[arg(
+        long = "oidc-audience",
+        env = "CORDON_OIDC_AUDIENCE",
+        value_delimiter = ','
+    )]
     oidc_audiences: Vec<String>,
     /// Prune audit records older than this (e.g. 365d) at start and every
     /// hour, leaving a signed checkpoint (default: keep every record).
     #[arg(long, env = "CORDON_AUDIT_RETENTION", value_parser = parse_duration)]
     audit_retention: Option<Duration>,
     /// Claim of external tokens whose values name Cordon roles.
-    #[arg(long, default_value = "roles")]
+    #[arg(long, env = "CORDON_OIDC_ROLE_CLAIM", default_value = "roles")]
     oidc_role_claim: String,
     /// Claim of external tokens whose values are user groups.
-    #[arg(long, default_value = "groups")]
+    #[arg(long, env = "CORDON_OIDC_GROUP_CLAIM", default_value = "groups")]
     oidc_group_claim: String,
     /// VALUE=ROLE: a role-claim value that grants a Cordon role (repeatable),
     /// such as soc-tier1=Viewer. With any mapping given, only mapped values grant roles;
-    /// with none, the values name Cordon roles directly.
-    #[arg(long = "oidc-role-map")]
+    /// with none, the values name Cordon roles directly. Semicolon-separated
+    /// in the environment variable (claim values may hold commas).
+    #[arg(
+        long = "oidc-role-map",
+        env = "CORDON_OIDC_ROLE_MAP",
+        value_delimiter = ';'
+    )]
     oidc_role_map: Vec<String>,
     /// PEM file of CA certificates trusted for the providers' HTTPS
     /// (besides the system's).
-    #[arg(long)]
+    #[arg(long, env = "CORDON_OIDC_CA_FILE")]
     oidc_ca_file: Option<PathBuf>,
 }
 
@@ -197,18 +278,34 @@ enum AppCommand {
 
 #[derive(Subcommand)]
 enum EnrollTokenCommand {
-    /// Create a token that agents enroll with (shown once).
+    /// Create a token that agents enroll with (shown once, with its id).
     Create {
         #[command(flatten)]
         data: DataDir,
-        /// Lifetime, such as 24h or 7d (default: no expiry).
-        #[arg(long, value_parser = parse_duration)]
-        expires_in: Option<Duration>,
-        /// How many enrollments it allows (default: no limit).
-        #[arg(long)]
-        max_uses: Option<u32>,
+        /// Lifetime, with its unit: such as 30m, 24h or 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        expires_in: Duration,
+        /// How many machines may enroll with it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        max_uses: u32,
         #[arg(long)]
         json: bool,
+    },
+    /// List the enroll tokens (never the tokens themselves): id, created,
+    /// expiry, uses left, revoked.
+    List {
+        #[command(flatten)]
+        data: DataDir,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: no machine can enroll with it any more (machines
+    /// enrolled with it stay enrolled).
+    Revoke {
+        #[command(flatten)]
+        data: DataDir,
+        /// The token's id (from `create` or `list`).
+        id: String,
     },
 }
 
@@ -293,7 +390,8 @@ fn parse_since(text: &str) -> Result<i64, String> {
     Ok(server::now_nanos().saturating_sub(i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)))
 }
 
-/// Parses `500ms`, `30s`, `10m`, `24h`, `3d` (a bare number is seconds).
+/// Parses `500ms`, `30s`, `10m`, `24h`, `3d`. The unit is required (a bare
+/// `24` meant 24 seconds to someone who meant hours) and zero is refused.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -304,24 +402,40 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("'{text}' is not a duration such as 30s, 10m, 24h or 3d"))?;
     let seconds = match unit {
-        "ms" => return Ok(Duration::from_millis(number)),
-        "" | "s" => 1,
+        "ms" => 0,
+        "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
+        "" => {
+            return Err(format!(
+                "'{text}' has no unit; say {text}s, {text}m, {text}h or {text}d"
+            ));
+        }
         _ => {
             return Err(format!(
                 "unknown unit '{unit}' in '{text}'; use ms, s, m, h or d"
             ));
         }
     };
+    if number == 0 {
+        return Err(format!("'{text}' is zero; give a positive duration"));
+    }
+    if seconds == 0 {
+        return Ok(Duration::from_millis(number));
+    }
     number
         .checked_mul(seconds)
+        .filter(|s| i64::try_from(*s).is_ok())
         .map(Duration::from_secs)
         .ok_or_else(|| format!("'{text}' is too long"))
 }
 
 fn main() -> ExitCode {
+    // Every file this process creates is private to its user: the data
+    // directory holds the token-signing key and the CA's key.
+    // SAFETY: umask only sets the process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -344,7 +458,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::App(command) => app_command(command).await,
         Command::EnrollToken(command) => enroll_token_command(command).await,
         Command::Machine(command) => machine_command(command).await,
@@ -359,7 +473,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify { data } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let checkpoint = store.audit_checkpoint().await?;
             if let Some(c) = &checkpoint {
                 let key = server::signing_key(&store).await?;
@@ -422,7 +536,7 @@ async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AuditCommand::Export { data, since } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let mut query = store::Query::<store::AuditField> {
                 filter: since.map(|at| {
                     store::Filter::Compare(
@@ -472,7 +586,7 @@ fn init_logging() {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
     let mut config = Config::new(args.data.data_dir);
-    config.listen = args.listen;
+    config.listen_host = args.listen.name().map(str::to_owned);
     config.public_url = args.public_url;
     config.tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => TlsSource::Files { cert, key },
@@ -487,6 +601,37 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.heartbeat_interval = args.heartbeat_interval;
     config.signin_failures_per_user = args.signin_failures_per_user;
     config.signin_failures_per_source = args.signin_failures_per_source;
+    config.enroll_per_source_per_minute = args.enroll_limit_per_source;
+    config.enroll_per_minute = args.enroll_limit_total;
+    config.client_failures_per_client = args.client_failures_per_client;
+    config.client_failures_per_source = args.client_failures_per_source;
+    config.connections = server::conns::Limits {
+        agents: args.max_agent_connections,
+        api: args.max_api_connections,
+        handshakes: args.max_handshakes,
+        per_source: args.max_connections_per_source,
+    };
+    for (flag, value) in [
+        ("--max-agent-connections", args.max_agent_connections),
+        ("--max-api-connections", args.max_api_connections),
+        ("--max-handshakes", args.max_handshakes),
+    ] {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if args.connection_idle_timeout.is_zero()
+        || args.connection_idle_timeout > Duration::from_secs(86_400)
+    {
+        bail!("--connection-idle-timeout must be between 1ms and 24h");
+    }
+    if args.connection_max_lifetime.is_zero()
+        || args.connection_max_lifetime > Duration::from_secs(30 * 86_400)
+    {
+        bail!("--connection-max-lifetime must be between 1ms and 30d");
+    }
+    config.idle_timeout = args.connection_idle_timeout;
+    config.max_connection_lifetime = args.connection_max_lifetime;
     config.audit_retention = args.audit_retention.filter(|r| !r.is_zero());
     if args.oidc_issuers.len() != args.oidc_audiences.len() {
         bail!("give one --oidc-audience for each --oidc-issuer, in the same order");
@@ -513,10 +658,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     {
         bail!("--public-url must start with https://");
     }
-    let running = server::start(config).await?;
+    let listeners = args.listen.bind()?;
+    config.listen = listeners[0].local_addr()?;
+    let self_signed = matches!(config.tls, TlsSource::SelfSigned { .. });
+    let guessed_url = config.public_url.is_none()
+        && args.listen.name().is_none()
+        && config.listen.ip().is_unspecified();
+    let running = server::start_with(config, listeners).await?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "Cordon is serving on https://{}", running.local_addr)?;
+    for addr in &running.listen_addrs {
+        writeln!(out, "Cordon is serving on https://{addr}")?;
+    }
     writeln!(out, "  URL:       {}", running.public_url)?;
+    if self_signed {
+        writeln!(out, "  TLS names: {}", running.tls_names.join(", "))?;
+    }
+    if guessed_url {
+        let port = running.local_addr.port();
+        if self_signed {
+            writeln!(
+                out,
+                "  Note:      serving every address, under this machine's host name. Clients must \
+                 use one of the TLS names; add a name with --tls-san NAME, and give the URL \
+                 clients use with --public-url https://NAME:{port}."
+            )?;
+        } else {
+            writeln!(
+                out,
+                "  Note:      serving every address, under this machine's host name. Give the URL \
+                 clients use (a name your certificate carries) with --public-url https://NAME:{port}."
+            )?;
+        }
+    }
     writeln!(out, "  Tenant id: {}", running.tenant_id)?;
     writeln!(
         out,
@@ -568,7 +741,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             if name.is_empty() || name.chars().count() > 200 {
                 bail!("--name must be 1 to 200 characters");
             }
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let tenant_id = server::tenant_id(&store).await?;
             let client_id = crypto::new_guid();
             let secret = crypto::new_secret();
@@ -582,7 +755,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
                 .create_app(store::App {
                     client_id: client_id.clone(),
                     name: name.clone(),
-                    secret_hash: crypto::hash_secret(&secret),
+                    secret_hash: crypto::hash_client_secret(&secret),
                     permissions: unique.clone(),
                     created_at: server::now_nanos(),
                 })
@@ -605,7 +778,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AppCommand::List { data, json } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let apps = store.list_apps().await?;
             if json {
                 let list: Vec<_> = apps
@@ -628,7 +801,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AppCommand::Delete { data, client_id } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             match store.delete_app(&client_id).await {
                 Ok(()) => {
                     server::audit::record_command(&store, "app.delete", &client_id).await?;
@@ -645,64 +818,122 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
 }
 
 async fn enroll_token_command(command: EnrollTokenCommand) -> anyhow::Result<()> {
-    let EnrollTokenCommand::Create {
-        data,
-        expires_in,
-        max_uses,
-        json,
-    } = command;
-    if max_uses == Some(0) {
-        bail!("--max-uses must be at least 1");
-    }
-    let store = server::open_store(&data.data_dir)?;
-    server::tenant_id(&store).await?;
-    let token = crypto::new_secret();
-    let now = server::now_nanos();
-    let expires_at = match expires_in {
-        Some(d) => Some(
-            i64::try_from(d.as_nanos())
+    match command {
+        EnrollTokenCommand::Create {
+            data,
+            expires_in,
+            max_uses,
+            json,
+        } => {
+            let store = data.open().await?;
+            let token = crypto::new_secret();
+            let id = crypto::new_guid();
+            let now = server::now_nanos();
+            let expires_at = i64::try_from(expires_in.as_nanos())
                 .ok()
                 .and_then(|n| now.checked_add(n))
-                .context("--expires-in is too long")?,
-        ),
-        None => None,
-    };
-    store
-        .create_enroll_token(store::EnrollToken {
-            id: crypto::new_guid(),
-            token_hash: crypto::sha256_hex(token.as_bytes()),
-            created_at: now,
-            expires_at,
-            max_uses: max_uses.map(i64::from),
-        })
-        .await?;
-    // Named by its hash's first characters: the token itself is a secret.
-    let token_hash = crypto::sha256_hex(token.as_bytes());
-    server::audit::record_command(&store, "enroll-token.create", &token_hash[..12]).await?;
-    if json {
-        let created = proto::cli::EnrollTokenCreated {
-            token,
-            expires: expires_at.map(proto::time::format_utc),
-            max_uses: max_uses.map(i64::from),
-        };
-        println!("{}", serde_json::to_string(&created)?);
-    } else {
-        println!("Enroll token: {token}");
-        if let Some(at) = expires_at {
-            println!("  Expires: {}", proto::time::format_utc(at));
+                .context("--expires-in is too long")?;
+            store
+                .create_enroll_token(store::EnrollToken {
+                    id: id.clone(),
+                    token_hash: crypto::sha256_hex(token.as_bytes()),
+                    created_at: now,
+                    expires_at: Some(expires_at),
+                    max_uses: Some(i64::from(max_uses)),
+                })
+                .await?;
+            server::audit::record_command(&store, "enroll-token.create", &id).await?;
+            if json {
+                let created = proto::cli::EnrollTokenCreated {
+                    id,
+                    token,
+                    expires: Some(proto::time::format_utc(expires_at)),
+                    max_uses: Some(i64::from(max_uses)),
+                };
+                println!("{}", serde_json::to_string(&created)?);
+            } else {
+                println!("Enroll token: {token}");
+                println!("  Id:      {id}");
+                println!("  Expires: {}", proto::time::format_utc(expires_at));
+                println!("  Uses:    {max_uses}");
+                println!(
+                    "The token is shown only now; `cordon enroll-token revoke {id}` withdraws it."
+                );
+            }
+            Ok(())
         }
-        if let Some(n) = max_uses {
-            println!("  Uses:    {n}");
+        EnrollTokenCommand::List { data, json } => {
+            let store = data.open().await?;
+            let now = server::now_nanos();
+            let list: Vec<_> = store
+                .list_enroll_tokens()
+                .await?
+                .into_iter()
+                .map(|t| {
+                    let uses_left = t.max_uses.map(|m| (m - t.uses).max(0));
+                    let status = if t.revoked_at.is_some() {
+                        "Revoked"
+                    } else if t.expires_at.is_some_and(|e| e <= now) {
+                        "Expired"
+                    } else if uses_left == Some(0) {
+                        "UsedUp"
+                    } else {
+                        "Active"
+                    };
+                    proto::cli::EnrollTokenSummary {
+                        id: t.id,
+                        created: proto::time::format_utc(t.created_at),
+                        expires: t.expires_at.map(proto::time::format_utc),
+                        max_uses: t.max_uses,
+                        uses: t.uses,
+                        uses_left,
+                        revoked: t.revoked_at.map(proto::time::format_utc),
+                        status: status.to_owned(),
+                    }
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else if list.is_empty() {
+                println!("No enroll tokens.");
+            } else {
+                for t in list {
+                    let left = t
+                        .uses_left
+                        .map_or("unlimited".to_owned(), |n| n.to_string());
+                    println!(
+                        "{}  {}  created {}  expires {}  uses left {left}",
+                        t.id,
+                        t.status,
+                        t.created,
+                        t.expires.as_deref().unwrap_or("never"),
+                    );
+                }
+            }
+            Ok(())
         }
-        println!("The token is shown only now.");
+        EnrollTokenCommand::Revoke { data, id } => {
+            let store = data.open().await?;
+            let id = id.trim().to_ascii_lowercase();
+            match store.revoke_enroll_token(&id, server::now_nanos()).await {
+                Ok(_) => {
+                    server::audit::record_command(&store, "enroll-token.revoke", &id).await?;
+                    println!("Revoked enroll token {id}; no machine can enroll with it any more.");
+                    Ok(())
+                }
+                Err(store::StoreError::NotFound) => {
+                    bail!("no enroll token has id '{id}' (`cordon enroll-token list` shows them)")
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
     }
-    Ok(())
 }
 
 async fn machine_command(command: MachineCommand) -> anyhow::Result<()> {
     match command {
         MachineCommand::List { data, json } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let page = store
                 .list_machines(store::Query::default(), store::SqlContext::default())
                 .await?;
@@ -734,7 +965,7 @@ async fn machine_command(command: MachineCommand) -> anyhow::Result<()> {
             Ok(())
         }
         MachineCommand::Revoke { data, machine_id } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             match store.revoke_machine(&machine_id.to_ascii_lowercase()).await {
                 Ok(()) => {
                     let machine_id = machine_id.to_ascii_lowercase();
@@ -782,7 +1013,7 @@ async fn exclusion_command(command: ExclusionCommand) -> anyhow::Result<()> {
                 remote_ports: list(remote_ports),
             })
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let rule = exclusions::create_rule(&store, fields)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
@@ -798,7 +1029,7 @@ async fn exclusion_command(command: ExclusionCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ExclusionCommand::List { data, json } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let rules = store.list_exclusion_rules().await?;
             if json {
                 let list: Vec<_> = rules.iter().map(exclusions::entity).collect();
@@ -813,7 +1044,7 @@ async fn exclusion_command(command: ExclusionCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ExclusionCommand::Remove { data, name_or_id } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let by_id = if crypto::is_guid(&name_or_id) {
                 store
                     .get_exclusion_rule(&name_or_id.to_ascii_lowercase())
@@ -876,8 +1107,11 @@ mod tests {
         assert_eq!(parse_duration("3d"), Ok(Duration::from_secs(259_200)));
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        // `--expires-in 24` once meant 24 seconds; `0s` made a dead token.
+        assert!(parse_duration("24").unwrap_err().contains("no unit"));
+        assert!(parse_duration("0s").unwrap_err().contains("zero"));
+        assert!(parse_duration("0ms").is_err());
         assert!(parse_duration("3x").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());

@@ -226,7 +226,7 @@ pub async fn user_command(command: UserCommand) -> anyhow::Result<()> {
                 None => upn.clone(),
             };
             let groups = user_groups(groups)?;
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let Some(role) = rbac::resolve_role(&store, &role).await? else {
                 bail!("there is no role named '{role}'; see `cordon role list`");
             };
@@ -275,7 +275,7 @@ pub async fn user_command(command: UserCommand) -> anyhow::Result<()> {
             Ok(())
         }
         UserCommand::List { data, json } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let users = store.list_users().await?;
             if json {
                 let list: Vec<_> = users
@@ -310,7 +310,7 @@ pub async fn user_command(command: UserCommand) -> anyhow::Result<()> {
         }
         UserCommand::Delete { data, name } => {
             let name = name.get();
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             store
                 .delete_user(&name)
                 .await
@@ -329,7 +329,7 @@ pub async fn user_command(command: UserCommand) -> anyhow::Result<()> {
                 bail!("give the new password on standard input with --password-stdin");
             }
             let password = read_password()?;
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             store
                 .set_user_password(&name, crypto::hash_secret(&password))
                 .await
@@ -344,7 +344,7 @@ pub async fn user_command(command: UserCommand) -> anyhow::Result<()> {
 }
 
 async fn set_disabled(data: DataDir, name: &str, disabled: bool) -> anyhow::Result<()> {
-    let store = server::open_store(&data.data_dir)?;
+    let store = data.open().await?;
     store
         .set_user_disabled(name, disabled)
         .await
@@ -391,7 +391,7 @@ pub async fn role_command(command: RoleCommand) -> anyhow::Result<()> {
                     granted.push(p);
                 }
             }
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             store
                 .create_role(store::RoleRecord {
                     name: name.clone(),
@@ -416,7 +416,7 @@ pub async fn role_command(command: RoleCommand) -> anyhow::Result<()> {
             Ok(())
         }
         RoleCommand::List { data, json } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let mut roles: Vec<(String, Vec<&'static str>, bool)> = rbac::BUILTIN_ROLES
                 .iter()
                 .filter_map(|n| rbac::builtin_role(n))
@@ -454,7 +454,7 @@ pub async fn role_command(command: RoleCommand) -> anyhow::Result<()> {
             if rbac::builtin_role(&name).is_some() {
                 bail!("'{name}' is a built-in role and cannot be deleted");
             }
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             store.delete_role(&name).await.map_err(|e| match e {
                 StoreError::NotFound => anyhow::anyhow!("there is no custom role named '{name}'"),
                 StoreError::Conflict(holder) => {
@@ -497,7 +497,7 @@ pub async fn group_command(command: GroupCommand) -> anyhow::Result<()> {
                 bail!("a group needs a rule: --match-tag, --match-name-prefix or --match-os");
             }
             let groups = user_groups(groups)?;
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let group = store
                 .create_group(store::NewGroup {
                     name: name.clone(),
@@ -523,7 +523,7 @@ pub async fn group_command(command: GroupCommand) -> anyhow::Result<()> {
             Ok(())
         }
         GroupCommand::List { data, json } => {
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             let groups = store.list_groups().await?;
             if json {
                 let mut list: Vec<_> = groups
@@ -575,7 +575,7 @@ pub async fn group_command(command: GroupCommand) -> anyhow::Result<()> {
         }
         GroupCommand::Delete { data, name } => {
             let name = name.get();
-            let store = server::open_store(&data.data_dir)?;
+            let store = data.open().await?;
             store
                 .delete_group(&name)
                 .await

@@ -117,10 +117,11 @@ impl fmt::Debug for TlsMaterial {
 /// # Errors
 ///
 /// When `names` is empty or holds something that is neither a DNS name nor an
-/// IP address; when a file cannot be read or written; and when `ca.pem`
-/// exists without its `ca-key.pem`, or with a key that does not match (the CA
-/// is never silently replaced: delete `ca.pem` to have a new CA made, which
-/// clients must then trust anew).
+/// IP address; when a file cannot be read or written; and when the set of
+/// files is partial: `ca.pem` without its `ca-key.pem` or the reverse, a key
+/// that does not match, or a server certificate without any CA. The CA and
+/// its key are never replaced or overwritten (every enrolled agent trusts
+/// only that CA): the error says what is missing and how to recover.
 pub fn ensure_self_signed(data_dir: &Path, names: &[String]) -> Result<TlsMaterial> {
     let wanted = WantedNames::parse(names)?;
     fs::create_dir_all(data_dir)
@@ -361,11 +362,36 @@ struct Ca {
 fn load_or_create_ca(data_dir: &Path, now: i64) -> Result<Ca> {
     let cert_path = data_dir.join(CA_CERT_FILE);
     let key_path = data_dir.join(CA_KEY_FILE);
-    if !cert_path.exists() {
-        // A key without a certificate can only be left over from an
-        // interrupted first start (the key is written first), and nobody can
-        // trust a CA whose certificate was never written: start over.
+    let present = |name: &str| data_dir.join(name).symlink_metadata().is_ok();
+    let (has_cert, has_key) = (present(CA_CERT_FILE), present(CA_KEY_FILE));
+    if !has_cert && !has_key {
+        // A server certificate without its CA was issued by a CA that is
+        // gone: the enrolled agents trust that one, and only that one.
+        if let Some(left) = [SERVER_CERT_FILE, SERVER_KEY_FILE]
+            .into_iter()
+            .find(|name| present(name))
+        {
+            bail!(
+                "{} holds {left} but no CA ({CA_CERT_FILE}, {CA_KEY_FILE}): the CA that the \
+                 enrolled agents trust is missing. Restore {CA_CERT_FILE} and {CA_KEY_FILE} \
+                 from a backup. Only if you accept that every enrolled agent loses this \
+                 server (and must be enrolled again), move {left} away to have a new CA made.",
+                data_dir.display()
+            );
+        }
         create_ca(&cert_path, &key_path, now)?;
+    } else if !has_cert {
+        bail!(
+            "the CA certificate {} is missing but its key {} is there; the CA is never \
+             replaced on its own, because every enrolled agent trusts only this CA. Restore \
+             {CA_CERT_FILE} from a backup (or copy it back from an agent's state directory, \
+             where it is kept as ca.pem). Only if you accept that every enrolled agent loses \
+             this server (and must be enrolled again), move {CA_KEY_FILE}, {SERVER_CERT_FILE} \
+             and {SERVER_KEY_FILE} out of {} to have a new CA made.",
+            cert_path.display(),
+            key_path.display(),
+            data_dir.display()
+        );
     }
 
     let cert_pem = fs::read(&cert_path)
@@ -375,11 +401,13 @@ fn load_or_create_ca(data_dir: &Path, now: i64) -> Result<Ca> {
     let key_pem = match fs::read(&key_path) {
         Ok(pem) => pem,
         Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
-            "the CA certificate {} exists but its key {} is missing; restore the key, or \
-             delete {} to have a new CA created (clients must then trust the new one)",
+            "the CA certificate {} exists but its key {} is missing; restore the key from a \
+             backup. Only if you accept that every enrolled agent loses this server (and must \
+             be enrolled again), move {CA_CERT_FILE}, {SERVER_CERT_FILE} and {SERVER_KEY_FILE} \
+             out of {} to have a new CA made.",
             cert_path.display(),
             key_path.display(),
-            cert_path.display()
+            data_dir.display()
         ),
         Err(e) => {
             return Err(e).with_context(|| format!("cannot read CA key {}", key_path.display()));
@@ -400,9 +428,10 @@ fn load_or_create_ca(data_dir: &Path, now: i64) -> Result<Ca> {
     if cert.not_after <= now {
         warn!(
             path = %cert_path.display(),
-            "the CA certificate has expired; delete {} and {} to have a new CA created",
-            cert_path.display(),
-            key_path.display()
+            "the CA certificate has expired; move {CA_CERT_FILE}, {CA_KEY_FILE}, \
+             {SERVER_CERT_FILE} and {SERVER_KEY_FILE} out of {} to have a new CA created \
+             (every agent must then be enrolled again)",
+            data_dir.display()
         );
     } else if cert.not_after <= now.saturating_add(secs(RENEW_BEFORE)) {
         warn!(path = %cert_path.display(), "the CA certificate expires within 30 days");
@@ -446,8 +475,9 @@ fn create_ca(cert_path: &Path, key_path: &Path, now: i64) -> Result<()> {
         .self_signed(&key)
         .context("cannot create the CA certificate")?;
 
-    write_atomically(key_path, key.serialize_pem().as_bytes(), true)?;
-    write_atomically(cert_path, cert.pem().as_bytes(), false)?;
+    // Never over an existing file: key material is never replaced.
+    create_atomically(key_path, key.serialize_pem().as_bytes())?;
+    create_atomically(cert_path, cert.pem().as_bytes())?;
     info!(
         path = %cert_path.display(),
         "created a new CA; clients must trust this file to connect"
@@ -568,13 +598,8 @@ fn issue_server_cert(
     write_atomically(
         &data_dir.join(SERVER_KEY_FILE),
         key.serialize_pem().as_bytes(),
-        true,
     )?;
-    write_atomically(
-        &data_dir.join(SERVER_CERT_FILE),
-        cert.pem().as_bytes(),
-        false,
-    )?;
+    write_atomically(&data_dir.join(SERVER_CERT_FILE), cert.pem().as_bytes())?;
     let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
     Ok((cert.der().clone(), key_der))
 }
@@ -589,8 +614,26 @@ fn key_pair_from_pem(pem: &[u8]) -> Result<KeyPair> {
 
 /// Writes `contents` to `path` through a temporary file in the same directory
 /// (fsynced, then renamed over `path`), so readers see the old or the new
-/// file, never a partial one. Secret files are created with mode 0600.
-fn write_atomically(path: &Path, contents: &[u8], secret: bool) -> Result<()> {
+/// file, never a partial one. Files are created with mode 0600 (certificates
+/// too: the owner, who runs the server, copies `ca.pem` to clients).
+fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+    write_through_temporary(path, contents, |tmp, path| fs::rename(tmp, path))
+}
+
+/// Like [`write_atomically`], but fails if `path` exists already: it is
+/// never replaced (the temporary file is hard-linked, not renamed, into place).
+fn create_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+    write_through_temporary(path, contents, |tmp, path| {
+        fs::hard_link(tmp, path)?;
+        fs::remove_file(tmp)
+    })
+}
+
+fn write_through_temporary(
+    path: &Path,
+    contents: &[u8],
+    put_in_place: impl FnOnce(&Path, &Path) -> io::Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -613,13 +656,13 @@ fn write_atomically(path: &Path, contents: &[u8], secret: bool) -> Result<()> {
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;
-            options.mode(if secret { 0o600 } else { 0o644 });
+            options.mode(0o600);
         }
         let mut file = options.open(&tmp)?;
         file.write_all(contents)?;
         file.sync_all()?;
         drop(file);
-        fs::rename(&tmp, path)?;
+        put_in_place(&tmp, path)?;
         // Make the rename itself durable.
         #[cfg(unix)]
         fs::File::open(dir)?.sync_all()?;
@@ -628,8 +671,6 @@ fn write_atomically(path: &Path, contents: &[u8], secret: bool) -> Result<()> {
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    #[cfg(not(unix))]
-    let _ = secret;
     result.with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -1292,12 +1333,15 @@ mod tests {
         let wanted = names(&["localhost"]);
         ensure_self_signed(dir.path(), &wanted).unwrap();
 
-        // A new CA (the operator deleted the old one): the server certificate
-        // must be reissued from it.
+        // A new CA (the operator replaced the old one with another): the
+        // server certificate must be reissued from it.
         let old_ca = dir.read(CA_CERT_FILE);
         let old_server = dir.read(SERVER_CERT_FILE);
-        fs::remove_file(dir.file(CA_CERT_FILE)).unwrap();
-        fs::remove_file(dir.file(CA_KEY_FILE)).unwrap();
+        let other = TempDir::new("other-ca");
+        ensure_self_signed(other.path(), &wanted).unwrap();
+        for file in [CA_CERT_FILE, CA_KEY_FILE] {
+            fs::copy(other.file(file), dir.file(file)).unwrap();
+        }
         ensure_self_signed(dir.path(), &wanted).unwrap();
         assert_ne!(dir.read(CA_CERT_FILE), old_ca);
         assert_ne!(dir.read(SERVER_CERT_FILE), old_server);
@@ -1306,12 +1350,7 @@ mod tests {
         // A server key that does not match the certificate.
         let old_server = dir.read(SERVER_CERT_FILE);
         let stray = KeyPair::generate().unwrap();
-        write_atomically(
-            &dir.file(SERVER_KEY_FILE),
-            stray.serialize_pem().as_bytes(),
-            true,
-        )
-        .unwrap();
+        write_atomically(&dir.file(SERVER_KEY_FILE), stray.serialize_pem().as_bytes()).unwrap();
         ensure_self_signed(dir.path(), &wanted).unwrap();
         assert_ne!(dir.read(SERVER_CERT_FILE), old_server);
         assert_chains_to_ca(&dir);
@@ -1335,6 +1374,67 @@ mod tests {
         assert!(msg.contains("ca-key.pem"), "{msg}");
         // The CA certificate is left alone.
         assert_eq!(dir.read(CA_CERT_FILE), ca_before);
+    }
+
+    /// Deleting `ca.pem` once made the server create a new CA over the old
+    /// key: every enrolled agent then lost the server for good.
+    #[test]
+    fn a_partial_ca_stops_start_up_and_no_key_is_overwritten() {
+        let dir = TempDir::new("partial");
+        let wanted = names(&["localhost"]);
+        ensure_self_signed(dir.path(), &wanted).unwrap();
+        let before: Vec<_> = [CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE]
+            .map(|f| dir.read(f))
+            .into();
+
+        fs::remove_file(dir.file(CA_CERT_FILE)).unwrap();
+        let msg = format!("{:#}", ensure_self_signed(dir.path(), &wanted).unwrap_err());
+        assert!(
+            msg.contains("ca.pem") && msg.contains("is missing"),
+            "{msg}"
+        );
+        assert!(msg.contains("backup"), "{msg}");
+        assert!(!dir.file(CA_CERT_FILE).exists());
+        let after: Vec<_> = [CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE]
+            .map(|f| dir.read(f))
+            .into();
+        assert_eq!(after, before, "key material was rewritten");
+
+        // Both CA files gone, the server certificate of the lost CA left.
+        fs::remove_file(dir.file(CA_KEY_FILE)).unwrap();
+        let msg = format!("{:#}", ensure_self_signed(dir.path(), &wanted).unwrap_err());
+        assert!(
+            msg.contains("server.pem") && msg.contains("backup"),
+            "{msg}"
+        );
+        assert!(!dir.file(CA_CERT_FILE).exists() && !dir.file(CA_KEY_FILE).exists());
+
+        // Moved away deliberately: a new CA.
+        fs::remove_file(dir.file(SERVER_CERT_FILE)).unwrap();
+        fs::remove_file(dir.file(SERVER_KEY_FILE)).unwrap();
+        ensure_self_signed(dir.path(), &wanted).unwrap();
+        assert_chains_to_ca(&dir);
+    }
+
+    #[test]
+    fn an_existing_file_is_never_overwritten_by_create() {
+        let dir = TempDir::new("create-new");
+        fs::write(dir.file("ca-key.pem"), b"old key").unwrap();
+        assert!(create_atomically(&dir.file("ca-key.pem"), b"new key").is_err());
+        assert_eq!(dir.read("ca-key.pem"), b"old key");
+        create_atomically(&dir.file("fresh.pem"), b"fresh").unwrap();
+        assert_eq!(dir.read("fresh.pem"), b"fresh");
+        let leftovers = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".tmp-")
+            })
+            .count();
+        assert_eq!(leftovers, 0);
     }
 
     #[test]

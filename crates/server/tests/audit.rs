@@ -577,7 +577,7 @@ async fn audit_prune_leaves_a_signed_checkpoint_that_verify_starts_from() {
 async fn the_server_prunes_records_past_the_audit_retention() {
     let dir = TempDir::new("retention");
     {
-        let store = server::open_store(&dir.0).unwrap();
+        let store = server::init_data_dir(&dir.0).unwrap();
         for n in 0..5 {
             store
                 .append_audit(store::NewAuditEvent {

@@ -51,11 +51,18 @@ fn serve(data_dir: &Path) -> Served {
 }
 
 fn serve_on(data_dir: &Path, port: u16) -> Served {
+    serve_with(data_dir, port, &[])
+}
+
+/// `cordon serve` with extra arguments.
+fn serve_with(data_dir: &Path, port: u16, extra: &[&str]) -> Served {
     let mut child = cordon()
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .env("CORDON_DATA_DIR", data_dir)
         .env("CORDON_RATE_LIMIT_PER_MINUTE", "0")
         .env("CORDON_RATE_LIMIT_PER_HOUR", "0")
+        .env("CORDON_ENROLL_LIMIT_PER_SOURCE", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -110,17 +117,27 @@ async fn token(url: &str, ca: &Path, app: &Value) -> String {
 fn serve_help_documents_every_environment_variable() {
     let output = cordon().args(["serve", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
-    for var in [
-        "CORDON_DATA_DIR",
-        "CORDON_LISTEN",
-        "CORDON_PUBLIC_URL",
-        "CORDON_TLS_CERT",
-        "CORDON_TLS_KEY",
-        "CORDON_TLS_SAN",
-        "CORDON_ACTION_EXPIRY",
-        "CORDON_RATE_LIMIT_PER_MINUTE",
-        "CORDON_RATE_LIMIT_PER_HOUR",
-    ] {
+    // Each option's block of the long help, from its `--flag` line to the next.
+    let mut blocks: Vec<String> = Vec::new();
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("--") || trimmed.starts_with("-h") {
+            blocks.push(String::new());
+        }
+        if let Some(block) = blocks.last_mut() {
+            block.push_str(line);
+            block.push('\n');
+        }
+    }
+    let options: Vec<&String> = blocks.iter().filter(|b| !b.contains("--help")).collect();
+    assert!(options.len() >= 15, "{help}");
+    for block in options {
+        assert!(
+            block.contains("[env: CORDON_"),
+            "no environment variable:\n{block}"
+        );
+    }
+    for var in ["CORDON_DATA_DIR", "CORDON_LISTEN", "CORDON_OIDC_ISSUER"] {
         assert!(help.contains(var), "{var} missing from:\n{help}");
     }
     let output = cordon()
@@ -133,6 +150,179 @@ fn serve_help_documents_every_environment_variable() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("https://"));
+}
+
+/// Runs `cordon serve --listen LISTEN` on `data_dir`; returns the process
+/// and what it printed up to the CA file's line.
+fn serve_listen(data_dir: &Path, listen: &str) -> (Served, String) {
+    let mut child = cordon()
+        .args(["serve", "--listen", listen])
+        .env("CORDON_DATA_DIR", data_dir)
+        .env_remove("CORDON_PUBLIC_URL")
+        .env_remove("CORDON_TLS_SAN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("CA file:") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let url = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("URL:"))
+        .unwrap_or_else(|| panic!("no URL in {printed}"))
+        .trim()
+        .to_owned();
+    (Served { child, url }, printed)
+}
+
+/// A TLS handshake with the server on 127.0.0.1:`port`, verifying its
+/// certificate for `name` against the CA.
+async fn handshake(ca: &Path, port: u16, name: &str) -> Result<(), String> {
+    let config = agent::https::tls_config(ca).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(server_name, tcp)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_and_url_fit_the_listen_address() {
+    let dir = TempDir::new("listen");
+    let data = dir.0.join("data");
+    let ca = data.join("ca.pem");
+    let port = free_port();
+    let host = server::listen::host_name();
+
+    let (served, _) = serve_listen(&data, &format!("127.0.0.1:{port}"));
+    assert_eq!(served.url, format!("https://127.0.0.1:{port}"));
+    if let Some(host) = &host {
+        assert!(handshake(&ca, port, host).await.is_err(), "{host}");
+    }
+    drop(served);
+    let ca_files = (
+        std::fs::read(&ca).unwrap(),
+        std::fs::read(data.join("ca-key.pem")).unwrap(),
+    );
+    let first_cert = std::fs::read(data.join("server.pem")).unwrap();
+
+    // Every address: the host name and each local address, from the same CA.
+    let (served, printed) = serve_listen(&data, &format!("0.0.0.0:{port}"));
+    let host = host.unwrap_or_else(|| "localhost".into());
+    assert_eq!(served.url, format!("https://{host}:{port}"), "{printed}");
+    assert!(
+        printed.contains("--tls-san") && printed.contains("--public-url"),
+        "{printed}"
+    );
+    handshake(&ca, port, &host).await.unwrap();
+    handshake(&ca, port, "localhost").await.unwrap();
+    let locals = server::listen::local_addresses("0.0.0.0".parse().unwrap());
+    assert!(!locals.is_empty());
+    for ip in locals {
+        assert!(printed.contains(&ip.to_string()), "{ip}: {printed}");
+        handshake(&ca, port, &ip.to_string()).await.unwrap();
+    }
+    drop(served);
+    assert_eq!(
+        (
+            std::fs::read(&ca).unwrap(),
+            std::fs::read(data.join("ca-key.pem")).unwrap()
+        ),
+        ca_files,
+        "the CA is kept"
+    );
+    assert_ne!(std::fs::read(data.join("server.pem")).unwrap(), first_cert);
+
+    // A host name: served on what it resolves to, under that name.
+    let (served, printed) = serve_listen(&data, &format!("localhost:{port}"));
+    assert_eq!(served.url, format!("https://localhost:{port}"), "{printed}");
+    let mut http =
+        agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &served.url).unwrap();
+    let reply = http
+        .request(http::Method::GET, "/api/machines", &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 401);
+}
+
+#[test]
+fn a_listen_address_that_is_not_host_and_port_is_refused_clearly() {
+    for (listen, expect) in [
+        ("localhost", "use HOST:PORT"),
+        ("localhost:99999", "is not a port"),
+        ("::1:8443", "brackets"),
+        ("no such host:8443", "use HOST:PORT"),
+    ] {
+        let output = cordon()
+            .args(["serve", "--listen", listen])
+            .env(
+                "CORDON_DATA_DIR",
+                std::env::temp_dir().join("cordon-unused"),
+            )
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{listen}");
+        let error = String::from_utf8_lossy(&output.stderr);
+        assert!(error.contains(expect), "{listen}: {error}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_logged_under_the_request_target() {
+    let dir = TempDir::new("reqlog");
+    let log = dir.0.join("serve.log");
+    let port = free_port();
+    let mut child = cordon()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("CORDON_DATA_DIR", dir.0.join("data"))
+        .env("CORDON_LOG", "info")
+        .env_remove("CORDON_LOG_FORMAT")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let ca = dir.0.join("data").join("ca.pem");
+    let url = format!("https://localhost:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let served = loop {
+        if ca.exists()
+            && let Ok(mut http) =
+                agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &url)
+            && let Ok(reply) = http
+                .request(http::Method::GET, "/api/machines", &[], Vec::new())
+                .await
+        {
+            assert_eq!(reply.status, 401);
+            let text = std::fs::read_to_string(&log).unwrap();
+            if let Some(line) = text.lines().find(|l| l.contains("served")) {
+                break line.to_owned();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(served.contains("cordon::request"), "{served}");
+    assert!(!served.contains("server::error"), "{served}");
+    assert!(served.contains("status=401"), "{served}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +445,15 @@ async fn acknowledged_actions_survive_a_sigkill() {
         "Machine.Read.All",
         "--json",
     ]);
-    let enroll = run_json(&["enroll-token", "create", "--data-dir", &data, "--json"]);
+    let enroll = run_json(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--max-uses",
+        "40",
+        "--json",
+    ]);
     let mut machines = Vec::new();
     let mut states = Vec::new();
     for i in 0..40 {
@@ -478,4 +676,337 @@ async fn exclusion_commands_reach_connected_agents() {
     assert_eq!(next_exclusions(&mut session).await, (4, vec![]));
     let stderr = run_fails(&["exclusion", "remove", "--data-dir", &data, "Backups"]);
     assert!(stderr.contains("no exclusion rule"), "{stderr}");
+}
+
+/// The mode bits of `path`.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// `cordon.db` holds the token-signing key: with a 0755 directory and 0644
+/// files any local user could read it and mint tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_and_its_files_are_private() {
+    let parent = TempDir::new("modes");
+    let fresh = parent.0.join("fresh");
+    let served = serve(&fresh);
+    let data = fresh.to_str().unwrap().to_owned();
+    run_json(&["app", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(mode(&fresh), 0o700);
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&fresh).unwrap() {
+        let entry = entry.unwrap();
+        names.push(entry.file_name().to_string_lossy().into_owned());
+        assert_eq!(mode(&entry.path()), 0o600, "{:?}", entry.path());
+    }
+    for expected in [
+        "cordon.db",
+        "cordon.db-wal",
+        "ca.pem",
+        "ca-key.pem",
+        "server-key.pem",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
+    drop(served);
+
+    // Found looser (an older version, a restored backup): fixed at start.
+    use std::os::unix::fs::PermissionsExt;
+    let loose = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    loose(&fresh, 0o755);
+    loose(&fresh.join("cordon.db"), 0o644);
+    loose(&fresh.join("ca-key.pem"), 0o644);
+    let _served = serve(&fresh);
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&fresh.join("cordon.db")), 0o600);
+    assert_eq!(mode(&fresh.join("ca-key.pem")), 0o600);
+}
+
+/// Admin commands run from the wrong folder once made a new, empty tenant
+/// and exited 0.
+#[test]
+fn admin_commands_never_create_a_data_directory() {
+    let parent = TempDir::new("no-implicit");
+    let missing = parent.0.join("typo");
+    let missing_text = missing.to_str().unwrap().to_owned();
+    let stderr = run_fails(&["app", "list", "--data-dir", &missing_text]);
+    assert!(stderr.contains(&missing_text), "{stderr}");
+    assert!(stderr.contains("cordon serve --data-dir"), "{stderr}");
+    assert!(!missing.exists(), "the command created {missing:?}");
+
+    // A directory that is not Cordon's (no database): refused, left alone.
+    let stderr = run_fails(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &parent.0.to_string_lossy(),
+    ]);
+    assert!(stderr.contains("no cordon.db"), "{stderr}");
+    assert!(!parent.0.join("cordon.db").exists());
+
+    // --init creates it; every command says which directory and tenant it used.
+    let output = cordon()
+        .args([
+            "app",
+            "list",
+            "--init",
+            "--json",
+            "--data-dir",
+            &missing_text,
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&output.stdout).unwrap(),
+        serde_json::json!([])
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with(&format!("data directory: {missing_text}, tenant: ")),
+        "{stderr}"
+    );
+    assert_eq!(mode(&missing), 0o700);
+    assert_eq!(mode(&missing.join("cordon.db")), 0o600);
+    let again = cordon()
+        .args(["app", "list", "--data-dir", &missing_text])
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(String::from_utf8_lossy(&again.stderr), stderr);
+}
+
+/// A second `cordon serve` on a data directory another one serves.
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    let dir = TempDir::new("locked");
+    let served = serve(&dir.0);
+    let output = cordon()
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .env("CORDON_DATA_DIR", &dir.0)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("already serving"), "{stderr}");
+    assert!(stderr.contains(&dir.0.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(&format!("PID {}", served.child.id())),
+        "{stderr}"
+    );
+    // Admin commands still work beside it.
+    run_json(&[
+        "app",
+        "list",
+        "--data-dir",
+        &dir.0.to_string_lossy(),
+        "--json",
+    ]);
+    drop(served);
+    let _served = serve(&dir.0);
+}
+
+/// Tokens once defaulted to unlimited uses and no expiry, `--expires-in 24`
+/// meant 24 seconds, and nothing could withdraw one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_tokens_default_to_one_use_and_a_day_and_can_be_revoked() {
+    let dir = TempDir::new("enroll-tokens");
+    let data = dir.0.to_str().unwrap().to_owned();
+    let served = serve(&dir.0);
+    let ca = dir.0.join("ca.pem");
+
+    let stderr = run_fails(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--expires-in",
+        "24",
+    ]);
+    assert!(
+        stderr.contains("no unit") && stderr.contains("24h"),
+        "{stderr}"
+    );
+    let stderr = run_fails(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--expires-in",
+        "0s",
+    ]);
+    assert!(stderr.contains("zero"), "{stderr}");
+    let stderr = run_fails(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--max-uses",
+        "0",
+    ]);
+    assert!(stderr.contains("--max-uses"), "{stderr}");
+    // A typo in another duration flag is caught the same way.
+    let stderr = run_fails(&["serve", "--data-dir", &data, "--apply-deadline", "600"]);
+    assert!(stderr.contains("no unit"), "{stderr}");
+
+    let created = run_json(&["enroll-token", "create", "--data-dir", &data, "--json"]);
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["maxUses"], 1);
+    let expires = proto::time::parse_utc(created["expires"].as_str().unwrap()).unwrap();
+    let in_a_day = server::now_nanos() + 24 * 3600 * 1_000_000_000;
+    assert!((expires - in_a_day).abs() < 60 * 1_000_000_000, "{created}");
+
+    let listed = run_json(&["enroll-token", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["status"], "Active");
+    assert_eq!(listed[0]["usesLeft"], 1);
+    let text = serde_json::to_string(&listed).unwrap();
+    assert!(!text.contains(created["token"].as_str().unwrap()), "{text}");
+
+    let token = created["token"].as_str().unwrap();
+    let state = TempDir::new("agent");
+    agent::enroll(&served.url, token, &ca, &state.0, Some("t1"))
+        .await
+        .unwrap();
+    let state = TempDir::new("agent");
+    let err = agent::enroll(&served.url, token, &ca, &state.0, Some("t2"))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("used up"), "{err}");
+    let listed = run_json(&["enroll-token", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(listed[0]["status"], "UsedUp");
+    assert_eq!(listed[0]["usesLeft"], 0);
+
+    // Revoked: refused at once, by the server that is running.
+    let second = run_json(&[
+        "enroll-token",
+        "create",
+        "--data-dir",
+        &data,
+        "--max-uses",
+        "5",
+        "--expires-in",
+        "7d",
+        "--json",
+    ]);
+    let second_id = second["id"].as_str().unwrap();
+    let output = cordon()
+        .args(["enroll-token", "revoke", "--data-dir", &data, second_id])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains(second_id));
+    let state = TempDir::new("agent");
+    let err = agent::enroll(
+        &served.url,
+        second["token"].as_str().unwrap(),
+        &ca,
+        &state.0,
+        None,
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("revoked"), "{err}");
+    let listed = run_json(&["enroll-token", "list", "--data-dir", &data, "--json"]);
+    assert_eq!(listed[1]["status"], "Revoked");
+    assert!(listed[1]["revoked"].is_string());
+    let text = cordon()
+        .args(["enroll-token", "list", "--data-dir", &data])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&id) && text.contains("Revoked"), "{text}");
+
+    let stderr = run_fails(&["enroll-token", "revoke", "--data-dir", &data, "no-such-id"]);
+    assert!(
+        stderr.contains("no enroll token has id 'no-such-id'"),
+        "{stderr}"
+    );
+}
+
+/// The connection caps and the client-authentication throttle are set by
+/// flags, each with its environment variable, and bad values are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_flags_reach_the_server() {
+    let output = cordon().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for var in [
+        "CORDON_CLIENT_FAILURES_PER_CLIENT",
+        "CORDON_CLIENT_FAILURES_PER_SOURCE",
+        "CORDON_MAX_AGENT_CONNECTIONS",
+        "CORDON_MAX_API_CONNECTIONS",
+        "CORDON_MAX_HANDSHAKES",
+        "CORDON_MAX_CONNECTIONS_PER_SOURCE",
+        "CORDON_CONNECTION_IDLE_TIMEOUT",
+        "CORDON_CONNECTION_MAX_LIFETIME",
+    ] {
+        assert!(help.contains(var), "{var} missing from:\n{help}");
+    }
+    let unused = std::env::temp_dir().join("cordon-unused");
+    for (args, env, says) in [
+        (
+            vec!["--max-api-connections", "0"],
+            None,
+            "--max-api-connections must be at least 1",
+        ),
+        (
+            vec![],
+            Some(("CORDON_CONNECTION_IDLE_TIMEOUT", "0s")),
+            "--connection-idle-timeout",
+        ),
+        (
+            vec!["--connection-max-lifetime", "99d"],
+            None,
+            "--connection-max-lifetime",
+        ),
+        (vec!["--max-handshakes", "many"], None, "invalid value"),
+    ] {
+        let mut command = cordon();
+        command
+            .arg("serve")
+            .args(&args)
+            .env("CORDON_DATA_DIR", &unused);
+        if let Some((name, value)) = env {
+            command.env(name, value);
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+
+    let dir = TempDir::new("cli-caps");
+    let port = free_port();
+    let served = serve_with(&dir.0, port, &["--max-connections-per-source", "2"]);
+    let ca = dir.0.join("ca.pem");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut http =
+            agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &served.url).unwrap();
+        let reply = http
+            .request(http::Method::GET, "/agent/v1/health", &[], Vec::new())
+            .await
+            .unwrap();
+        assert!(reply.status.is_success(), "{:?}", reply.status);
+        held.push(http);
+    }
+    let mut third =
+        agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &served.url).unwrap();
+    assert!(
+        third
+            .request(http::Method::GET, "/agent/v1/health", &[], Vec::new())
+            .await
+            .is_err(),
+        "a third connection from the same address was served"
+    );
+    drop(held);
 }

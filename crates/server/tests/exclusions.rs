@@ -763,16 +763,38 @@ async fn the_machine_shows_the_rule_version_its_agent_applied() {
     let list = api.get("/api/machines").await.json().unwrap();
     assert_eq!(list["value"][0]["exclusionRulesVersion"], 1);
 
-    // Heartbeats carry the version in force too.
+    // Heartbeats carry the version in force too, but only one the server
+    // has sent: a version from the future is not recorded.
+    for version in [7, -1] {
+        session
+            .send(&AgentMessage::Heartbeat {
+                enforced: Enforced::Selective,
+                exclusion_version: Some(version),
+            })
+            .await
+            .unwrap();
+    }
+    // Messages are handled in order: once this one shows, those did.
+    session
+        .send(&AgentMessage::Facts(agent::host_facts(Some("m1-renamed"))))
+        .await
+        .unwrap();
+    let machine = wait_machine(&mut api, &agent.machine_id(), |m| {
+        m["computerDnsName"] == "m1-renamed"
+    })
+    .await;
+    assert_eq!(machine["exclusionRulesVersion"], 1);
+    create(&mut admin, json!({"Name": "second", "RemotePorts": [443]})).await;
+    assert_eq!(next_exclusions(&mut session).await.0, 2);
     session
         .send(&AgentMessage::Heartbeat {
             enforced: Enforced::Selective,
-            exclusion_version: Some(7),
+            exclusion_version: Some(2),
         })
         .await
         .unwrap();
     wait_machine(&mut api, &agent.machine_id(), |m| {
-        m["exclusionRulesVersion"] == 7
+        m["exclusionRulesVersion"] == 2
     })
     .await;
     session

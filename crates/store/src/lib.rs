@@ -43,9 +43,12 @@ pub enum StoreError {
     /// The action is not in a state that allows the change (its status).
     #[error("action is {0}")]
     WrongStatus(String),
-    /// An enroll token that is unknown, expired or used up.
+    /// An enroll token that is unknown, expired, used up or revoked.
     #[error("enroll token rejected: {0}")]
     TokenRejected(&'static str),
+    /// The public key is already enrolled (the id of its machine).
+    #[error("this public key is already enrolled as machine {0}")]
+    KeyEnrolled(String),
     /// Another record already holds a value that must be unique (the name
     /// of an exclusion rule, as that rule spells it).
     #[error("'{0}' is already taken")]
@@ -92,7 +95,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migration3.sql"),
     include_str!("migration4.sql"),
     include_str!("migration5.sql"),
-    include_str!("migration6.sql"),
+    include_str!("migration6_enroll_tokens.sql"),
+    include_str!("migration7_audit_retention.sql"),
 ];
 
 /// Held while a connection opens or closes. The bundled SQLite (3.51.1)

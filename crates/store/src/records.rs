@@ -10,7 +10,8 @@ use crate::{Result, Store, StoreError};
 pub struct App {
     pub client_id: String,
     pub name: String,
-    /// Encoded slow salted hash of the client secret.
+    /// Encoded hash of the client secret (`sha256$…`, or the older
+    /// `pbkdf2-sha512$…`).
     pub secret_hash: String,
     pub permissions: Vec<String>,
     pub created_at: i64,
@@ -24,6 +25,17 @@ pub struct EnrollToken {
     pub created_at: i64,
     pub expires_at: Option<i64>,
     pub max_uses: Option<i64>,
+}
+
+/// An enroll token as listed: never its value nor its hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnrollTokenInfo {
+    pub id: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub max_uses: Option<i64>,
+    pub uses: i64,
+    pub revoked_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -529,6 +541,25 @@ impl Store {
         .await
     }
 
+    /// Replaces an app's secret hash, only if it is still `old` (an
+    /// upgrade of the hash's scheme must not undo a concurrent change);
+    /// returns whether it was replaced.
+    pub async fn replace_app_secret_hash(
+        &self,
+        client_id: &str,
+        old: &str,
+        new: String,
+    ) -> Result<bool> {
+        let (client_id, old) = (client_id.to_owned(), old.to_owned());
+        self.write(move |conn| {
+            Ok(conn.execute(
+                "UPDATE apps SET secret_hash = ?3 WHERE client_id = ?1 AND secret_hash = ?2",
+                params![client_id, old, new],
+            )? == 1)
+        })
+        .await
+    }
+
     pub async fn list_apps(&self) -> Result<Vec<App>> {
         self.read(|conn| {
             Ok(conn
@@ -574,8 +605,63 @@ impl Store {
         .await
     }
 
+    /// Every enroll token, oldest first.
+    pub async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenInfo>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare(
+                    "SELECT id, created_at, expires_at, max_uses, uses, revoked_at \
+                     FROM enroll_tokens ORDER BY created_at, id",
+                )?
+                .query_map([], |r| {
+                    Ok(EnrollTokenInfo {
+                        id: r.get(0)?,
+                        created_at: r.get(1)?,
+                        expires_at: r.get(2)?,
+                        max_uses: r.get(3)?,
+                        uses: r.get(4)?,
+                        revoked_at: r.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    /// Revokes an enroll token: no enrollment uses it any more. Revoking
+    /// one already revoked keeps the first time. `NotFound` for an unknown id.
+    pub async fn revoke_enroll_token(&self, id: &str, now: i64) -> Result<EnrollTokenInfo> {
+        let id = id.to_owned();
+        self.write(move |conn| {
+            let changed = conn.execute(
+                "UPDATE enroll_tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                params![id, now],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(conn.query_row(
+                "SELECT id, created_at, expires_at, max_uses, uses, revoked_at \
+                 FROM enroll_tokens WHERE id = ?1",
+                [&id],
+                |r| {
+                    Ok(EnrollTokenInfo {
+                        id: r.get(0)?,
+                        created_at: r.get(1)?,
+                        expires_at: r.get(2)?,
+                        max_uses: r.get(3)?,
+                        uses: r.get(4)?,
+                        revoked_at: r.get(5)?,
+                    })
+                },
+            )?)
+        })
+        .await
+    }
+
     /// Uses one enroll token and records a new machine, atomically: a token
-    /// that is unknown, expired or used up changes nothing.
+    /// that is unknown, expired, used up or revoked, or a public key that is
+    /// enrolled already ([`StoreError::KeyEnrolled`]), changes nothing.
     pub async fn enroll_machine(
         &self,
         token_hash: String,
@@ -585,21 +671,37 @@ impl Store {
         now: i64,
     ) -> Result<MachineRecord> {
         self.write(move |conn| {
-            let token: Option<(Option<i64>, Option<i64>, i64)> = conn
+            // expires_at, max_uses, uses, revoked_at
+            type TokenRow = (Option<i64>, Option<i64>, i64, Option<i64>);
+            let token: Option<TokenRow> = conn
                 .query_row(
-                    "SELECT expires_at, max_uses, uses FROM enroll_tokens WHERE token_hash = ?1",
+                    "SELECT expires_at, max_uses, uses, revoked_at FROM enroll_tokens \
+                     WHERE token_hash = ?1",
                     [&token_hash],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .optional()?;
-            let Some((expires_at, max_uses, uses)) = token else {
+            let Some((expires_at, max_uses, uses, revoked_at)) = token else {
                 return Err(StoreError::TokenRejected("unknown enroll token"));
             };
+            if revoked_at.is_some() {
+                return Err(StoreError::TokenRejected("the enroll token was revoked"));
+            }
             if expires_at.is_some_and(|e| e <= now) {
                 return Err(StoreError::TokenRejected("the enroll token has expired"));
             }
             if max_uses.is_some_and(|m| uses >= m) {
                 return Err(StoreError::TokenRejected("the enroll token is used up"));
+            }
+            let enrolled: Option<String> = conn
+                .query_row(
+                    "SELECT id FROM machines WHERE public_key = ?1 LIMIT 1",
+                    [&public_key],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(machine_id) = enrolled {
+                return Err(StoreError::KeyEnrolled(machine_id));
             }
             conn.execute(
                 "UPDATE enroll_tokens SET uses = uses + 1 WHERE token_hash = ?1",
@@ -925,8 +1027,12 @@ impl Store {
     }
 
     /// Records the outcome of an action reported by the agent of
-    /// `machine_id`. The action's status changes only if it was still in
-    /// flight; what is in force on the machine is recorded either way.
+    /// `machine_id`. The action's status changes only if it is InProgress;
+    /// what is in force on the machine is recorded too. An action the agent
+    /// was never told to proceed with (Pending, Cancelled) is
+    /// [`StoreError::WrongStatus`] and changes nothing; a report for one
+    /// already finished (a repeat, or one that timed out meanwhile) records
+    /// only what is in force.
     pub async fn finish_action(
         &self,
         machine_id: &str,
@@ -939,7 +1045,10 @@ impl Store {
             let action = get_action(conn, &action_id)?
                 .filter(|a| a.machine_id == machine_id)
                 .ok_or(StoreError::NotFound)?;
-            if matches!(action.status.as_str(), "Pending" | "InProgress") {
+            if matches!(action.status.as_str(), "Pending" | "Cancelled") {
+                return Err(StoreError::WrongStatus(action.status));
+            }
+            if action.status == "InProgress" {
                 let (status, hresult, info) = if outcome.succeeded {
                     ("Succeeded", 0, None)
                 } else {

@@ -1,4 +1,4 @@
--- Migration 6: the audit trail's folding and retention.
+-- Migration 7: the audit trail's folding and retention.
 --
 -- `count`: how many calls one record stands for. Repeated refusals of one
 -- kind from one source within a minute are folded into one record, written
