@@ -114,7 +114,7 @@ impl SigningKey {
         let header: JwtHeader = URL_SAFE_NO_PAD
             .decode(header)
             .ok()
-            .and_then(|h| serde_json::from_slice(&h).ok())
+            .and_then(|h| crate::json::from_slice(&h).ok())
             .ok_or(TokenError::Malformed)?;
         if header.alg != "RS256" {
             return Err(TokenError::Algorithm);
@@ -137,7 +137,7 @@ impl SigningKey {
         URL_SAFE_NO_PAD
             .decode(payload)
             .ok()
-            .and_then(|p| serde_json::from_slice(&p).ok())
+            .and_then(|p| crate::json::from_slice(&p).ok())
             .ok_or(TokenError::Malformed)
     }
 }

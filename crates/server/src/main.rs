@@ -361,9 +361,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     if seconds == 0 {
         return Ok(Duration::from_millis(number));
     }
+    // At most what nanoseconds in an i64 hold (about 292 years), which is
+    // how times are computed with it.
     number
         .checked_mul(seconds)
-        .filter(|s| i64::try_from(*s).is_ok())
+        .filter(|s| *s <= i64::MAX as u64 / 1_000_000_000)
         .map(Duration::from_secs)
         .ok_or_else(|| format!("'{text}' is too long"))
 }
@@ -944,5 +946,7 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+        assert!(parse_duration("106751d").is_ok());
+        assert!(parse_duration("106752d").is_err(), "past i64 nanoseconds");
     }
 }
