@@ -436,7 +436,7 @@ pub async fn start_with(
     let lock = DataDirLock::acquire(&config.data_dir)?;
     let store = init_data_dir(&config.data_dir)?;
     for change in secure_data_dir(&config.data_dir)? {
-        tracing::warn!(%change, "a file of the data directory was open to other users; made private");
+        tracing::warn!(%change, "the data directory or a file in it was open to other users; made private");
     }
     let tenant_id = tenant_id(&store).await?;
     let signing_key = signing_key(&store).await?;

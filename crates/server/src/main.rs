@@ -700,7 +700,7 @@ async fn enroll_token_command(command: EnrollTokenCommand) -> anyhow::Result<()>
                 .await?
                 .into_iter()
                 .map(|t| {
-                    let uses_left = t.max_uses.map(|m| (m - t.uses).max(0));
+                    let mut uses_left = t.max_uses.map(|m| (m - t.uses).max(0));
                     let status = if t.revoked_at.is_some() {
                         "Revoked"
                     } else if t.expires_at.is_some_and(|e| e <= now) {
@@ -710,6 +710,9 @@ async fn enroll_token_command(command: EnrollTokenCommand) -> anyhow::Result<()>
                     } else {
                         "Active"
                     };
+                    if status != "Active" {
+                        uses_left = Some(0);
+                    }
                     proto::cli::EnrollTokenSummary {
                         id: t.id,
                         created: proto::time::format_utc(t.created_at),
