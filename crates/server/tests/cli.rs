@@ -121,6 +121,8 @@ fn serve_help_documents_every_environment_variable() {
         "CORDON_ACTION_EXPIRY",
         "CORDON_RATE_LIMIT_PER_MINUTE",
         "CORDON_RATE_LIMIT_PER_HOUR",
+        "CORDON_ENROLL_LIMIT_PER_SOURCE",
+        "CORDON_ENROLL_LIMIT_TOTAL",
     ] {
         assert!(help.contains(var), "{var} missing from:\n{help}");
     }
