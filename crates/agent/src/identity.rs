@@ -23,9 +23,25 @@ const CA_FILE: &str = "ca.pem";
 pub struct Identity {
     pub machine_id: String,
     pub server: String,
+    /// The computer name given at enrollment; `None`: the host name.
+    pub name: Option<String>,
     pub key: Ed25519KeyPair,
     pub tls: Arc<rustls::ClientConfig>,
     pub state_dir: PathBuf,
+}
+
+/// What `state_dir` says about its enrollment: `None` when it was never
+/// enrolled (no `identity.json`).
+pub fn stored(state_dir: &Path) -> anyhow::Result<Option<StoredIdentity>> {
+    let path = state_dir.join(IDENTITY_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .with_context(|| format!("{IDENTITY_FILE} in {} is corrupt", state_dir.display()))
 }
 
 impl Identity {
@@ -51,10 +67,17 @@ impl Identity {
         Ok(Identity {
             machine_id: stored.machine_id,
             server: stored.server,
+            name: stored.name,
             key,
             tls: tls_config(&state_dir.join(CA_FILE))?,
             state_dir: state_dir.to_owned(),
         })
+    }
+
+    /// What this host looks like, under the name given here (`run --name`),
+    /// else the name it was enrolled with, else its host name.
+    pub fn host_facts(&self, name: Option<&str>) -> HostFacts {
+        host_facts(name.or(self.name.as_deref()))
     }
 
     pub fn sign(&self, message: &[u8]) -> String {
@@ -279,9 +302,11 @@ pub async fn enroll(
         serde_json::from_slice(&reply.body).context("the server's enrollment answer is invalid")?;
     write_atomic(&state_dir.join(KEY_FILE), pkcs8.as_ref(), 0o600)?;
     write_atomic(&state_dir.join(CA_FILE), &std::fs::read(ca_file)?, 0o600)?;
+    let name = name.map(str::to_owned);
     let stored = StoredIdentity {
         machine_id: response.machine_id.clone(),
         server: server.clone(),
+        name: name.clone(),
     };
     write_atomic(
         &state_dir.join(IDENTITY_FILE),
@@ -291,6 +316,7 @@ pub async fn enroll(
     Ok(Identity {
         machine_id: response.machine_id,
         server,
+        name,
         key,
         tls,
         state_dir: state_dir.to_owned(),

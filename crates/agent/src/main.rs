@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use agent::runner::{self, DEFAULT_AGENT_GID, Options};
 use agent::state::{Loaded, StateFile};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -20,13 +21,13 @@ enum Command {
     /// Enroll this machine with a server, using an enroll token.
     Enroll {
         /// The server's URL, such as https://cordon.example.com:8443.
-        #[arg(long)]
+        #[arg(long, env = "CORDON_SERVER_URL")]
         server: String,
         /// An enroll token from `cordon enroll-token create`.
         #[arg(long, env = "CORDON_ENROLL_TOKEN")]
         token: String,
         /// The CA certificate the server's certificate chains to.
-        #[arg(long)]
+        #[arg(long, env = "CORDON_CA_FILE")]
         ca_file: PathBuf,
         #[arg(
             long,
@@ -34,9 +35,14 @@ enum Command {
             default_value = "/var/lib/cordon-agent"
         )]
         state_dir: PathBuf,
-        /// Computer name to report instead of the host name.
-        #[arg(long)]
+        /// Computer name to report instead of the host name; kept, and
+        /// reported by every later `run`.
+        #[arg(long, env = "CORDON_AGENT_NAME", value_parser = parse_name)]
         name: Option<String>,
+        /// Enroll again even though the state directory holds an identity
+        /// (it is replaced; the server keeps the old machine until revoked).
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -48,17 +54,18 @@ enum Command {
             default_value = "/var/lib/cordon-agent"
         )]
         state_dir: PathBuf,
-        /// Computer name to report instead of the host name.
-        #[arg(long)]
+        /// Computer name to report for this run, instead of the one given at
+        /// enrollment (or, if none was, the host name). Not saved.
+        #[arg(long, env = "CORDON_AGENT_NAME", value_parser = parse_name)]
         name: Option<String>,
         /// Group id of the agent's sockets: the only ones isolation lets reach the server.
         #[arg(long, env = "CORDON_AGENT_GID", default_value_t = DEFAULT_AGENT_GID)]
         agent_gid: u32,
         /// Seconds the management channel has to prove itself after new rules.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, env = "CORDON_AGENT_VERIFY_TIMEOUT", default_value_t = 10)]
         verify_timeout: u64,
         /// Longest wait between reconnection attempts, in seconds.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, env = "CORDON_AGENT_MAX_BACKOFF", default_value_t = 60)]
         max_backoff: u64,
     },
     /// Say what is enforced now (saved intent and the kernel's table).
@@ -81,6 +88,23 @@ enum Command {
         )]
         state_dir: PathBuf,
     },
+}
+
+/// `--name`: what the server accepts as a computer name.
+fn parse_name(text: &str) -> Result<String, String> {
+    let name = text.trim();
+    let valid = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if valid {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "'{text}' is not a computer name: use 1 to 255 letters, digits, '.', '-' or '_'"
+        ))
+    }
 }
 
 fn init_logging() {
@@ -128,8 +152,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ca_file,
             state_dir,
             name,
+            force,
             json,
         } => {
+            if let Some(existing) = agent::identity::stored(&state_dir)?
+                && !force
+            {
+                bail!(
+                    "{} is already enrolled as machine {} with {}; pass --force to enroll \
+                     again and replace that identity",
+                    state_dir.display(),
+                    existing.machine_id,
+                    existing.server
+                );
+            }
             let identity =
                 agent::enroll(&server, &token, &ca_file, &state_dir, name.as_deref()).await?;
             let response = proto::agent::EnrollResponse {
@@ -159,6 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Status { state_dir, json } => {
+            let enrolled = agent::identity::stored(&state_dir);
             let loaded = StateFile::new(&state_dir).load();
             let table = agent::enforce::Enforcer::open().and_then(|mut e| e.table_present());
             let (intent, note) = match &loaded {
@@ -172,14 +209,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(false) => "absent",
                 Err(_) => "unknown (no access to netlink)",
             };
+            let (identity, enrolled_text) = match enrolled {
+                Ok(Some(identity)) => {
+                    let name = identity.name.as_deref().unwrap_or("the host name");
+                    let text = format!(
+                        "machine {} at {} (reported as {name})",
+                        identity.machine_id, identity.server
+                    );
+                    (Some(identity), text)
+                }
+                Ok(None) => (
+                    None,
+                    format!(
+                        "no ({} holds no identity.json; see `cordon-agent enroll`)",
+                        state_dir.display()
+                    ),
+                ),
+                Err(e) => (None, format!("unknown: {e:#}")),
+            };
             if json {
                 let status = proto::agent::AgentStatus {
+                    enrolled: identity.is_some(),
+                    machine_id: identity.as_ref().map(|i| i.machine_id.clone()),
+                    server: identity.as_ref().map(|i| i.server.clone()),
+                    name: identity.as_ref().and_then(|i| i.name.clone()),
                     intent: intent.clone(),
                     table: table_text.to_owned(),
                     note: note.clone(),
                 };
                 println!("{}", serde_json::to_string(&status)?);
             } else {
+                println!("Enrolled: {enrolled_text}");
                 let shown = match intent.as_str() {
                     "Full" => "Isolated (Full)",
                     "Selective" => "Isolated (Selective)",

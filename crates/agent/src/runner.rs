@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::enforce::Enforcer;
 use crate::exclusions::{self, Placer};
 use crate::https::{HttpsClient, parse_server};
-use crate::identity::{Identity, host_facts};
+use crate::identity::Identity;
 use crate::session::Session;
 use crate::state::{Loaded, StateFile, empty_state, remember};
 
@@ -477,7 +477,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut pending_reports: Vec<AgentMessage> = Vec::new();
     let mut attempt = 0u32;
     loop {
-        let facts = host_facts(agent.options.name.as_deref());
+        let facts = agent.identity.host_facts(agent.options.name.as_deref());
         match Session::open(&agent.identity, facts, agent.state.enforced).await {
             Ok(mut session) => {
                 attempt = 0;

@@ -108,6 +108,14 @@ impl Session {
         Ok(())
     }
 
+    /// Sends bytes as they are, framing included (tests use it to send what
+    /// a well-behaved agent never would).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.writer.write_all(bytes).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
     /// The next message from the server; an error when the session ends.
     /// Cancel-safe: a partly read line is kept for the next call.
     pub async fn recv(&mut self) -> anyhow::Result<ServerMessage> {

@@ -112,7 +112,7 @@ impl Env {
             .create_app(store::App {
                 client_id: client_id.clone(),
                 name: "Lab SOAR".into(),
-                secret_hash: server::crypto::hash_secret(&secret),
+                secret_hash: server::crypto::hash_client_secret(&secret),
                 permissions: vec![
                     "Machine.Isolate".into(),
                     "Machine.Read.All".into(),
@@ -1068,4 +1068,51 @@ async fn a_unit_rule_matches_the_units_cgroup() {
         log_of(&m1)
     );
     assert!(!outside_ok, "the same program outside the unit does not");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_reports_the_name_given_at_enrollment() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut env) = Env::new(&[]).await else {
+        return;
+    };
+    // Enrolled with --name m1; run without --name, as the systemd unit does.
+    let mut m1 = env.enroll("m1", None, None);
+    let log = std::fs::File::create(&m1.log).unwrap();
+    let mut command = Command::new(AGENT);
+    command
+        .args(["run", "--state-dir", m1.state_dir.to_str().unwrap()])
+        .env_remove("CORDON_AGENT_NAME")
+        .env("CORDON_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    m1.pid = Some(blocking(|| env.lab.spawn(&m1.host, command)).unwrap());
+    env.wait_connected(&m1).await;
+    let machine = env.machine(&m1.machine_id).await;
+    assert_eq!(machine["computerDnsName"], "m1", "{machine}");
+
+    // `run --name` overrides it, for that run.
+    env.kill(&mut m1);
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&m1.log)
+        .unwrap();
+    let mut command = Command::new(AGENT);
+    command
+        .args(["run", "--state-dir", m1.state_dir.to_str().unwrap()])
+        .args(["--name", "m1-renamed"])
+        .env("CORDON_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    m1.pid = Some(blocking(|| env.lab.spawn(&m1.host, command)).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let machine = env.machine(&m1.machine_id).await;
+        if machine["computerDnsName"] == "m1-renamed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{machine}\n{}", log_of(&m1));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.kill(&mut m1);
 }

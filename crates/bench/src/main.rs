@@ -229,12 +229,21 @@ fn report(label: &str, rates: &mut [f64], p50s: &mut [f64], p99s: &mut [f64]) {
     );
 }
 
+/// Measures a release `cordon serve` on loopback, as BENCHMARKS.md reports
+/// it: build with `cargo build --release` first (it runs the `cordon` binary
+/// beside this one). Takes a few minutes.
+#[derive(clap::Parser)]
+#[command(name = "cordon-bench", version)]
+struct Cli {
+    /// How many enrolled machines to prepare.
+    #[arg(default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    machines: u32,
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let machines: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(2000);
+    let cli = <Cli as clap::Parser>::parse();
+    let machines = cli.machines as usize;
     let data = std::env::temp_dir().join(format!("cordon-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data)?;
@@ -248,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
         .create_app(store::App {
             client_id: client_id.clone(),
             name: "bench".into(),
-            secret_hash: server::crypto::hash_secret(&secret),
+            secret_hash: server::crypto::hash_client_secret(&secret),
             permissions: vec!["Machine.Isolate".into(), "Machine.Read.All".into()],
             created_at: server::now_nanos(),
         })

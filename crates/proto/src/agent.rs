@@ -206,6 +206,10 @@ pub struct StoredIdentity {
     pub machine_id: String,
     /// Base URL of the server, such as `https://cordon.example.com:8443`.
     pub server: String,
+    /// The computer name given at enrollment (`--name`), reported instead of
+    /// the host name. Absent in identities saved before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// What the agent keeps on disk about what it enforces (`state.json`),
@@ -250,6 +254,13 @@ pub struct ActionOutcome {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentStatus {
+    /// Whether the state directory holds an identity (`cordon-agent enroll`).
+    pub enrolled: bool,
+    pub machine_id: Option<String>,
+    /// The server's base URL.
+    pub server: Option<String>,
+    /// The computer name given at enrollment (`None`: the host name).
+    pub name: Option<String>,
     /// `NotIsolated`, `Full`, `Selective` or `Unknown` (state file unreadable).
     pub intent: String,
     /// `present`, `absent` or `unknown`.

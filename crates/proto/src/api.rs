@@ -186,6 +186,9 @@ pub struct AuditEvent {
     /// The HTTP status of the response.
     pub status: i64,
     pub detail: Option<String>,
+    /// How many calls the record stands for: 1, or more when repeated
+    /// refusals from one source were folded into one record.
+    pub count: i64,
     pub hash: String,
     pub previous_hash: String,
 }

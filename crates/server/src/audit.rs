@@ -7,8 +7,17 @@
 //! read is never recorded, so reads add no durable write. The store chains
 //! the records by hash (see `store::audit`); a record that cannot be written
 //! is logged and the response goes out unchanged.
+//!
+//! Repeated refusals that cost an attacker nothing (unauthenticated calls
+//! that fail, and rate-limited ones) are folded ([`Folding`]): the first of
+//! a kind from one source in a window is written at once, the rest are
+//! counted in memory and written as one record with their `count` when the
+//! window ends. So a flood of bad requests adds a few records a minute, not
+//! one per request.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{OriginalUri, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
@@ -25,22 +34,172 @@ use crate::{AppState, ConnInfo, crypto, odata};
 /// Where the [`Principal`] extractor leaves the caller's name for the
 /// middleware (a request extension shared with it).
 #[derive(Debug, Clone, Default)]
-pub struct PrincipalSlot(Arc<Mutex<Option<String>>>);
+pub struct PrincipalSlot(Arc<Mutex<SlotState>>);
+
+#[derive(Debug, Default)]
+struct SlotState {
+    name: Option<String>,
+    /// The name comes from a verified token.
+    authenticated: bool,
+}
 
 impl PrincipalSlot {
     pub fn set(&self, principal: &Principal) {
         let text = format!("{} ({})", principal.id, principal.display_name);
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.name = Some(text);
+        slot.authenticated = true;
     }
 
     /// Names the caller when there is no token, such as the account a
     /// sign-in attempt names.
     pub fn set_text(&self, text: String) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).name = Some(text);
     }
 
     fn get(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .name
+            .clone()
+    }
+
+    fn authenticated(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .authenticated
+    }
+}
+
+/// How many (source, principal, action, status) kinds are counted at once;
+/// beyond, refusals of new kinds are counted together in one record.
+const MAX_FOLDS: usize = 1024;
+
+/// Repeated refusals counted in memory (see the module documentation).
+pub struct Folding {
+    window: Duration,
+    state: Mutex<FoldState>,
+}
+
+#[derive(Default)]
+struct FoldState {
+    open: HashMap<(String, String, String, i64), Fold>,
+    /// Refusals of new kinds while `open` is full.
+    overflow: Option<Fold>,
+}
+
+struct Fold {
+    opened: Instant,
+    /// Calls counted but not written yet, the first one's time, the last one.
+    extra: i64,
+    first_at: i64,
+    last: Option<NewAuditEvent>,
+}
+
+impl Folding {
+    pub fn new(window: Duration) -> Folding {
+        Folding {
+            window,
+            state: Mutex::new(FoldState::default()),
+        }
+    }
+
+    /// Whether `event` is to be written now; otherwise it was counted.
+    fn note(&self, event: &NewAuditEvent, now: Instant) -> bool {
+        let key = (
+            event.source_address.clone(),
+            event.principal.clone(),
+            event.action.clone(),
+            event.status,
+        );
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let count = |fold: &mut Fold| {
+            if fold.extra == 0 {
+                fold.first_at = event.at;
+            }
+            fold.extra += 1;
+            fold.last = Some(event.clone());
+        };
+        if let Some(fold) = state.open.get_mut(&key) {
+            count(fold);
+            return false;
+        }
+        if state.open.len() >= MAX_FOLDS {
+            let fold = state.overflow.get_or_insert(Fold {
+                opened: now,
+                extra: 0,
+                first_at: event.at,
+                last: None,
+            });
+            count(fold);
+            return false;
+        }
+        state.open.insert(
+            key,
+            Fold {
+                opened: now,
+                extra: 0,
+                first_at: event.at,
+                last: None,
+            },
+        );
+        true
+    }
+
+    /// The records of the calls counted in windows that ended by `now`
+    /// (every window, with `all`); those windows close.
+    pub fn due(&self, now: Instant, all: bool) -> Vec<NewAuditEvent> {
+        let ended = |fold: &Fold| all || now.duration_since(fold.opened) >= self.window;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = Vec::new();
+        state.open.retain(|_, fold| {
+            if ended(fold) {
+                closed.push((fold.extra, fold.first_at, fold.last.take(), false));
+                false
+            } else {
+                true
+            }
+        });
+        if state.overflow.as_ref().is_some_and(ended)
+            && let Some(mut fold) = state.overflow.take()
+        {
+            closed.push((fold.extra, fold.first_at, fold.last.take(), true));
+        }
+        drop(state);
+        closed
+            .into_iter()
+            .filter_map(|(extra, first_at, last, overflow)| {
+                let mut event = last.filter(|_| extra > 0)?;
+                let folded = format!(
+                    "{extra} calls like this from {} to {}",
+                    format_utc(first_at),
+                    format_utc(event.at)
+                );
+                event.detail = Some(match event.detail.take() {
+                    Some(detail) => format!("{folded}; the last: {detail}"),
+                    None => folded,
+                });
+                if overflow {
+                    event.source_address = "various".to_owned();
+                    event.principal = "various".to_owned();
+                }
+                event.id = crypto::new_guid();
+                event.count = extra;
+                Some(event)
+            })
+            .collect()
+    }
+}
+
+/// Writes the records of folding windows that ended (all of them with
+/// `all`, when the server stops).
+pub async fn flush_folds(state: &AppState, all: bool) {
+    for event in state.audit_folds.due(Instant::now(), all) {
+        if let Err(e) = state.store.append_audit(event).await {
+            tracing::error!(error = %e, "could not write a folded audit record");
+        }
     }
 }
 
@@ -161,6 +320,7 @@ pub async fn record(
         .extensions()
         .get::<ErrorSummary>()
         .map(|e| format!("{}: {}", e.code, e.message));
+    let outcome = outcome(status);
     let event = NewAuditEvent {
         id: crypto::new_guid(),
         at: crate::now_nanos(),
@@ -170,10 +330,17 @@ pub async fn record(
         method: method.to_string(),
         target: path,
         action,
-        outcome: outcome(status).to_owned(),
+        outcome: outcome.to_owned(),
         status: i64::from(status.as_u16()),
         detail,
-    };
+        count: 1,
+    }
+    .capped();
+    // Unauthenticated calls that fail, and rate-limited ones: folded.
+    let foldable = (outcome != "Succeeded" && !slot.authenticated()) || status.as_u16() == 429;
+    if foldable && !state.audit_folds.note(&event, Instant::now()) {
+        return response;
+    }
     if let Err(e) = state.store.append_audit(event.clone()).await {
         tracing::error!(
             error = %e,
@@ -194,15 +361,11 @@ pub async fn record_command(
     action: &str,
     target: &str,
 ) -> Result<(), store::StoreError> {
-    let who = ["SUDO_USER", "USER", "LOGNAME"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
-        .unwrap_or_else(|| "unknown".to_owned());
     store
         .append_audit(NewAuditEvent {
             id: crypto::new_guid(),
             at: crate::now_nanos(),
-            principal: format!("cli {who}"),
+            principal: cli_principal(),
             source_address: "local".to_owned(),
             request_id: crypto::new_guid(),
             method: "CLI".to_owned(),
@@ -211,9 +374,62 @@ pub async fn record_command(
             outcome: "Succeeded".to_owned(),
             status: 0,
             detail: None,
+            count: 1,
         })
         .await
         .map(|_| ())
+}
+
+/// `cli <login name>`: the principal of admin commands.
+pub fn cli_principal() -> String {
+    let who = ["SUDO_USER", "USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    format!("cli {who}")
+}
+
+/// Prunes the audit trail before `before` (nanoseconds), signing the new
+/// checkpoint with the server's key, and records the prune (`audit.prune`,
+/// by `principal`, method `method`) when it removed something. The number
+/// removed and the checkpoint.
+pub async fn prune(
+    store: &store::Store,
+    key: Arc<crate::jwt::SigningKey>,
+    before: i64,
+    principal: String,
+    method: &str,
+) -> Result<(u64, Option<store::AuditCheckpoint>), store::StoreError> {
+    let sign: Arc<dyn Fn(&store::AuditCheckpoint) -> String + Send + Sync> =
+        Arc::new(move |c: &store::AuditCheckpoint| key.sign_text(&c.signed_text()));
+    let removed = store.prune_audit(before, crate::now_nanos(), sign).await?;
+    let checkpoint = store.audit_checkpoint().await?;
+    if removed > 0
+        && let Some(c) = &checkpoint
+    {
+        store
+            .append_audit(NewAuditEvent {
+                id: crypto::new_guid(),
+                at: crate::now_nanos(),
+                principal,
+                source_address: "local".to_owned(),
+                request_id: crypto::new_guid(),
+                method: method.to_owned(),
+                target: format!("records through {}", c.seq),
+                action: "audit.prune".to_owned(),
+                outcome: "Succeeded".to_owned(),
+                status: 0,
+                detail: Some(format!(
+                    "removed {removed} records before {}; the chain now starts after record {} (hash {})",
+                    format_utc(before),
+                    c.seq,
+                    c.hash
+                )),
+                count: 1,
+            })
+            .await?;
+    }
+    Ok((removed, checkpoint))
 }
 
 pub fn audit_entity(r: &AuditRecord) -> AuditEvent {
@@ -230,6 +446,7 @@ pub fn audit_entity(r: &AuditRecord) -> AuditEvent {
         outcome: e.outcome.clone(),
         status: e.status,
         detail: e.detail.clone(),
+        count: e.count,
         hash: r.hash.clone(),
         previous_hash: r.prev_hash.clone(),
     }

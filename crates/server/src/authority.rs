@@ -273,7 +273,7 @@ async fn issue_token(
     match grant_type {
         "client_credentials" => {}
         "password" => return password_grant(state, headers, caller, &fields, version).await,
-        "authorization_code" => return code_grant(state, headers, &fields, version).await,
+        "authorization_code" => return code_grant(state, headers, caller, &fields, version).await,
         _ => {
             return bad(
                 "unsupported_grant_type",
@@ -325,27 +325,7 @@ async fn issue_token(
             None => return bad("invalid_request", "The parameter 'resource' is missing."),
         },
     };
-    let app = state.store.get_app(&client_id).await.map_err(|e| {
-        crate::error::ApiError::internal(e);
-        oauth_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "Try again later.",
-        )
-    })?;
-    // The hash is computed even for an unknown client, so timing tells nothing.
-    let hash = app
-        .as_ref()
-        .map_or_else(|| state.dummy_hash.clone(), |a| a.secret_hash.clone());
-    let valid = crypto::verify_secret_off_thread(client_secret.clone(), hash).await;
-    let Some(app) = app.filter(|_| valid) else {
-        tracing::info!(client_id = %client_id.chars().take(64).collect::<String>(), "client authentication failed");
-        return Err(oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "The client id or secret is wrong.",
-        ));
-    };
+    let app = authenticate_client(state, &client_id, client_secret, &caller.source).await?;
     if !state.accepts_resource(&resource) {
         return bad(
             "invalid_scope",
@@ -362,6 +342,103 @@ async fn issue_token(
     };
     tracing::info!(client_id = %app.client_id, "token issued");
     Ok(token_response(state, &claims, None))
+}
+
+/// Checks an application's client id and secret, throttled per client id
+/// and source address: a locked-out client or address is refused before
+/// anything is looked up; an unknown client is refused at once, a wrong
+/// secret after one SHA-256. An application whose secret is still stored as
+/// a slow hash (created before secrets were hashed fast) gets that hash
+/// checked within the server's bound on slow hashes, and replaced by the
+/// fast one when it matches.
+async fn authenticate_client(
+    state: &AppState,
+    client_id: &str,
+    secret: String,
+    source: &str,
+) -> Result<store::App, OAuthFailure> {
+    let logged_id = || {
+        client_id
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(64)
+            .collect::<String>()
+    };
+    // An IPv6 source counts by its /64, which one host usually holds.
+    let source = source
+        .parse()
+        .map(|ip| crate::conns::source_key(ip).to_string())
+        .unwrap_or_else(|_| source.to_owned());
+    let source = source.as_str();
+    let attempt = state
+        .client_throttle
+        .begin(client_id, source)
+        .map_err(|wait| {
+            // Refusals come in floods: a line every few seconds at most.
+            if let Some(suppressed) = state.connections.log.allow("client authentication throttled")
+            {
+                tracing::info!(client_id = %logged_id(), source, suppressed, "client authentication throttled");
+            }
+            let mut refusal = oauth_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "invalid_client",
+                format!("Too many failed client authentications. Try again in {wait} seconds."),
+            );
+            refusal.retry_after = Some(wait);
+            refusal
+        })?;
+    let app = if crypto::is_guid(client_id) {
+        state.store.get_app(client_id).await.map_err(|e| {
+            crate::error::ApiError::internal(e);
+            server_error()
+        })?
+    } else {
+        None
+    };
+    let matches = match &app {
+        None => false,
+        Some(app) => match crypto::check_client_secret(&secret, &app.secret_hash) {
+            crypto::ClientSecretCheck::Done(matches) => matches,
+            crypto::ClientSecretCheck::Upgrade => {
+                let old = app.secret_hash.clone();
+                let Some(matches) = state.verify_slow_hash(secret.clone(), old.clone()).await
+                else {
+                    return Err(server_error());
+                };
+                if matches {
+                    let new = crypto::hash_client_secret(&secret);
+                    match state
+                        .store
+                        .replace_app_secret_hash(client_id, &old, new)
+                        .await
+                    {
+                        Ok(_) => {
+                            tracing::info!(client_id = %app.client_id, "client secret rehashed with SHA-256");
+                        }
+                        Err(e) => {
+                            tracing::warn!(client_id = %app.client_id, error = %e, "could not rehash the client secret");
+                        }
+                    }
+                }
+                matches
+            }
+        },
+    };
+    match app.filter(|_| matches) {
+        Some(app) => {
+            attempt.succeeded();
+            Ok(app)
+        }
+        None => {
+            attempt.failed();
+            tracing::info!(client_id = %logged_id(), source, "client authentication failed");
+            Err(oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "The client id or secret is wrong.",
+            ))
+        }
+    }
 }
 
 /// The claims every token carries (audience, issuer, times, tenant,
@@ -428,6 +505,7 @@ async fn user_client(
     state: &AppState,
     headers: &HeaderMap,
     fields: &[(String, String)],
+    source: &str,
 ) -> Result<(String, String), OAuthFailure> {
     let basic = client_from_basic(headers);
     let (client_id, secret) = match (&basic, field(fields, "client_id")) {
@@ -464,17 +542,7 @@ async fn user_client(
         return Err(unknown());
     };
     if let Some(secret) = secret {
-        let app = state
-            .store
-            .get_app(&client_id)
-            .await
-            .map_err(|_| server_error())?;
-        let Some(hash) = app.map(|a| a.secret_hash) else {
-            return Err(unknown());
-        };
-        if !crypto::verify_secret_off_thread(secret, hash).await {
-            return Err(unknown());
-        }
+        authenticate_client(state, &client_id, secret, source).await?;
     }
     Ok((client_id, name))
 }
@@ -519,7 +587,7 @@ async fn password_grant(
     fields: &[(String, String)],
     version: Version,
 ) -> Result<Response, OAuthFailure> {
-    let (client_id, client_name) = user_client(state, headers, fields).await?;
+    let (client_id, client_name) = user_client(state, headers, fields, &caller.source).await?;
     let (resource, scopes) = user_resource(state, fields, version)?;
     let (Some(username), Some(password)) = (field(fields, "username"), field(fields, "password"))
     else {
@@ -566,10 +634,11 @@ async fn password_grant(
 async fn code_grant(
     state: &AppState,
     headers: &HeaderMap,
+    caller: &Caller,
     fields: &[(String, String)],
     version: Version,
 ) -> Result<Response, OAuthFailure> {
-    let (client_id, client_name) = user_client(state, headers, fields).await?;
+    let (client_id, client_name) = user_client(state, headers, fields, &caller.source).await?;
     let invalid = |why: &str| oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", why);
     let (Some(code), Some(redirect_uri)) = (field(fields, "code"), field(fields, "redirect_uri"))
     else {

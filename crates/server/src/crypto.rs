@@ -1,8 +1,12 @@
 //! Small cryptographic helpers: randomness, identifiers, secret hashing.
 //!
-//! Client secrets are stored as PBKDF2-HMAC-SHA512 hashes with a random salt
-//! (210,000 iterations, OWASP's figure for this function); enroll tokens,
-//! which are 256-bit random values looked up by value, are stored as SHA-256.
+//! Users' passwords, chosen by people, are stored as PBKDF2-HMAC-SHA512
+//! hashes with a random salt (210,000 iterations, OWASP's figure for this
+//! function). Client secrets and enroll tokens are 256-bit random values
+//! that no one can guess, so a slow hash would buy nothing for them but cost
+//! the server: they are stored as SHA-256 and compared in constant time.
+//! Applications created before keep their PBKDF2 hash until their first
+//! successful check, which replaces it ([`ClientSecretCheck::Upgrade`]).
 
 use std::num::NonZeroU32;
 
@@ -13,6 +17,8 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 
 const PBKDF2_ITERATIONS: u32 = 210_000;
 const HASH_SCHEME: &str = "pbkdf2-sha512";
+/// The scheme of client secrets' hashes: `sha256$<hex digest>`.
+const CLIENT_SECRET_SCHEME: &str = "sha256";
 
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
@@ -105,12 +111,57 @@ pub fn verify_secret(secret: &str, encoded: &str) -> bool {
         .is_ok()
 }
 
-/// [`verify_secret`] on the blocking pool, so the slow hash never holds up
-/// an async worker.
-pub async fn verify_secret_off_thread(secret: String, encoded: String) -> bool {
-    tokio::task::spawn_blocking(move || verify_secret(&secret, &encoded))
-        .await
-        .unwrap_or(false)
+/// [`verify_secret`] on the blocking pool, holding `slot` of a semaphore
+/// that bounds how many slow hashes run at once: the slot is released when
+/// the hash ends, not when a client that hung up stops waiting for it, so
+/// abandoned requests cannot pile up work.
+pub async fn verify_secret_off_thread(
+    secret: String,
+    encoded: String,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> bool {
+    tokio::task::spawn_blocking(move || {
+        let matches = verify_secret(&secret, &encoded);
+        drop(slot);
+        matches
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Encodes the hash of a client secret made by [`new_secret`]:
+/// `sha256$<hex digest>`.
+pub fn hash_client_secret(secret: &str) -> String {
+    format!("{CLIENT_SECRET_SCHEME}${}", sha256_hex(secret.as_bytes()))
+}
+
+/// What checking a client secret against its stored hash takes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientSecretCheck {
+    /// A fast hash, already compared: whether it matched.
+    Done(bool),
+    /// An older slow (PBKDF2) hash: check it with [`verify_secret`], and on
+    /// a match store [`hash_client_secret`] in its place.
+    Upgrade,
+}
+
+/// Checks a client secret against a [`hash_client_secret`] hash in constant
+/// time, in microseconds; says so when the hash is of the older slow kind.
+pub fn check_client_secret(secret: &str, encoded: &str) -> ClientSecretCheck {
+    match encoded.split_once('$') {
+        Some((CLIENT_SECRET_SCHEME, digest)) => {
+            let computed = sha256_hex(secret.as_bytes());
+            ClientSecretCheck::Done(
+                aws_lc_rs::constant_time::verify_slices_are_equal(
+                    computed.as_bytes(),
+                    digest.as_bytes(),
+                )
+                .is_ok(),
+            )
+        }
+        Some((HASH_SCHEME, _)) => ClientSecretCheck::Upgrade,
+        _ => ClientSecretCheck::Done(false),
+    }
 }
 
 /// Whether `text` is a GUID (any case).
@@ -143,6 +194,53 @@ mod tests {
         assert!(!verify_secret("wrong", &hash));
         assert!(!verify_secret(&secret, "garbage"));
         assert_ne!(hash, hash_secret(&secret), "salted");
+    }
+
+    #[test]
+    fn client_secrets_hash_fast_and_verify() {
+        let secret = new_secret();
+        let hash = hash_client_secret(&secret);
+        assert!(hash.starts_with("sha256$"), "{hash}");
+        assert!(!hash.contains(&secret));
+        assert_eq!(
+            check_client_secret(&secret, &hash),
+            ClientSecretCheck::Done(true)
+        );
+        assert_eq!(
+            check_client_secret("wrong", &hash),
+            ClientSecretCheck::Done(false)
+        );
+        assert_eq!(
+            check_client_secret(&secret, "garbage"),
+            ClientSecretCheck::Done(false)
+        );
+        assert_eq!(
+            check_client_secret(&secret, "sha256$"),
+            ClientSecretCheck::Done(false)
+        );
+        // An older hash is checked the slow way, once.
+        assert_eq!(
+            check_client_secret(&secret, &hash_secret(&secret)),
+            ClientSecretCheck::Upgrade
+        );
+    }
+
+    /// A client that hangs up drops its request, not the hash it started:
+    /// that hash keeps its slot until it ends, so abandoned requests cannot
+    /// run more slow hashes at once than there are slots.
+    #[tokio::test]
+    async fn an_abandoned_slow_hash_keeps_its_slot_until_it_ends() {
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+        let hash = hash_secret("the secret");
+        let slot = slots.clone().acquire_owned().await.unwrap();
+        let check = tokio::spawn(verify_secret_off_thread("a guess".into(), hash, slot));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        check.abort();
+        assert_eq!(slots.available_permits(), 0, "the hash still runs");
+        let _slot = tokio::time::timeout(std::time::Duration::from_secs(60), slots.acquire())
+            .await
+            .expect("the slot comes back when the hash ends")
+            .unwrap();
     }
 
     #[test]

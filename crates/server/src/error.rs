@@ -182,7 +182,9 @@ pub async fn request_context(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let span = tracing::info_span!("request", request_id = %request_id, %method, %path);
+    // Under a target of its own (not this module's), so that `CORDON_LOG`
+    // can select the access log: `cordon::request=info`.
+    let span = tracing::info_span!(target: "cordon::request", "request", request_id = %request_id, %method, %path);
     request
         .extensions_mut()
         .insert(RequestId(request_id.clone()));
@@ -209,6 +211,7 @@ pub async fn request_context(mut request: Request, next: Next) -> Response {
     }
     let _entered = span.enter();
     tracing::info!(
+        target: "cordon::request",
         status = response.status().as_u16(),
         elapsed_us = started.elapsed().as_micros() as u64,
         "served"

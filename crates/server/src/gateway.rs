@@ -465,9 +465,13 @@ async fn session(State(state): State<Arc<AppState>>, mut request: Request) -> Re
             "the connection can't be upgraded",
         );
     };
+    let slot = request
+        .extensions()
+        .get::<crate::conns::ConnSlot>()
+        .map(|s| s.0.clone());
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => run_session(state, TokioIo::new(upgraded), exporter).await,
+            Ok(upgraded) => run_session(state, TokioIo::new(upgraded), exporter, slot).await,
             Err(e) => tracing::info!(error = %e, "session upgrade failed"),
         }
     });
@@ -541,8 +545,15 @@ async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, code: &str, reason: &str)
     let _ = writer.shutdown().await;
 }
 
-async fn run_session<IO>(state: Arc<AppState>, io: IO, exporter: String)
-where
+/// `slot` is the connection's place among the open connections: it moves
+/// to the agents' share once the agent proved its key, and is held until
+/// the session ends.
+async fn run_session<IO>(
+    state: Arc<AppState>,
+    io: IO,
+    exporter: String,
+    slot: Option<Arc<crate::conns::Slot>>,
+) where
     IO: tokio::io::AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (read_half, mut writer) = tokio::io::split(io);
@@ -624,6 +635,19 @@ where
             &mut writer,
             "Revoked",
             "this machine's enrollment was revoked",
+        )
+        .await;
+    }
+    if let Some(slot) = &slot
+        && let Err(refusal) = slot.become_agent()
+    {
+        if let Some(suppressed) = state.connections.log.allow(refusal.as_str()) {
+            tracing::warn!(%machine_id, reason = refusal.as_str(), suppressed, "session refused");
+        }
+        return refuse(
+            &mut writer,
+            "Unavailable",
+            "the server is at its cap of agent sessions; try again later",
         )
         .await;
     }

@@ -140,6 +140,33 @@ impl SigningKey {
             .and_then(|p| crate::json::from_slice(&p).ok())
             .ok_or(TokenError::Malformed)
     }
+
+    /// A base64url RS256 signature of `text` (audit checkpoints).
+    pub fn sign_text(&self, text: &str) -> String {
+        let mut signature = vec![0u8; self.key_pair.public_modulus_len()];
+        self.key_pair
+            .sign(
+                &signature::RSA_PKCS1_SHA256,
+                &aws_lc_rs::rand::SystemRandom::new(),
+                text.as_bytes(),
+                &mut signature,
+            )
+            .expect("RSA signing");
+        URL_SAFE_NO_PAD.encode(signature)
+    }
+
+    /// Whether `signature` is this key's [`SigningKey::sign_text`] of `text`.
+    pub fn verify_text(&self, text: &str, signature: &str) -> bool {
+        URL_SAFE_NO_PAD.decode(signature).is_ok_and(|signature| {
+            self.public
+                .verify(
+                    &signature::RSA_PKCS1_2048_8192_SHA256,
+                    text.as_bytes(),
+                    &signature,
+                )
+                .is_ok()
+        })
+    }
 }
 
 #[cfg(test)]

@@ -8,12 +8,14 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod authority;
+pub mod conns;
 pub mod crypto;
 pub mod error;
 pub mod exclusions;
 pub mod gateway;
 pub mod json;
 pub mod jwt;
+pub mod listen;
 pub mod odata;
 pub mod oidc;
 pub mod ratelimit;
@@ -52,7 +54,11 @@ pub enum TlsSource {
 pub struct Config {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
-    /// Canonical base URL; `None`: `https://<listen address>`.
+    /// The host name `--listen` gave (`None`: an address): the default
+    /// public URL's host, and a name of the generated certificate.
+    pub listen_host: Option<String>,
+    /// Canonical base URL; `None`: `https://<listen host>`, where an
+    /// unspecified address stands for this machine's host name.
     pub public_url: Option<String>,
     pub tls: TlsSource,
     /// How long a Pending action waits for its machine before `TimeOut`.
@@ -66,12 +72,32 @@ pub struct Config {
     pub signin_failures_per_user: u32,
     /// Failed sign-ins that lock a source address out (0: never).
     pub signin_failures_per_source: u32,
+    /// Failed client authentications that lock a client id out (0: never).
+    pub client_failures_per_client: u32,
+    /// Failed client authentications that lock a source address out (0: never).
+    pub client_failures_per_source: u32,
     /// External OpenID Connect providers whose access tokens are accepted.
     pub oidc: oidc::OidcSettings,
     /// Enrollment attempts a minute from one source address (0: no limit).
     pub enroll_per_source_per_minute: u32,
     /// Enrollment attempts a minute from everywhere together (0: no limit).
     pub enroll_per_minute: u32,
+    /// Caps on connections, in all and per source address.
+    pub connections: conns::Limits,
+    /// How long a connection may take to send a request's head, counted
+    /// from its opening or its previous response (the keep-alive idle time).
+    pub idle_timeout: Duration,
+    /// How long a connection other than an agent session is kept at most:
+    /// then it is closed once its request in progress is answered.
+    pub max_connection_lifetime: Duration,
+    /// How long a connection may take, from its opening, to become an API
+    /// connection or an agent session before it is cut.
+    pub handshake_timeout: Duration,
+    /// Audit records older than this are pruned every hour (`None`: kept).
+    pub audit_retention: Option<Duration>,
+    /// How long repeated refusals are counted before their record is
+    /// written (see `audit::Folding`).
+    pub audit_fold_window: Duration,
 }
 
 impl Config {
@@ -80,6 +106,7 @@ impl Config {
         Config {
             data_dir,
             listen: "127.0.0.1:8443".parse().expect("address"),
+            listen_host: None,
             public_url: None,
             tls: TlsSource::SelfSigned {
                 extra_names: Vec::new(),
@@ -91,9 +118,17 @@ impl Config {
             heartbeat_interval: Duration::from_secs(30),
             signin_failures_per_user: 5,
             signin_failures_per_source: 20,
+            client_failures_per_client: 10,
+            client_failures_per_source: 20,
             oidc: oidc::OidcSettings::new(Vec::new()),
             enroll_per_source_per_minute: 30,
             enroll_per_minute: 300,
+            connections: conns::Limits::default(),
+            idle_timeout: Duration::from_secs(30),
+            max_connection_lifetime: Duration::from_secs(10 * 60),
+            handshake_timeout: Duration::from_secs(30),
+            audit_retention: None,
+            audit_fold_window: Duration::from_secs(60),
         }
     }
 }
@@ -107,26 +142,41 @@ pub struct AppState {
     pub public_url: String,
     /// `<public-url>/<tenant>/v2.0`: every token's `iss`.
     pub issuer: String,
-    pub signing_key: jwt::SigningKey,
+    pub signing_key: Arc<jwt::SigningKey>,
     pub limiter: ratelimit::RateLimiter,
     /// Enrollment attempts per source address, and in total.
     pub enroll_per_source: ratelimit::RateLimiter,
     pub enroll_total: ratelimit::RateLimiter,
     pub gateway: gateway::Gateway,
-    /// Checked when a token request names an unknown client, so that
-    /// response time doesn't tell which client ids exist.
+    /// Checked when a sign-in names an unknown account, so that response
+    /// time doesn't tell which accounts exist.
     pub dummy_hash: String,
     /// Failed sign-ins, per account and source address.
     pub throttle: throttle::Throttle,
     /// Authorization codes not yet exchanged.
     pub codes: signin::Codes,
-    /// Password hashes computed at once for sign-ins, at most.
-    pub password_hashes: tokio::sync::Semaphore,
+    /// Failed client authentications (token requests with a client
+    /// secret), per client id and source address.
+    pub client_throttle: throttle::Throttle,
+    /// Slow (PBKDF2) hashes computed at once, at most: users' passwords and
+    /// applications' secrets still stored the old way.
+    pub slow_hashes: Arc<tokio::sync::Semaphore>,
     /// Verifies tokens of the external providers (none configured: empty).
     pub oidc: oidc::Verifier,
+    /// The connections open now, within their caps.
+    pub connections: Arc<conns::Connections>,
+    /// Repeated refusals counted before they are recorded.
+    pub audit_folds: audit::Folding,
 }
 
 impl AppState {
+    /// Checks `secret` against a slow (PBKDF2) hash, waiting for one of the
+    /// few slots; `None` if the server is shutting down.
+    pub async fn verify_slow_hash(&self, secret: String, encoded: String) -> Option<bool> {
+        let slot = self.slow_hashes.clone().acquire_owned().await.ok()?;
+        Some(crypto::verify_secret_off_thread(secret, encoded, slot).await)
+    }
+
     /// Thresholds of `healthStatus` as of now.
     pub fn sql_context(&self) -> store::SqlContext {
         let now = now_nanos();
@@ -198,6 +248,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(|| async {
             ApiError::not_found("The requested resource was not found.").into_response()
         })
+        .layer(axum::middleware::from_fn(conns::classify))
         .layer(axum::middleware::from_fn(error::request_context))
         // Outermost, so that it sees every response as sent, request id included.
         .layer(axum::middleware::from_fn_with_state(
@@ -210,6 +261,11 @@ pub fn app(state: Arc<AppState>) -> Router {
 /// A server that is running.
 pub struct RunningServer {
     pub local_addr: SocketAddr,
+    /// Every address served (`local_addr` first).
+    pub listen_addrs: Vec<SocketAddr>,
+    /// The names and addresses the generated certificate carries (empty
+    /// with the operator's own certificate).
+    pub tls_names: Vec<String>,
     pub tenant_id: String,
     pub public_url: String,
     /// Where the generated CA certificate is (self-signed mode).
@@ -403,7 +459,8 @@ pub async fn tenant_id(store: &store::Store) -> anyhow::Result<String> {
     Ok(store.meta_or_init("tenant_id", crypto::new_guid).await?)
 }
 
-async fn signing_key(store: &store::Store) -> anyhow::Result<jwt::SigningKey> {
+/// The token-signing key, created on first use.
+pub async fn signing_key(store: &store::Store) -> anyhow::Result<jwt::SigningKey> {
     let encoded = match store.meta("signing_key").await? {
         Some(encoded) => encoded,
         None => {
@@ -442,45 +499,34 @@ pub async fn start_with(
     let signing_key = signing_key(&store).await?;
     let first = listeners.first().context("no listener")?;
     let local_addr = first.local_addr()?;
-    let listen_host = match local_addr.ip() {
-        ip if ip.is_unspecified() => "localhost".to_owned(),
-        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-        std::net::IpAddr::V4(ip) => ip.to_string(),
-    };
-    let public_url = config
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("https://{listen_host}:{}", local_addr.port()))
-        .trim_end_matches('/')
-        .to_owned();
-    let material = match &config.tls {
-        TlsSource::Files { cert, key } => tls::load_operator(cert, key)?,
+    let mut listen_addrs = Vec::new();
+    for listener in &listeners {
+        listen_addrs.push(listener.local_addr()?);
+    }
+    let ips: Vec<std::net::IpAddr> = listen_addrs.iter().map(SocketAddr::ip).collect();
+    let public_url = match &config.public_url {
+        Some(url) => url.clone(),
+        None => {
+            let host = listen::served(config.listen_host.as_deref(), &ips, &[]).url_host;
+            format!("https://{host}:{}", local_addr.port())
+        }
+    }
+    .trim_end_matches('/')
+    .to_owned();
+    let (material, tls_names) = match &config.tls {
+        TlsSource::Files { cert, key } => (tls::load_operator(cert, key)?, Vec::new()),
         TlsSource::SelfSigned { extra_names } => {
-            let mut names = vec!["localhost".to_owned()];
-            for listener in &listeners {
-                let ip = listener.local_addr()?.ip();
-                if ip.is_unspecified() {
-                    names.push("127.0.0.1".into());
-                    names.push("::1".into());
-                } else {
-                    names.push(ip.to_string());
-                }
-            }
+            let mut extra = Vec::new();
             if let Some(host) = public_url
                 .strip_prefix("https://")
                 .and_then(|rest| rest.split('/').next())
             {
                 let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-                names.push(host.trim_matches(|c| c == '[' || c == ']').to_owned());
+                extra.push(host.trim_matches(|c| c == '[' || c == ']').to_owned());
             }
-            names.extend(extra_names.iter().cloned());
-            let mut unique = Vec::new();
-            for name in names {
-                if !unique.contains(&name) {
-                    unique.push(name);
-                }
-            }
-            tls::ensure_self_signed(&config.data_dir, &unique)?
+            extra.extend(extra_names.iter().cloned());
+            let names = listen::served(config.listen_host.as_deref(), &ips, &extra).names;
+            (tls::ensure_self_signed(&config.data_dir, &names)?, names)
         }
     };
     let tls_config = tls::server_config(&material)?;
@@ -491,7 +537,40 @@ pub async fn start_with(
         config.signin_failures_per_user,
         config.signin_failures_per_source,
     );
+    let config_client = (
+        config.client_failures_per_client,
+        config.client_failures_per_source,
+    );
+    let files = match conns::raise_file_limit() {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the open file limit");
+            u64::MAX
+        }
+    };
+    let limits = config.connections.fit(files);
+    if limits != config.connections {
+        tracing::warn!(
+            open_file_limit = files,
+            agents = limits.agents,
+            api = limits.api,
+            handshakes = limits.handshakes,
+            "the open file limit is too low for the connection caps; they were scaled down \
+             (raise LimitNOFILE)"
+        );
+    }
+    tracing::info!(
+        open_file_limit = files,
+        agents = limits.agents,
+        api = limits.api,
+        handshakes = limits.handshakes,
+        per_source = limits.per_source,
+        "connection caps"
+    );
+    let connections = conns::Connections::new(limits);
+    let audit_folds = audit::Folding::new(config.audit_fold_window);
     let state = Arc::new(AppState {
+        audit_folds,
         limiter: ratelimit::RateLimiter::new(
             config.rate_limit_per_minute,
             config.rate_limit_per_hour,
@@ -503,18 +582,21 @@ pub async fn start_with(
         tenant_id: tenant_id.clone(),
         public_url: public_url.clone(),
         issuer,
-        signing_key,
+        signing_key: Arc::new(signing_key),
         gateway: gateway::Gateway::default(),
         dummy_hash: crypto::hash_secret("not a secret"),
         throttle: throttle::Throttle::new(config_signin.0, config_signin.1),
         codes: signin::Codes::default(),
-        password_hashes: tokio::sync::Semaphore::new(4),
+        client_throttle: throttle::Throttle::new(config_client.0, config_client.1),
+        slow_hashes: Arc::new(tokio::sync::Semaphore::new(4)),
         oidc,
+        connections,
     });
     let mut tasks = vec![
         tokio::spawn(expire_actions(state.clone())),
         tokio::spawn(flush_liveness(state.clone())),
         tokio::spawn(watch_exclusions(state.clone())),
+        tokio::spawn(audit_upkeep(state.clone())),
     ];
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
     let router = app(state.clone());
@@ -526,10 +608,13 @@ pub async fn start_with(
             listener,
             acceptor.clone(),
             router.clone(),
+            state.clone(),
         )));
     }
     Ok(RunningServer {
         local_addr,
+        listen_addrs,
+        tls_names,
         tenant_id,
         public_url,
         ca_path: material.ca_path.clone(),
@@ -564,6 +649,40 @@ async fn expire_actions(state: Arc<AppState>) {
     }
 }
 
+/// Writes the records of folded refusals whose window ended, and prunes
+/// the audit trail past its retention (at start, then every hour).
+async fn audit_upkeep(state: Arc<AppState>) {
+    let tick = Duration::from_secs(5).min(state.config.audit_fold_window);
+    let mut next_prune = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        audit::flush_folds(&state, false).await;
+        let Some(retention) = state.config.audit_retention else {
+            continue;
+        };
+        if tokio::time::Instant::now() < next_prune {
+            continue;
+        }
+        next_prune = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let before = now_nanos().saturating_sub(retention.as_nanos().min(i64::MAX as u128) as i64);
+        match audit::prune(
+            &state.store,
+            state.signing_key.clone(),
+            before,
+            "server (audit retention)".to_owned(),
+            "SERVER",
+        )
+        .await
+        {
+            Ok((0, _)) => {}
+            Ok((removed, _)) => {
+                tracing::info!(removed, "audit records past their retention pruned")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not prune the audit trail"),
+        }
+    }
+}
+
 /// Writes heartbeats to the store in batches and closes revoked sessions.
 async fn flush_liveness(state: Arc<AppState>) {
     let mut rounds = 0u64;
@@ -593,24 +712,45 @@ async fn watch_exclusions(state: Arc<AppState>) {
     }
 }
 
+/// How long a connection closing at the end of its lifetime may take to
+/// finish the request it is serving.
+const CLOSING_GRACE: Duration = Duration::from_secs(30);
+
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     router: Router,
+    state: Arc<AppState>,
 ) {
+    let log = &state.connections.log;
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: wait, don't spin.
-                tracing::warn!(error = %e, "accept failed");
+                if let Some(suppressed) = log.allow("accept failed") {
+                    tracing::warn!(error = %e, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let slot = match state.connections.admit(peer.ip()) {
+            Ok(slot) => Arc::new(slot),
+            Err(refusal) => {
+                if let Some(suppressed) = log.allow(refusal.as_str()) {
+                    tracing::warn!(%peer, reason = refusal.as_str(), suppressed, "connection refused");
+                }
+                drop(tcp);
                 continue;
             }
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let idle_timeout = state.config.idle_timeout;
+        let lifetime = state.config.max_connection_lifetime;
+        let handshake_timeout = state.config.handshake_timeout;
         tokio::spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -628,19 +768,51 @@ async fn accept_loop(
                 .ok()
                 .map(|ekm| base64::engine::general_purpose::STANDARD.encode(ekm));
             let info = ConnInfo { peer, exporter };
+            let watch = slot.clone();
+            let conn_slot = conns::ConnSlot(slot);
             let service = hyper::service::service_fn(
                 move |mut request: hyper::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(info.clone());
+                    conns::on_request_head(&conn_slot.0, &mut request);
+                    request.extensions_mut().insert(conn_slot.clone());
                     let mut router = router.clone();
                     async move { router.call(request.map(Body::new)).await }
                 },
             );
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(idle_timeout)
                 .serve_connection(TokioIo::new(tls), service)
                 .with_upgrades();
-            if let Err(e) = connection.await {
+            tokio::pin!(connection);
+            // An agent's session leaves this future when it upgrades, so
+            // the lifetime bounds everything else. A connection still not
+            // known as an API client or agent by its handshake deadline
+            // (it sent nothing, or only failed session requests) is cut.
+            let handshake_deadline =
+                tokio::time::sleep(handshake_timeout.saturating_sub(watch.age()));
+            let lifetime_over = tokio::time::sleep(lifetime);
+            tokio::pin!(handshake_deadline, lifetime_over);
+            let mut handshake_checked = false;
+            let result = loop {
+                tokio::select! {
+                    result = connection.as_mut() => break result,
+                    _ = &mut handshake_deadline, if !handshake_checked => {
+                        handshake_checked = true;
+                        if watch.kind() == conns::Kind::Handshake {
+                            tracing::debug!(%peer, "connection cut: no request within the handshake deadline");
+                            break Ok(());
+                        }
+                    }
+                    _ = &mut lifetime_over => {
+                        connection.as_mut().graceful_shutdown();
+                        break tokio::time::timeout(CLOSING_GRACE, connection.as_mut())
+                            .await
+                            .unwrap_or(Ok(()));
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

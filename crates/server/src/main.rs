@@ -3,13 +3,13 @@
 mod people_cmd;
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use server::listen::ListenArg;
 use server::{Config, TlsSource, crypto};
 
 #[derive(Parser)]
@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: the isolation API, its OAuth authority and the agent gateway.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage the applications that call the API.
     #[command(subcommand)]
     App(AppCommand),
@@ -60,6 +60,19 @@ enum AuditCommand {
     Verify {
         #[command(flatten)]
         data: DataDir,
+    },
+    /// Remove the records older than a time, leaving a checkpoint signed
+    /// with the server's key from which `audit verify` still checks the rest.
+    Prune {
+        #[command(flatten)]
+        data: DataDir,
+        /// Remove the records before this time: an ISO 8601 UTC time such as
+        /// 2026-01-31T08:00:00Z, or an age such as 90d (records older than
+        /// that). Records from the first one at or after it on are kept.
+        #[arg(long, value_parser = parse_since)]
+        before: i64,
+        #[arg(long)]
+        json: bool,
     },
     /// Print the records as JSON lines, oldest first.
     Export {
@@ -113,11 +126,12 @@ struct ServeDataDir {
 struct ServeArgs {
     #[command(flatten)]
     data: ServeDataDir,
-    /// Address and port to serve HTTPS on.
+    /// Where to serve HTTPS: IP:PORT, [IPv6]:PORT, or HOST:PORT (every address
+    /// the name resolves to), such as 0.0.0.0:8443 or localhost:8443.
     #[arg(long, env = "CORDON_LISTEN", default_value = "127.0.0.1:8443")]
-    listen: SocketAddr,
+    listen: ListenArg,
     /// Canonical base URL (the tokens' issuer), such as https://cordon.example.com:8443.
-    /// Default: https://<listen address>, with localhost for 0.0.0.0 and ::.
+    /// Default: https://<listen host>:<port>, with this machine's host name for 0.0.0.0 and ::.
     #[arg(long, env = "CORDON_PUBLIC_URL")]
     public_url: Option<String>,
     /// PEM certificate chain to serve instead of the generated one (needs --tls-key).
@@ -157,27 +171,75 @@ struct ServeArgs {
     /// Agent enrollment attempts a minute from all sources together (0: no limit).
     #[arg(long, env = "CORDON_ENROLL_LIMIT_TOTAL", default_value_t = 300)]
     enroll_limit_total: u32,
+    /// Failed client authentications (wrong or unknown client id or secret
+    /// at the token endpoints) after which a client id is locked out for a while (0: never).
+    #[arg(long, env = "CORDON_CLIENT_FAILURES_PER_CLIENT", default_value_t = 10)]
+    client_failures_per_client: u32,
+    /// Failed client authentications after which a source address is locked out for a while (0: never).
+    #[arg(long, env = "CORDON_CLIENT_FAILURES_PER_SOURCE", default_value_t = 20)]
+    client_failures_per_source: u32,
+    /// Agent sessions open at once, at most (agents whose key was proved).
+    #[arg(long, env = "CORDON_MAX_AGENT_CONNECTIONS", default_value_t = 120_000)]
+    max_agent_connections: usize,
+    /// Other connections open at once, at most (API clients, sign-ins,
+    /// enrollments); they can never take the agents' share, nor agents theirs.
+    #[arg(long, env = "CORDON_MAX_API_CONNECTIONS", default_value_t = 4_096)]
+    max_api_connections: usize,
+    /// Connections not yet known as either (TLS handshake, first request,
+    /// an agent's proof of its key) at once, at most.
+    #[arg(long, env = "CORDON_MAX_HANDSHAKES", default_value_t = 1_024)]
+    max_handshakes: usize,
+    /// Connections from one source address (an IPv6 /64), agent sessions
+    /// excepted; further ones are closed at once (0: no cap).
+    #[arg(long, env = "CORDON_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 64)]
+    max_connections_per_source: usize,
+    /// How long a connection may wait before sending a request (after
+    /// opening, or between keep-alive requests).
+    #[arg(long, env = "CORDON_CONNECTION_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    connection_idle_timeout: Duration,
+    /// How long a connection other than an agent session is kept at most;
+    /// then it is closed once its request in progress is answered.
+    #[arg(long, env = "CORDON_CONNECTION_MAX_LIFETIME", default_value = "10m", value_parser = parse_duration)]
+    connection_max_lifetime: Duration,
     /// Issuer URL of an external OpenID Connect provider whose access tokens
-    /// are accepted (repeatable; each needs its --oidc-audience, in order).
-    #[arg(long = "oidc-issuer")]
+    /// are accepted (repeatable, or comma-separated; each needs its
+    /// --oidc-audience, in order).
+    #[arg(
+        long = "oidc-issuer",
+        env = "CORDON_OIDC_ISSUER",
+        value_delimiter = ','
+    )]
     oidc_issuers: Vec<String>,
     /// The audience (`aud`) the provider's tokens for Cordon carry.
-    #[arg(long = "oidc-audience")]
+    #[arg(
+        long = "oidc-audience",
+        env = "CORDON_OIDC_AUDIENCE",
+        value_delimiter = ','
+    )]
     oidc_audiences: Vec<String>,
+    /// Prune audit records older than this (e.g. 365d) at start and every
+    /// hour, leaving a signed checkpoint (default: keep every record).
+    #[arg(long, env = "CORDON_AUDIT_RETENTION", value_parser = parse_duration)]
+    audit_retention: Option<Duration>,
     /// Claim of external tokens whose values name Cordon roles.
-    #[arg(long, default_value = "roles")]
+    #[arg(long, env = "CORDON_OIDC_ROLE_CLAIM", default_value = "roles")]
     oidc_role_claim: String,
     /// Claim of external tokens whose values are user groups.
-    #[arg(long, default_value = "groups")]
+    #[arg(long, env = "CORDON_OIDC_GROUP_CLAIM", default_value = "groups")]
     oidc_group_claim: String,
     /// VALUE=ROLE: a role-claim value that grants a Cordon role (repeatable),
     /// such as soc-tier1=Viewer. With any mapping given, only mapped values grant roles;
-    /// with none, the values name Cordon roles directly.
-    #[arg(long = "oidc-role-map")]
+    /// with none, the values name Cordon roles directly. Semicolon-separated
+    /// in the environment variable (claim values may hold commas).
+    #[arg(
+        long = "oidc-role-map",
+        env = "CORDON_OIDC_ROLE_MAP",
+        value_delimiter = ';'
+    )]
     oidc_role_map: Vec<String>,
     /// PEM file of CA certificates trusted for the providers' HTTPS
     /// (besides the system's).
-    #[arg(long)]
+    #[arg(long, env = "CORDON_OIDC_CA_FILE")]
     oidc_ca_file: Option<PathBuf>,
 }
 
@@ -397,7 +459,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::App(command) => app_command(command).await,
         Command::EnrollToken(command) => enroll_token_command(command).await,
         Command::Machine(command) => machine_command(command).await,
@@ -413,9 +475,28 @@ async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify { data } => {
             let store = data.open().await?;
+            let checkpoint = store.audit_checkpoint().await?;
+            if let Some(c) = &checkpoint {
+                let key = server::signing_key(&store).await?;
+                if !key.verify_text(&c.signed_text(), &c.signature) {
+                    bail!(
+                        "the audit chain is broken: the checkpoint of the last prune (record {}) \
+                         is not signed by this server's key (it was altered)",
+                        c.seq
+                    );
+                }
+            }
             match store.verify_audit().await? {
                 Ok(count) => {
-                    println!("{count} records, chain intact");
+                    match &checkpoint {
+                        Some(c) => println!(
+                            "{count} records, chain intact from the signed checkpoint \
+                             (records up to {} pruned on {})",
+                            c.seq,
+                            proto::time::format_utc(c.pruned_at)
+                        ),
+                        None => println!("{count} records, chain intact"),
+                    }
                     Ok(())
                 }
                 Err(broken) => bail!(
@@ -425,6 +506,35 @@ async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
                     broken.reason
                 ),
             }
+        }
+        AuditCommand::Prune { data, before, json } => {
+            if before > server::now_nanos() {
+                bail!("--before is in the future: that would remove records still being written");
+            }
+            let store = server::open_store(&data.data_dir)?;
+            let key = std::sync::Arc::new(server::signing_key(&store).await?);
+            let (removed, checkpoint) =
+                server::audit::prune(&store, key, before, server::audit::cli_principal(), "CLI")
+                    .await?;
+            let before = proto::time::format_utc(before);
+            if json {
+                let out = serde_json::json!({
+                    "removed": removed,
+                    "before": before,
+                    "checkpointSeq": checkpoint.as_ref().map(|c| c.seq),
+                    "checkpointHash": checkpoint.as_ref().map(|c| c.hash.clone()),
+                });
+                println!("{out}");
+            } else if removed == 0 {
+                println!("no audit records before {before}; nothing removed");
+            } else if let Some(c) = checkpoint {
+                println!(
+                    "removed {removed} audit records before {before}; the chain now starts \
+                     after record {} (checkpoint hash {})",
+                    c.seq, c.hash
+                );
+            }
+            Ok(())
         }
         AuditCommand::Export { data, since } => {
             let store = data.open().await?;
@@ -477,7 +587,7 @@ fn init_logging() {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
     let mut config = Config::new(args.data.data_dir);
-    config.listen = args.listen;
+    config.listen_host = args.listen.name().map(str::to_owned);
     config.public_url = args.public_url;
     config.tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => TlsSource::Files { cert, key },
@@ -494,6 +604,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.signin_failures_per_source = args.signin_failures_per_source;
     config.enroll_per_source_per_minute = args.enroll_limit_per_source;
     config.enroll_per_minute = args.enroll_limit_total;
+    config.client_failures_per_client = args.client_failures_per_client;
+    config.client_failures_per_source = args.client_failures_per_source;
+    config.connections = server::conns::Limits {
+        agents: args.max_agent_connections,
+        api: args.max_api_connections,
+        handshakes: args.max_handshakes,
+        per_source: args.max_connections_per_source,
+    };
+    for (flag, value) in [
+        ("--max-agent-connections", args.max_agent_connections),
+        ("--max-api-connections", args.max_api_connections),
+        ("--max-handshakes", args.max_handshakes),
+    ] {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if args.connection_idle_timeout.is_zero()
+        || args.connection_idle_timeout > Duration::from_secs(86_400)
+    {
+        bail!("--connection-idle-timeout must be between 1ms and 24h");
+    }
+    if args.connection_max_lifetime.is_zero()
+        || args.connection_max_lifetime > Duration::from_secs(30 * 86_400)
+    {
+        bail!("--connection-max-lifetime must be between 1ms and 30d");
+    }
+    config.idle_timeout = args.connection_idle_timeout;
+    config.max_connection_lifetime = args.connection_max_lifetime;
+    config.audit_retention = args.audit_retention.filter(|r| !r.is_zero());
     if args.oidc_issuers.len() != args.oidc_audiences.len() {
         bail!("give one --oidc-audience for each --oidc-issuer, in the same order");
     }
@@ -519,10 +659,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     {
         bail!("--public-url must start with https://");
     }
-    let running = server::start(config).await?;
+    let listeners = args.listen.bind()?;
+    config.listen = listeners[0].local_addr()?;
+    let self_signed = matches!(config.tls, TlsSource::SelfSigned { .. });
+    let guessed_url = config.public_url.is_none()
+        && args.listen.name().is_none()
+        && config.listen.ip().is_unspecified();
+    let running = server::start_with(config, listeners).await?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "Cordon is serving on https://{}", running.local_addr)?;
+    for addr in &running.listen_addrs {
+        writeln!(out, "Cordon is serving on https://{addr}")?;
+    }
     writeln!(out, "  URL:       {}", running.public_url)?;
+    if self_signed {
+        writeln!(out, "  TLS names: {}", running.tls_names.join(", "))?;
+    }
+    if guessed_url {
+        let port = running.local_addr.port();
+        if self_signed {
+            writeln!(
+                out,
+                "  Note:      serving every address, under this machine's host name. Clients must \
+                 use one of the TLS names; add a name with --tls-san NAME, and give the URL \
+                 clients use with --public-url https://NAME:{port}."
+            )?;
+        } else {
+            writeln!(
+                out,
+                "  Note:      serving every address, under this machine's host name. Give the URL \
+                 clients use (a name your certificate carries) with --public-url https://NAME:{port}."
+            )?;
+        }
+    }
     writeln!(out, "  Tenant id: {}", running.tenant_id)?;
     writeln!(
         out,
@@ -535,10 +703,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     out.flush()?;
     drop(out);
     tracing::info!(address = %running.local_addr, tenant_id = %running.tenant_id, "serving");
+    let state = running.state.clone();
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("stopping"),
         _ = running.wait() => {}
     }
+    // Refusals counted but not yet recorded.
+    server::audit::flush_folds(&state, true).await;
     Ok(())
 }
 
@@ -585,7 +756,7 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
                 .create_app(store::App {
                     client_id: client_id.clone(),
                     name: name.clone(),
-                    secret_hash: crypto::hash_secret(&secret),
+                    secret_hash: crypto::hash_client_secret(&secret),
                     permissions: unique.clone(),
                     created_at: server::now_nanos(),
                 })

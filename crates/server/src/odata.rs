@@ -139,6 +139,7 @@ pub const AUDIT_PROPERTIES: &[&str] = &[
     "outcome",
     "status",
     "detail",
+    "count",
     "hash",
     "previousHash",
 ];
@@ -151,6 +152,10 @@ pub const MAX_PAGE_SIZE: u64 = 10_000;
 pub const MAX_FILTER_LEN: usize = 8 * 1024;
 /// The deepest nesting of parentheses, `not` and `any()` in a `$filter`.
 pub const MAX_DEPTH: usize = 64;
+/// The most conditions (comparisons, `in`, `startswith()`) a `$filter` may
+/// hold once `or`-ed equalities on one field are combined into one `in`:
+/// the cost of a query grows with rows × conditions, so this bounds it.
+pub const MAX_CONDITIONS: usize = 100;
 
 /// How many characters of client input an error message echoes at most.
 const MAX_ECHO: usize = 40;
@@ -199,7 +204,7 @@ fn system_option(name: &str) -> Option<Opt> {
 ///
 /// `raw_query` is the URL's query string without `?` (percent-encoded, `+` means space), or None.
 /// On error returns a human-readable message naming the problem (the server wraps it into a 400 ODataError).
-pub fn parse<F: FieldSql + 'static>(
+pub fn parse<F: FieldSql + PartialEq + 'static>(
     raw_query: Option<&str>,
     fields: &'static [FieldName<F>],
     properties: &'static [&'static str],
@@ -719,7 +724,7 @@ fn balanced<F>(first: Filter<F>, mut rest: Vec<Filter<F>>, join: Join<F>) -> Fil
 }
 
 /// Parses a `$filter` expression over `fields`.
-fn parse_filter<F: FieldSql + 'static>(
+fn parse_filter<F: FieldSql + PartialEq + 'static>(
     text: &str,
     fields: &'static [FieldName<F>],
 ) -> Result<Filter<F>, String> {
@@ -742,7 +747,119 @@ fn parse_filter<F: FieldSql + 'static>(
     if parser.next < parser.tokens.len() {
         return Err(parser.unexpected(None));
     }
+    let conditions = conditions(&filter);
+    if conditions > MAX_CONDITIONS {
+        return Err(format!(
+            "$filter is too complex: it has {conditions} conditions, at most {MAX_CONDITIONS} are \
+             allowed (eq conditions on one field joined by or count as one, as would one in (…))"
+        ));
+    }
     Ok(filter)
+}
+
+/// The conditions of `filter`: its comparisons, `in` lists and
+/// `startswith()` calls, inside `any()` too.
+fn conditions<F>(filter: &Filter<F>) -> usize {
+    match filter {
+        Filter::And(a, b) | Filter::Or(a, b) => conditions(a) + conditions(b),
+        Filter::Not(a) => conditions(a),
+        Filter::Any(_, body) => conditions(body).max(1),
+        Filter::Compare(..) | Filter::In(..) | Filter::StartsWith(..) => 1,
+    }
+}
+
+/// A condition on a set field (machine tags) outside `any()` means "some
+/// element satisfies it": written as the `any()` it is, so that `or`-ed
+/// conditions on the set combine like those inside one `any()`.
+fn on_set<F: FieldSql>(filter: Filter<F>, field: F) -> Filter<F> {
+    if field.kind() == Kind::TextSet {
+        Filter::Any(field, Box::new(filter))
+    } else {
+        filter
+    }
+}
+
+/// The terms of an `or` tree, left to right.
+fn or_terms<F>(filter: Filter<F>, out: &mut Vec<Filter<F>>) {
+    match filter {
+        Filter::Or(a, b) => {
+            or_terms(*a, out);
+            or_terms(*b, out);
+        }
+        other => out.push(other),
+    }
+}
+
+/// Joins `terms` with `or`, combining first what makes the query cheaper
+/// without changing its meaning: equalities (and `in` lists) on one field
+/// become one `in` list, a set lookup; `any()` conditions on one collection
+/// become one `any()` (some element satisfies a or some satisfies b = some
+/// element satisfies a or b), so the collection is read once.
+fn join_or<F: FieldSql + PartialEq>(terms: Vec<Filter<F>>) -> Filter<F> {
+    enum Slot<F> {
+        Plain(Filter<F>),
+        /// Equalities and `in` lists on one field.
+        Values(F, Vec<Filter<F>>),
+        /// The bodies of `any()` on one field.
+        Any(F, Vec<Filter<F>>),
+    }
+    let mut flat = Vec::with_capacity(terms.len());
+    for term in terms {
+        or_terms(term, &mut flat);
+    }
+    let mut slots: Vec<Slot<F>> = Vec::new();
+    for term in flat {
+        match term {
+            Filter::Compare(field, CmpOp::Eq, ref value) if *value != Value::Null => {
+                match slots
+                    .iter_mut()
+                    .find(|s| matches!(s, Slot::Values(f, _) if *f == field))
+                {
+                    Some(Slot::Values(_, group)) => group.push(term),
+                    _ => slots.push(Slot::Values(field, vec![term])),
+                }
+            }
+            Filter::In(field, _) => match slots
+                .iter_mut()
+                .find(|s| matches!(s, Slot::Values(f, _) if *f == field))
+            {
+                Some(Slot::Values(_, group)) => group.push(term),
+                _ => slots.push(Slot::Values(field, vec![term])),
+            },
+            Filter::Any(field, body) => match slots
+                .iter_mut()
+                .find(|s| matches!(s, Slot::Any(f, _) if *f == field))
+            {
+                Some(Slot::Any(_, bodies)) => bodies.push(*body),
+                _ => slots.push(Slot::Any(field, vec![*body])),
+            },
+            other => slots.push(Slot::Plain(other)),
+        }
+    }
+    let mut joined: Vec<Filter<F>> = slots
+        .into_iter()
+        .map(|slot| match slot {
+            Slot::Plain(filter) => filter,
+            Slot::Values(_, mut group) if group.len() == 1 => group.remove(0),
+            Slot::Values(field, group) => {
+                let mut values = Vec::new();
+                for term in group {
+                    match term {
+                        Filter::Compare(_, _, value) => values.push(value),
+                        Filter::In(_, list) => values.extend(list),
+                        _ => {}
+                    }
+                }
+                Filter::In(field, values)
+            }
+            Slot::Any(field, mut bodies) if bodies.len() == 1 => {
+                Filter::Any(field, Box::new(bodies.remove(0)))
+            }
+            Slot::Any(field, bodies) => Filter::Any(field, Box::new(join_or(bodies))),
+        })
+        .collect();
+    let first = joined.remove(0);
+    balanced(first, joined, Filter::Or)
 }
 
 struct Parser<F: 'static> {
@@ -754,7 +871,7 @@ struct Parser<F: 'static> {
     fields: &'static [FieldName<F>],
 }
 
-impl<F: FieldSql + 'static> Parser<F> {
+impl<F: FieldSql + PartialEq + 'static> Parser<F> {
     fn peek(&self) -> Option<&Tok> {
         self.peek_at(0)
     }
@@ -817,12 +934,11 @@ impl<F: FieldSql + 'static> Parser<F> {
 
     /// `or := and ('or' and)*`
     fn or(&mut self) -> Result<Filter<F>, String> {
-        let first = self.and()?;
-        let mut rest = Vec::new();
+        let mut terms = vec![self.and()?];
         while self.eat_word("or") {
-            rest.push(self.and()?);
+            terms.push(self.and()?);
         }
-        Ok(balanced(first, rest, Filter::Or))
+        Ok(join_or(terms))
     }
 
     /// `and := unary ('and' unary)*`
@@ -883,7 +999,8 @@ impl<F: FieldSql + 'static> Parser<F> {
             }
             Some(Tok::Word(word)) if word.eq_ignore_ascii_case("in") => {
                 self.next += 1;
-                return Ok(Filter::In(field.field, self.list(field)?));
+                let list = Filter::In(field.field, self.list(field)?);
+                return Ok(on_set(list, field.field));
             }
             Some(Tok::Word(word)) => comparison(word),
             _ => None,
@@ -902,7 +1019,7 @@ impl<F: FieldSql + 'static> Parser<F> {
             ));
         }
         let value = self.value(field)?;
-        Ok(Filter::Compare(field.field, op, value))
+        Ok(on_set(Filter::Compare(field.field, op, value), field.field))
     }
 
     /// A literal of the field's kind (`null` too, unless it is a set).
@@ -995,7 +1112,14 @@ impl<F: FieldSql + 'static> Parser<F> {
         };
         self.next += 1;
         self.expect(Tok::Close, "')'")?;
-        Ok(self.bool_suffix(Filter::StartsWith(field.field, prefix)))
+        let call = Filter::StartsWith(field.field, prefix);
+        // Outside any(), a set's startswith() is "some element starts
+        // with", and `eq false` negates all of that.
+        let call = match lambda {
+            Some(_) => call,
+            None => on_set(call, field.field),
+        };
+        Ok(self.bool_suffix(call))
     }
 
     /// Applies an optional `eq true`, `eq false`, `ne true` or `ne false`
@@ -1058,14 +1182,13 @@ impl<F: FieldSql + 'static> Parser<F> {
         let body = self.lambda_or(&var, field)?;
         self.expect(Tok::Close, "')'")?;
         self.leave();
-        Ok(body)
+        Ok(Filter::Any(field.field, Box::new(body)))
     }
 
     /// `lambda_or := lambda_term ('or' lambda_term)*`. `and` and `not` are
     /// refused: "some element is a and b" is not "some is a and some is b".
     fn lambda_or(&mut self, var: &str, field: &'static FieldName<F>) -> Result<Filter<F>, String> {
-        let first = self.lambda_term(var, field)?;
-        let mut rest = Vec::new();
+        let mut terms = vec![self.lambda_term(var, field)?];
         loop {
             if self.is_word("and") {
                 return Err(
@@ -1076,9 +1199,9 @@ impl<F: FieldSql + 'static> Parser<F> {
             if !self.eat_word("or") {
                 break;
             }
-            rest.push(self.lambda_term(var, field)?);
+            terms.push(self.lambda_term(var, field)?);
         }
-        Ok(balanced(first, rest, Filter::Or))
+        Ok(join_or(terms))
     }
 
     /// `'(' lambda_or ')' | startswith(var, 'text') | var op 'text' | var in (…)`
@@ -1183,6 +1306,10 @@ mod tests {
 
     fn not<F>(a: Filter<F>) -> Filter<F> {
         Filter::Not(Box::new(a))
+    }
+
+    fn any(inner: Filter<M>) -> Filter<M> {
+        Filter::Any(M::MachineTags, Box::new(inner))
     }
 
     fn starts<F>(field: F, prefix: &str) -> Filter<F> {
@@ -1633,9 +1760,16 @@ mod tests {
                 ),
                 (
                     "status eq 'Pending' or status eq 'InProgress'",
+                    Filter::In(A::Status, vec![text("Pending"), text("InProgress")]),
+                ),
+                (
+                    "status eq 'a' or type eq 'b' or status in ('c', 'd') or status eq null",
                     or(
-                        eq(A::Status, text("Pending")),
-                        eq(A::Status, text("InProgress")),
+                        or(
+                            Filter::In(A::Status, vec![text("a"), text("c"), text("d")]),
+                            eq(A::Type, text("b")),
+                        ),
+                        eq(A::Status, Value::Null),
                     ),
                 ),
                 (
@@ -1655,7 +1789,7 @@ mod tests {
                 (
                     "(status eq 'a' or status eq 'b') and type eq 'c'",
                     and(
-                        or(eq(A::Status, text("a")), eq(A::Status, text("b"))),
+                        Filter::In(A::Status, vec![text("a"), text("b")]),
                         eq(A::Type, text("c")),
                     ),
                 ),
@@ -1668,9 +1802,19 @@ mod tests {
                 ),
                 (
                     "id eq 'a' or id eq 'b' or id eq 'c' or id eq 'd'",
+                    Filter::In(A::Id, vec![text("a"), text("b"), text("c"), text("d")]),
+                ),
+                (
+                    "id gt 'a' or id gt 'b' or id gt 'c' or id gt 'd'",
                     or(
-                        or(eq(A::Id, text("a")), eq(A::Id, text("b"))),
-                        or(eq(A::Id, text("c")), eq(A::Id, text("d"))),
+                        or(
+                            cmp(A::Id, CmpOp::Gt, text("a")),
+                            cmp(A::Id, CmpOp::Gt, text("b")),
+                        ),
+                        or(
+                            cmp(A::Id, CmpOp::Gt, text("c")),
+                            cmp(A::Id, CmpOp::Gt, text("d")),
+                        ),
                     ),
                 ),
                 ("not status eq 'a'", not(eq(A::Status, text("a")))),
@@ -1795,66 +1939,92 @@ mod tests {
                     "startswith(computerDnsName,'web-')",
                     starts(M::ComputerDnsName, "web-"),
                 ),
-                ("machineTags eq 'prod'", eq(M::MachineTags, text("prod"))),
+                (
+                    "machineTags eq 'prod'",
+                    any(eq(M::MachineTags, text("prod"))),
+                ),
                 (
                     "machineTags in ('prod','dev')",
-                    Filter::In(M::MachineTags, vec![text("prod"), text("dev")]),
+                    any(Filter::In(M::MachineTags, vec![text("prod"), text("dev")])),
                 ),
-                ("startswith(machineTags,'pr')", starts(M::MachineTags, "pr")),
+                (
+                    "startswith(machineTags,'pr')",
+                    any(starts(M::MachineTags, "pr")),
+                ),
+                (
+                    // No tag starts with 'pr'.
+                    "startswith(machineTags,'pr') eq false",
+                    not(any(starts(M::MachineTags, "pr"))),
+                ),
                 (
                     "machineTags/any(x: x eq 'prod')",
-                    eq(M::MachineTags, text("prod")),
+                    any(eq(M::MachineTags, text("prod"))),
                 ),
                 (
                     "MachineTags/ANY(tag:tag eq 'prod')",
-                    eq(M::MachineTags, text("prod")),
+                    any(eq(M::MachineTags, text("prod"))),
                 ),
                 (
                     "machineTags/any( t : t ne 'prod' )",
-                    cmp(M::MachineTags, CmpOp::Ne, text("prod")),
+                    any(cmp(M::MachineTags, CmpOp::Ne, text("prod"))),
                 ),
                 (
                     "machineTags/any(t: t gt 'm')",
-                    cmp(M::MachineTags, CmpOp::Gt, text("m")),
+                    any(cmp(M::MachineTags, CmpOp::Gt, text("m"))),
                 ),
                 (
                     "machineTags/any(t: startswith(t, 'pr'))",
-                    starts(M::MachineTags, "pr"),
+                    any(starts(M::MachineTags, "pr")),
                 ),
                 (
+                    // Some tag does not start with 'pr'.
                     "machineTags/any(t: startswith(t, 'pr') eq false)",
-                    not(starts(M::MachineTags, "pr")),
+                    any(not(starts(M::MachineTags, "pr"))),
                 ),
                 (
                     "machineTags/any(t: t in ('a','b'))",
-                    Filter::In(M::MachineTags, vec![text("a"), text("b")]),
+                    any(Filter::In(M::MachineTags, vec![text("a"), text("b")])),
                 ),
                 (
                     "machineTags/any(t: t eq 'a' or t eq 'b')",
-                    or(eq(M::MachineTags, text("a")), eq(M::MachineTags, text("b"))),
+                    any(Filter::In(M::MachineTags, vec![text("a"), text("b")])),
                 ),
                 (
                     "machineTags/any(t: (t eq 'a' or (startswith(t,'b'))))",
-                    or(eq(M::MachineTags, text("a")), starts(M::MachineTags, "b")),
+                    any(or(
+                        eq(M::MachineTags, text("a")),
+                        starts(M::MachineTags, "b"),
+                    )),
                 ),
                 (
                     "machineTags/any(t: t eq 'a') and machineTags/any(t: t eq 'b')",
-                    and(eq(M::MachineTags, text("a")), eq(M::MachineTags, text("b"))),
+                    and(
+                        any(eq(M::MachineTags, text("a"))),
+                        any(eq(M::MachineTags, text("b"))),
+                    ),
+                ),
+                (
+                    // One any() over the tags, one in list inside.
+                    "machineTags/any(t: t eq 'a') or machineTags eq 'b' or machineTags/any(t: t in ('c') or startswith(t, 'd'))",
+                    any(or(
+                        Filter::In(M::MachineTags, vec![text("a"), text("b"), text("c")]),
+                        starts(M::MachineTags, "d"),
+                    )),
                 ),
                 (
                     "not machineTags/any(t: t eq 'a')",
-                    not(eq(M::MachineTags, text("a"))),
+                    not(any(eq(M::MachineTags, text("a")))),
                 ),
                 (
                     "machineTags/any(id: id eq 'x')",
-                    eq(M::MachineTags, text("x")),
+                    any(eq(M::MachineTags, text("x"))),
                 ),
                 (
                     "isolationState eq 'Isolated' and (machineTags eq 'prod' or rbacGroupId eq 2)",
                     and(
                         eq(M::IsolationState, text("Isolated")),
                         or(
-                            eq(M::MachineTags, text("prod")),
+                            any(eq(M::MachineTags, text("prod"))),
                             eq(M::RbacGroupId, Value::Int(2)),
                         ),
                     ),
@@ -2207,10 +2377,31 @@ mod tests {
                 chain.push_str(separator);
                 chain.push_str(term);
             }
-            let filter = action_filter(&chain).unwrap();
             let terms = chain.matches(term).count();
             assert!(terms > 400, "{terms}");
+            let mut parser = Parser {
+                tokens: tokenize(&chain).unwrap(),
+                next: 0,
+                depth: 0,
+                fields: ACTION_FIELDS,
+            };
+            let filter = parser.or().unwrap();
             assert!(depth(&filter) <= 12, "{separator}: {}", depth(&filter));
+            // Only the chain of `or` fits the complexity budget: its
+            // equalities become one `in` list.
+            match action_filter(&chain) {
+                Ok(filter) => {
+                    assert_eq!(separator, " or ");
+                    assert!(matches!(&filter, Filter::In(A::Id, values) if values.len() == terms));
+                }
+                Err(message) => {
+                    assert_ne!(separator, " or ");
+                    assert!(
+                        message.contains(&format!("it has {terms} conditions, at most 100")),
+                        "{message}"
+                    );
+                }
+            }
         }
 
         let too_long = format!("id eq '{}'", "a".repeat(MAX_FILTER_LEN));
@@ -2450,7 +2641,10 @@ mod tests {
         let next = next_page_query(Some(raw), &machine_cursor, None);
         let again = machines(&next).unwrap();
         assert_eq!(again.query.after, Some(machine_cursor));
-        assert_eq!(again.query.filter, Some(eq(M::MachineTags, text("a b"))));
+        assert_eq!(
+            again.query.filter,
+            Some(any(eq(M::MachineTags, text("a b"))))
+        );
     }
 
     #[test]

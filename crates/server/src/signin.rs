@@ -102,15 +102,13 @@ pub async fn check_password(
     let hash = user
         .as_ref()
         .map_or_else(|| state.dummy_hash.clone(), |u| u.password_hash.clone());
-    let password = password.to_owned();
-    // At most a few hashes at once, whatever the number of attempts.
-    let _slot = state
-        .password_hashes
-        .acquire()
-        .await
-        .map_err(|_| SignInFailure::Unavailable)?;
     let too_long = password.len() > MAX_PASSWORD;
-    let matches = crypto::verify_secret_off_thread(password, hash).await && !too_long;
+    // At most a few hashes at once, whatever the number of attempts.
+    let matches = state
+        .verify_slow_hash(password.to_owned(), hash)
+        .await
+        .ok_or(SignInFailure::Unavailable)?
+        && !too_long;
     match user {
         Some(user) if matches && !user.disabled => {
             attempt.succeeded();

@@ -392,6 +392,7 @@ async fn sessions_need_the_enrolled_key_and_an_unrevoked_machine() {
     let forged = agent::Identity {
         machine_id: agent.machine_id(),
         server: other.identity.server.clone(),
+        name: None,
         key: agent::Identity::load(&other.state.0).unwrap().key,
         tls: other.identity.tls.clone(),
         state_dir: other.state.0.clone(),

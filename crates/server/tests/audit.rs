@@ -5,6 +5,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
 use http::Method;
@@ -325,4 +326,297 @@ async fn audit_verify_names_the_edited_or_deleted_record() {
         "{stderr}"
     );
     drop(db);
+}
+
+/// Size of the database and its write-ahead log.
+fn database_bytes(dir: &Path) -> u64 {
+    ["cordon.db", "cordon.db-wal"]
+        .iter()
+        .filter_map(|name| std::fs::metadata(dir.join(name)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unauthenticated_refusals_is_folded_and_the_server_stays_usable() {
+    let server = TestServer::start_with(|c| c.audit_fold_window = Duration::from_secs(1)).await;
+    let agent = server.enroll("m1").await;
+    let mut api = server.api().await;
+    let before = database_bytes(&server.dir.0);
+
+    // 400 unauthenticated calls with 32 KiB paths, 8 at a time.
+    const CALLS: usize = 400;
+    let long_path = format!("/api/machines/{}/isolate", "a".repeat(32 * 1024));
+    let mut attackers = Vec::new();
+    for _ in 0..8 {
+        let mut http = server.https();
+        let path = long_path.clone();
+        attackers.push(tokio::spawn(async move {
+            for _ in 0..CALLS / 8 {
+                let reply = http
+                    .request(
+                        Method::POST,
+                        &path,
+                        &[("content-type", "application/json")],
+                        b"{}".to_vec(),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(reply.status, 401);
+            }
+        }));
+    }
+    // A legitimate isolation meanwhile is answered, and promptly.
+    let started = Instant::now();
+    let isolate = api.isolate(&agent.machine_id()).await;
+    assert_eq!(isolate.status, 201, "{:?}", isolate.body);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    for attacker in attackers {
+        attacker.await.unwrap();
+    }
+
+    // Once the window ends, the refusals are two records: the first, and
+    // one that counts the rest.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let refused: Vec<_> = records(&server)
+            .await
+            .into_iter()
+            .filter(|r| r.event.status == 401 && r.event.action == "isolate")
+            .collect();
+        if refused.iter().map(|r| r.event.count).sum::<i64>() == CALLS as i64 {
+            break refused;
+        }
+        assert!(Instant::now() < deadline, "{refused:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    assert_eq!(refused[0].event.count, 1);
+    assert_eq!(refused[1].event.count, CALLS as i64 - 1);
+    assert!(
+        refused[1]
+            .event
+            .detail
+            .as_deref()
+            .unwrap()
+            .starts_with(&format!("{} calls like this from ", CALLS - 1))
+    );
+    for record in &refused {
+        assert_eq!(record.event.principal, "anonymous");
+        assert_eq!(record.event.target.chars().count(), 512);
+        assert!(record.event.target.ends_with('…'));
+    }
+    // Before: 400 records of 32 KiB each, 13 MB and more.
+    let grown = database_bytes(&server.dir.0).saturating_sub(before);
+    assert!(grown < 1024 * 1024, "the database grew by {grown} bytes");
+    assert_eq!(
+        server.store().verify_audit().await.unwrap(),
+        Ok(records(&server).await.len() as u64)
+    );
+
+    // Through the API, the folded record carries its count.
+    let mut admin = admin(&server).await;
+    let body = admin
+        .get("/api/auditEvents?$filter=status%20eq%20401&$orderby=dateTimeUtc%20desc&$top=1")
+        .await
+        .json()
+        .unwrap();
+    assert_eq!(body["value"][0]["count"], CALLS as i64 - 1, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_pages_are_bounded_in_bytes_whatever_the_records_hold() {
+    let server = TestServer::start().await;
+    // 200 records of 64 KiB, as the trail stored them before records were
+    // capped (written here straight into the database).
+    {
+        let db = rusqlite::Connection::open(server.dir.0.join("cordon.db")).unwrap();
+        db.busy_timeout(Duration::from_secs(10)).unwrap();
+        let target = "x".repeat(64 * 1024);
+        for n in 0..200 {
+            db.execute(
+                "INSERT INTO audit_events (id, at, principal, source_address, request_id, \
+                 method, target, action, outcome, status, detail, prev_hash, hash) \
+                 VALUES (?1, ?2, 'anonymous', '127.0.0.1', 'r', 'GET', ?3, 'machine.list', \
+                 'Refused', 401, NULL, '', '')",
+                rusqlite::params![format!("big-{n}"), n, target],
+            )
+            .unwrap();
+        }
+    }
+    let mut admin = admin(&server).await;
+    let mut next =
+        Some("/api/auditEvents?$top=10000&$filter=action%20eq%20'machine.list'".to_owned());
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    while let Some(path) = next {
+        let reply = admin.get(&path).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        // Before: one page of 13 MB.
+        assert!(
+            reply.body.len() < 6 * 1024 * 1024,
+            "{} bytes",
+            reply.body.len()
+        );
+        let body = reply.json().unwrap();
+        for event in body["value"].as_array().unwrap() {
+            seen.push(event["id"].as_str().unwrap().to_owned());
+        }
+        next = body["@odata.nextLink"]
+            .as_str()
+            .map(|link| link[link.find("/api/").unwrap()..].to_owned());
+        pages += 1;
+        assert!(pages < 20);
+    }
+    assert!(pages > 1);
+    let expected: Vec<String> = (0..200).map(|n| format!("big-{n}")).collect();
+    assert_eq!(seen, expected, "each record once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_prune_leaves_a_signed_checkpoint_that_verify_starts_from() {
+    let server = TestServer::start().await;
+    let agent = server.enroll("m1").await;
+    let mut api = server.api().await;
+    for _ in 0..3 {
+        let isolate = api.isolate(&agent.machine_id()).await;
+        let id = isolate.json().unwrap()["id"].as_str().unwrap().to_owned();
+        let cancel = api
+            .post(&format!("/api/machineactions/{id}/cancel"), json!({}))
+            .await;
+        assert_eq!(cancel.status, 200);
+    }
+    let all = records(&server).await;
+    assert_eq!(all.len(), 7);
+    let cut = proto::time::format_utc(all[4].event.at);
+    let dir = server.dir.0.clone();
+
+    let prune = |before: &str| {
+        cordon()
+            .args(["audit", "prune", "--before", before, "--data-dir"])
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    let output = prune(&cut);
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.starts_with(&format!(
+            "removed 4 audit records before {cut}; the chain now starts after record {}",
+            all[3].seq
+        )),
+        "{stdout}"
+    );
+    let kept = records(&server).await;
+    assert_eq!(kept[0].seq, all[4].seq);
+    // The prune is itself recorded.
+    let last = kept.last().unwrap();
+    assert_eq!(last.event.action, "audit.prune");
+    assert_eq!(last.event.method, "CLI");
+    assert!(last.event.principal.starts_with("cli "));
+    let output = verify(&dir);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap(),
+        format!(
+            "4 records, chain intact from the signed checkpoint (records up to {} pruned on {})",
+            all[3].seq,
+            String::from_utf8_lossy(&output.stdout)
+                .trim_end()
+                .rsplit("pruned on ")
+                .next()
+                .unwrap()
+                .trim_end_matches(')')
+        )
+    );
+
+    // Nothing left before the cut: says so, changes nothing.
+    let output = prune(&cut);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("no audit records before {cut}; nothing removed")
+    );
+    assert_eq!(records(&server).await.len(), kept.len());
+    // Bad times are refused.
+    for bad in ["2999-01-01T00:00:00Z", "yesterday"] {
+        let output = prune(bad);
+        assert!(!output.status.success(), "{output:?}");
+    }
+
+    // A checkpoint moved back to hide deleted records no longer verifies.
+    let db = rusqlite::Connection::open(dir.join("cordon.db")).unwrap();
+    db.execute(
+        "UPDATE audit_checkpoints SET seq = seq + 1, hash = ?1",
+        [&kept[0].hash],
+    )
+    .unwrap();
+    db.execute("DELETE FROM audit_events WHERE seq = ?1", [kept[0].seq])
+        .unwrap();
+    let output = verify(&dir);
+    assert!(!output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("is not signed by this server's key"),
+        "{output:?}"
+    );
+    // Without its checkpoint, the pruned chain is missing its start.
+    db.execute("DELETE FROM audit_checkpoints", []).unwrap();
+    let output = verify(&dir);
+    assert!(!output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("records before it are missing"),
+        "{output:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_prunes_records_past_the_audit_retention() {
+    let dir = TempDir::new("retention");
+    {
+        let store = server::init_data_dir(&dir.0).unwrap();
+        for n in 0..5 {
+            store
+                .append_audit(store::NewAuditEvent {
+                    id: format!("old-{n}"),
+                    at: 1_000 + n,
+                    principal: "anonymous".into(),
+                    source_address: "127.0.0.1".into(),
+                    request_id: "r".into(),
+                    method: "GET".into(),
+                    target: "/api/machines".into(),
+                    action: "machine.list".into(),
+                    outcome: "Refused".into(),
+                    status: 401,
+                    detail: None,
+                    count: 1,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let mut config = test_config(&dir.0);
+    config.audit_retention = Some(Duration::from_secs(24 * 3600));
+    config.audit_fold_window = Duration::from_secs(1);
+    let running = server::start(config).await.unwrap();
+    let store = running.state.store.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = store.list_audit(store::Query::default()).await.unwrap();
+        if page.items.iter().all(|r| !r.event.id.starts_with("old-")) {
+            assert_eq!(page.items.len(), 1, "{:#?}", page.items);
+            assert_eq!(page.items[0].event.action, "audit.prune");
+            assert_eq!(page.items[0].event.principal, "server (audit retention)");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not pruned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(store.verify_audit().await.unwrap(), Ok(1));
+    drop(running);
+    let output = verify(&dir.0);
+    assert!(output.status.success(), "{output:?}");
 }

@@ -404,3 +404,151 @@ async fn permissions_are_checked_per_call() {
     let agent = server.enroll("m1").await;
     assert_eq!(api.isolate(&agent.machine_id()).await.status, 201);
 }
+
+/// The form of a client-credentials request.
+fn client_credentials_form(client_id: &str, secret: &str) -> Vec<u8> {
+    form(&[
+        ("grant_type", "client_credentials"),
+        ("client_id", client_id),
+        ("client_secret", secret),
+        ("scope", "https://api.securitycenter.microsoft.com/.default"),
+    ])
+}
+
+/// A client-credentials request for `client_id` with `secret`, from the
+/// loopback address `source`, on a connection of its own.
+async fn client_credentials(
+    server: &TestServer,
+    source: &str,
+    client_id: &str,
+    secret: &str,
+) -> agent::Reply {
+    let mut http = ClientFrom::connect(server, source).await.unwrap();
+    http.request(
+        Method::POST,
+        &format!("/{}/oauth2/v2.0/token", server.tenant()),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        client_credentials_form(client_id, secret),
+    )
+    .await
+    .unwrap()
+}
+
+/// 200 wrong secrets used to cost 200 slow hashes (38 s of CPU) and hold
+/// up everyone's token requests. Now a wrong secret costs one SHA-256, an
+/// unknown client nothing, and failures are throttled per client id and per
+/// address, while the real client, at the address it got tokens from
+/// before, keeps getting them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_client_secrets_is_cheap_for_the_server_and_throttled() {
+    let server = TestServer::start().await;
+    let (id, secret) = (server.client_id.clone(), server.client_secret.clone());
+    let (legit, attacker, elsewhere) = ("127.0.0.1", "127.0.0.2", "127.0.0.3");
+    let reply = client_credentials(&server, legit, &id, &secret).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+
+    let path = format!("/{}/oauth2/v2.0/token", server.tenant());
+    let attack = futures_util::future::join_all((0..8).map(|n| {
+        let (server, id, path) = (&server, id.clone(), path.clone());
+        async move {
+            let mut http = ClientFrom::connect(server, attacker).await.unwrap();
+            let mut statuses = Vec::new();
+            for i in 0..25 {
+                // Half against the real client id, half against unknown ones.
+                let target = if (n + i) % 2 == 0 {
+                    id.clone()
+                } else {
+                    server::crypto::new_guid()
+                };
+                let reply = http
+                    .request(
+                        Method::POST,
+                        &path,
+                        &[("content-type", "application/x-www-form-urlencoded")],
+                        client_credentials_form(&target, "guess"),
+                    )
+                    .await
+                    .unwrap();
+                if reply.status == 429 {
+                    let wait: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+                    assert!((1..=900).contains(&wait), "{wait}");
+                }
+                let body = reply.json().unwrap();
+                assert_eq!(body["error"], "invalid_client", "{body}");
+                statuses.push(reply.status.as_u16());
+            }
+            statuses
+        }
+    }));
+    let during = async {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        let reply = client_credentials(&server, legit, &id, &secret).await;
+        (reply.status, started.elapsed())
+    };
+    let (statuses, (legit_status, legit_took)) = tokio::join!(attack, during);
+    let statuses: Vec<u16> = statuses.into_iter().flatten().collect();
+    assert_eq!(statuses.len(), 200);
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    assert_eq!(refused + checked, 200, "{statuses:?}");
+    // The address gets 20 failures at most (attempts in flight count too).
+    assert!(checked <= 20, "{checked} secrets were checked");
+    assert_eq!(legit_status, 200);
+    assert!(
+        legit_took < std::time::Duration::from_secs(5),
+        "a legitimate token request took {legit_took:?} during the attack"
+    );
+
+    // The attacker's address is locked out now, for any client id it names,
+    let reply = client_credentials(&server, attacker, &server::crypto::new_guid(), "x").await;
+    assert_eq!(reply.status, 429);
+    // and so is the client id, from addresses it never got a token from,
+    let reply = client_credentials(&server, elsewhere, &id, &secret).await;
+    assert_eq!(reply.status, 429);
+    let reply = client_credentials(&server, elsewhere, &server::crypto::new_guid(), "x").await;
+    assert_eq!(reply.status, 401);
+    // but not at the address the real client uses.
+    let reply = client_credentials(&server, legit, &id, &secret).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+}
+
+/// Applications created before client secrets were hashed with SHA-256
+/// keep working: the old slow hash is checked once and replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_slow_client_secret_hash_still_works_and_is_replaced() {
+    let server = TestServer::start().await;
+    let client_id = server::crypto::new_guid();
+    let secret = server::crypto::new_secret();
+    server
+        .store()
+        .create_app(store::App {
+            client_id: client_id.clone(),
+            name: "Old app".into(),
+            secret_hash: server::crypto::hash_secret(&secret),
+            permissions: vec!["Machine.Read.All".into()],
+            created_at: server::now_nanos(),
+        })
+        .await
+        .unwrap();
+    let source = "127.0.0.1";
+    let reply = client_credentials(&server, source, &client_id, "wrong").await;
+    assert_eq!(reply.status, 401);
+    let stored = || async {
+        server
+            .store()
+            .get_app(&client_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .secret_hash
+    };
+    assert!(stored().await.starts_with("pbkdf2-sha512$"));
+    let reply = client_credentials(&server, source, &client_id, &secret).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(stored().await, server::crypto::hash_client_secret(&secret));
+    let reply = client_credentials(&server, source, &client_id, &secret).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let reply = client_credentials(&server, source, &client_id, "wrong").await;
+    assert_eq!(reply.status, 401);
+}

@@ -51,8 +51,14 @@ fn serve(data_dir: &Path) -> Served {
 }
 
 fn serve_on(data_dir: &Path, port: u16) -> Served {
+    serve_with(data_dir, port, &[])
+}
+
+/// `cordon serve` with extra arguments.
+fn serve_with(data_dir: &Path, port: u16, extra: &[&str]) -> Served {
     let mut child = cordon()
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .env("CORDON_DATA_DIR", data_dir)
         .env("CORDON_RATE_LIMIT_PER_MINUTE", "0")
         .env("CORDON_RATE_LIMIT_PER_HOUR", "0")
@@ -111,19 +117,27 @@ async fn token(url: &str, ca: &Path, app: &Value) -> String {
 fn serve_help_documents_every_environment_variable() {
     let output = cordon().args(["serve", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
-    for var in [
-        "CORDON_DATA_DIR",
-        "CORDON_LISTEN",
-        "CORDON_PUBLIC_URL",
-        "CORDON_TLS_CERT",
-        "CORDON_TLS_KEY",
-        "CORDON_TLS_SAN",
-        "CORDON_ACTION_EXPIRY",
-        "CORDON_RATE_LIMIT_PER_MINUTE",
-        "CORDON_RATE_LIMIT_PER_HOUR",
-        "CORDON_ENROLL_LIMIT_PER_SOURCE",
-        "CORDON_ENROLL_LIMIT_TOTAL",
-    ] {
+    // Each option's block of the long help, from its `--flag` line to the next.
+    let mut blocks: Vec<String> = Vec::new();
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("--") || trimmed.starts_with("-h") {
+            blocks.push(String::new());
+        }
+        if let Some(block) = blocks.last_mut() {
+            block.push_str(line);
+            block.push('\n');
+        }
+    }
+    let options: Vec<&String> = blocks.iter().filter(|b| !b.contains("--help")).collect();
+    assert!(options.len() >= 15, "{help}");
+    for block in options {
+        assert!(
+            block.contains("[env: CORDON_"),
+            "no environment variable:\n{block}"
+        );
+    }
+    for var in ["CORDON_DATA_DIR", "CORDON_LISTEN", "CORDON_OIDC_ISSUER"] {
         assert!(help.contains(var), "{var} missing from:\n{help}");
     }
     let output = cordon()
@@ -136,6 +150,179 @@ fn serve_help_documents_every_environment_variable() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("https://"));
+}
+
+/// Runs `cordon serve --listen LISTEN` on `data_dir`; returns the process
+/// and what it printed up to the CA file's line.
+fn serve_listen(data_dir: &Path, listen: &str) -> (Served, String) {
+    let mut child = cordon()
+        .args(["serve", "--listen", listen])
+        .env("CORDON_DATA_DIR", data_dir)
+        .env_remove("CORDON_PUBLIC_URL")
+        .env_remove("CORDON_TLS_SAN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("CA file:") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let url = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("URL:"))
+        .unwrap_or_else(|| panic!("no URL in {printed}"))
+        .trim()
+        .to_owned();
+    (Served { child, url }, printed)
+}
+
+/// A TLS handshake with the server on 127.0.0.1:`port`, verifying its
+/// certificate for `name` against the CA.
+async fn handshake(ca: &Path, port: u16, name: &str) -> Result<(), String> {
+    let config = agent::https::tls_config(ca).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(server_name, tcp)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_and_url_fit_the_listen_address() {
+    let dir = TempDir::new("listen");
+    let data = dir.0.join("data");
+    let ca = data.join("ca.pem");
+    let port = free_port();
+    let host = server::listen::host_name();
+
+    let (served, _) = serve_listen(&data, &format!("127.0.0.1:{port}"));
+    assert_eq!(served.url, format!("https://127.0.0.1:{port}"));
+    if let Some(host) = &host {
+        assert!(handshake(&ca, port, host).await.is_err(), "{host}");
+    }
+    drop(served);
+    let ca_files = (
+        std::fs::read(&ca).unwrap(),
+        std::fs::read(data.join("ca-key.pem")).unwrap(),
+    );
+    let first_cert = std::fs::read(data.join("server.pem")).unwrap();
+
+    // Every address: the host name and each local address, from the same CA.
+    let (served, printed) = serve_listen(&data, &format!("0.0.0.0:{port}"));
+    let host = host.unwrap_or_else(|| "localhost".into());
+    assert_eq!(served.url, format!("https://{host}:{port}"), "{printed}");
+    assert!(
+        printed.contains("--tls-san") && printed.contains("--public-url"),
+        "{printed}"
+    );
+    handshake(&ca, port, &host).await.unwrap();
+    handshake(&ca, port, "localhost").await.unwrap();
+    let locals = server::listen::local_addresses("0.0.0.0".parse().unwrap());
+    assert!(!locals.is_empty());
+    for ip in locals {
+        assert!(printed.contains(&ip.to_string()), "{ip}: {printed}");
+        handshake(&ca, port, &ip.to_string()).await.unwrap();
+    }
+    drop(served);
+    assert_eq!(
+        (
+            std::fs::read(&ca).unwrap(),
+            std::fs::read(data.join("ca-key.pem")).unwrap()
+        ),
+        ca_files,
+        "the CA is kept"
+    );
+    assert_ne!(std::fs::read(data.join("server.pem")).unwrap(), first_cert);
+
+    // A host name: served on what it resolves to, under that name.
+    let (served, printed) = serve_listen(&data, &format!("localhost:{port}"));
+    assert_eq!(served.url, format!("https://localhost:{port}"), "{printed}");
+    let mut http =
+        agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &served.url).unwrap();
+    let reply = http
+        .request(http::Method::GET, "/api/machines", &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 401);
+}
+
+#[test]
+fn a_listen_address_that_is_not_host_and_port_is_refused_clearly() {
+    for (listen, expect) in [
+        ("localhost", "use HOST:PORT"),
+        ("localhost:99999", "is not a port"),
+        ("::1:8443", "brackets"),
+        ("no such host:8443", "use HOST:PORT"),
+    ] {
+        let output = cordon()
+            .args(["serve", "--listen", listen])
+            .env(
+                "CORDON_DATA_DIR",
+                std::env::temp_dir().join("cordon-unused"),
+            )
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{listen}");
+        let error = String::from_utf8_lossy(&output.stderr);
+        assert!(error.contains(expect), "{listen}: {error}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_logged_under_the_request_target() {
+    let dir = TempDir::new("reqlog");
+    let log = dir.0.join("serve.log");
+    let port = free_port();
+    let mut child = cordon()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("CORDON_DATA_DIR", dir.0.join("data"))
+        .env("CORDON_LOG", "info")
+        .env_remove("CORDON_LOG_FORMAT")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let ca = dir.0.join("data").join("ca.pem");
+    let url = format!("https://localhost:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let served = loop {
+        if ca.exists()
+            && let Ok(mut http) =
+                agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &url)
+            && let Ok(reply) = http
+                .request(http::Method::GET, "/api/machines", &[], Vec::new())
+                .await
+        {
+            assert_eq!(reply.status, 401);
+            let text = std::fs::read_to_string(&log).unwrap();
+            if let Some(line) = text.lines().find(|l| l.contains("served")) {
+                break line.to_owned();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(served.contains("cordon::request"), "{served}");
+    assert!(!served.contains("server::error"), "{served}");
+    assert!(served.contains("status=401"), "{served}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -745,4 +932,82 @@ async fn enroll_tokens_default_to_one_use_and_a_day_and_can_be_revoked() {
         stderr.contains("no enroll token has id 'no-such-id'"),
         "{stderr}"
     );
+}
+
+/// The connection caps and the client-authentication throttle are set by
+/// flags, each with its environment variable, and bad values are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_flags_reach_the_server() {
+    let output = cordon().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for var in [
+        "CORDON_CLIENT_FAILURES_PER_CLIENT",
+        "CORDON_CLIENT_FAILURES_PER_SOURCE",
+        "CORDON_MAX_AGENT_CONNECTIONS",
+        "CORDON_MAX_API_CONNECTIONS",
+        "CORDON_MAX_HANDSHAKES",
+        "CORDON_MAX_CONNECTIONS_PER_SOURCE",
+        "CORDON_CONNECTION_IDLE_TIMEOUT",
+        "CORDON_CONNECTION_MAX_LIFETIME",
+    ] {
+        assert!(help.contains(var), "{var} missing from:\n{help}");
+    }
+    let unused = std::env::temp_dir().join("cordon-unused");
+    for (args, env, says) in [
+        (
+            vec!["--max-api-connections", "0"],
+            None,
+            "--max-api-connections must be at least 1",
+        ),
+        (
+            vec![],
+            Some(("CORDON_CONNECTION_IDLE_TIMEOUT", "0s")),
+            "--connection-idle-timeout",
+        ),
+        (
+            vec!["--connection-max-lifetime", "99d"],
+            None,
+            "--connection-max-lifetime",
+        ),
+        (vec!["--max-handshakes", "many"], None, "invalid value"),
+    ] {
+        let mut command = cordon();
+        command
+            .arg("serve")
+            .args(&args)
+            .env("CORDON_DATA_DIR", &unused);
+        if let Some((name, value)) = env {
+            command.env(name, value);
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+
+    let dir = TempDir::new("cli-caps");
+    let port = free_port();
+    let served = serve_with(&dir.0, port, &["--max-connections-per-source", "2"]);
+    let ca = dir.0.join("ca.pem");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut http =
+            agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &served.url).unwrap();
+        let reply = http
+            .request(http::Method::GET, "/agent/v1/health", &[], Vec::new())
+            .await
+            .unwrap();
+        assert!(reply.status.is_success(), "{:?}", reply.status);
+        held.push(http);
+    }
+    let mut third =
+        agent::HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &served.url).unwrap();
+    assert!(
+        third
+            .request(http::Method::GET, "/agent/v1/health", &[], Vec::new())
+            .await
+            .is_err(),
+        "a third connection from the same address was served"
+    );
+    drop(held);
 }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-pub use audit::{AuditBreak, AuditField, AuditRecord, NewAuditEvent};
+pub use audit::{AuditBreak, AuditCheckpoint, AuditField, AuditRecord, NewAuditEvent};
 pub use exclusions::{ExclusionRuleFields, ExclusionRuleRecord, ExclusionRuleSet};
 pub use people::{
     DEFAULT_GROUP_ID, DEFAULT_GROUP_NAME, GroupRecord, NewGroup, RoleRecord, UserRecord,
@@ -96,6 +96,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migration4.sql"),
     include_str!("migration5.sql"),
     include_str!("migration6_enroll_tokens.sql"),
+    include_str!("migration7_audit_retention.sql"),
 ];
 
 /// Held while a connection opens or closes. The bundled SQLite (3.51.1)
@@ -199,20 +200,37 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Runs `f` on a read connection on the blocking pool.
+    /// Runs `f` on a read connection on the blocking pool. When the
+    /// returned future is dropped before it ends (the client went away),
+    /// the statement running is interrupted, so an abandoned query stops
+    /// using the CPU.
     pub(crate) async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        let running = Arc::new(Mutex::new(Running::default()));
+        let guard = InterruptOnDrop(Some(running.clone()));
+        let outcome = tokio::task::spawn_blocking(move || {
             let pooled = inner.readers.lock().expect("reader pool").pop();
             let conn = match pooled {
                 Some(conn) => conn,
                 None => open_connection(&inner.path)?,
             };
-            let outcome = f(&conn);
+            let abandoned = {
+                let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
+                running.handle = Some(conn.get_interrupt_handle());
+                running.abandoned
+            };
+            let outcome = if abandoned {
+                Err(StoreError::Closed)
+            } else {
+                f(&conn)
+            };
+            // Under the lock: once the connection goes back to the pool,
+            // nothing can interrupt it on this read's behalf.
+            running.lock().unwrap_or_else(|p| p.into_inner()).handle = None;
             let mut pool = inner.readers.lock().expect("reader pool");
             if pool.len() < 16 {
                 pool.push(conn);
@@ -223,7 +241,9 @@ impl Store {
             outcome
         })
         .await
-        .map_err(|_| StoreError::Closed)?
+        .map_err(|_| StoreError::Closed)?;
+        guard.disarm();
+        outcome
     }
 
     /// Reads a value of the `meta` table, creating it with `init` when absent.
@@ -249,6 +269,40 @@ impl Store {
                 .optional()?)
         })
         .await
+    }
+}
+
+/// A read in progress, as seen by its future.
+#[derive(Default)]
+struct Running {
+    /// The connection's interrupt handle while the read uses it.
+    handle: Option<rusqlite::InterruptHandle>,
+    /// The future was dropped: don't start.
+    abandoned: bool,
+}
+
+/// Interrupts the read's statement when the future waiting for it is
+/// dropped.
+struct InterruptOnDrop(Option<Arc<Mutex<Running>>>);
+
+impl InterruptOnDrop {
+    /// The read ended: nothing to interrupt.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for InterruptOnDrop {
+    fn drop(&mut self) {
+        let Some(running) = &self.0 else {
+            return;
+        };
+        let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
+        running.abandoned = true;
+        if let Some(handle) = &running.handle {
+            handle.interrupt();
+            tracing::debug!("store: a read was abandoned; its statement is interrupted");
+        }
     }
 }
 
@@ -284,6 +338,50 @@ fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read whose future is dropped (its client went away) stops at
+    /// once instead of running its statement to the end.
+    #[test]
+    fn an_abandoned_read_is_interrupted() {
+        let dir = std::env::temp_dir().join(format!("cordon-store-abandon-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = Store::open(&dir.join("cordon.db")).unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        runtime.block_on(async {
+            // Counting to a billion takes SQLite minutes.
+            let slow = store.read(move |conn| {
+                let counted = conn.query_row(
+                    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c \
+                     WHERE x < 1000000000) SELECT count(*) FROM c",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                );
+                let _ = done_tx.send(counted.is_err());
+                Ok(())
+            });
+            let abandoned = tokio::time::timeout(std::time::Duration::from_millis(300), slow).await;
+            assert!(abandoned.is_err(), "the query is slow");
+        });
+        let Ok(interrupted) = done_rx.recv_timeout(std::time::Duration::from_secs(10)) else {
+            // Don't wait for the statement when the runtime is dropped.
+            runtime.shutdown_background();
+            panic!("the abandoned statement still runs after 10 seconds");
+        };
+        assert!(interrupted);
+        // The connection goes back to the pool and serves the next read.
+        runtime.block_on(async {
+            assert_eq!(store.meta("nothing").await.unwrap(), None);
+        });
+        drop(store);
+        runtime.shutdown_background();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// A store used and dropped, again and again, as each admin command
     /// does: its connections close one after another, never at once (two

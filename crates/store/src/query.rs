@@ -36,6 +36,11 @@ pub enum Filter<F> {
     Compare(F, CmpOp, Value),
     In(F, Vec<Value>),
     StartsWith(F, String),
+    /// Some element of the set field `F` (machine tags) satisfies the inner
+    /// filter, whose conditions on `F` are about that one element (OData
+    /// `machineTags/any(t: …)`). A condition on a set field outside `Any`
+    /// means the same as `Any` around it.
+    Any(F, Box<Filter<F>>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,55 +217,77 @@ fn filter_sql<F: FieldSql>(
             filter_sql(b, ctx, tags, params)
         ),
         Filter::Not(a) => format!("(NOT {})", filter_sql(a, ctx, tags, params)),
-        Filter::Compare(field, op, value) if field.kind() == Kind::TextSet => {
-            params.push(to_sql(value));
-            let op = op_sql(*op);
-            format!("EXISTS (SELECT 1 FROM {tags} g WHERE g.machine_id = t.id AND g.tag {op} ?)")
+        Filter::Any(_, inner) => any_sql(inner, tags, params),
+        Filter::Compare(field, _, _) | Filter::In(field, _) | Filter::StartsWith(field, _)
+            if field.kind() == Kind::TextSet =>
+        {
+            any_sql(filter, tags, params)
         }
-        Filter::Compare(field, op, Value::Null) => {
-            let expr = field.expr(ctx);
-            match op {
-                CmpOp::Eq => format!("({expr} IS NULL)"),
-                CmpOp::Ne => format!("({expr} IS NOT NULL)"),
-                _ => "(0)".to_owned(),
-            }
-        }
-        Filter::Compare(field, op, value) => {
-            params.push(to_sql(value));
-            let expr = field.expr(ctx);
-            match op {
-                // OData `ne` is true for null values too.
-                CmpOp::Ne => format!("({expr} IS NOT ?)"),
-                _ => format!("({expr} {} ?)", op_sql(*op)),
-            }
-        }
-        Filter::In(field, values) => {
-            if values.is_empty() {
-                return "(0)".to_owned();
-            }
-            let marks = vec!["?"; values.len()].join(", ");
-            params.extend(values.iter().map(to_sql));
-            if field.kind() == Kind::TextSet {
-                format!(
-                    "EXISTS (SELECT 1 FROM {tags} g WHERE g.machine_id = t.id AND g.tag IN ({marks}))"
-                )
-            } else {
-                format!("({} IN ({marks}))", field.expr(ctx))
-            }
-        }
-        Filter::StartsWith(field, prefix) => {
-            // substr comparison instead of LIKE: no wildcard characters to escape.
-            params.push(SqlValue::Integer(prefix.chars().count() as i64));
-            params.push(SqlValue::Text(prefix.clone()));
-            if field.kind() == Kind::TextSet {
-                format!(
-                    "EXISTS (SELECT 1 FROM {tags} g WHERE g.machine_id = t.id AND substr(g.tag, 1, ?) = ?)"
-                )
-            } else {
-                format!("(substr({}, 1, ?) = ?)", field.expr(ctx))
-            }
-        }
+        Filter::Compare(field, op, value) => compare_sql(&field.expr(ctx), *op, value, params),
+        Filter::In(field, values) => in_sql(&field.expr(ctx), values, params),
+        Filter::StartsWith(field, prefix) => starts_with_sql(&field.expr(ctx), prefix, params),
     }
+}
+
+/// "Some tag of the row satisfies `inner`": one uncorrelated subquery over
+/// the tags table, which SQLite evaluates once per statement (one pass over
+/// the tags, each checked against `inner`, whose `in` lists are set lookups),
+/// rather than once per row.
+fn any_sql<F: FieldSql>(inner: &Filter<F>, tags: &str, params: &mut Vec<SqlValue>) -> String {
+    let condition = element_sql(inner, params);
+    format!("(t.id IN (SELECT g.machine_id FROM {tags} g WHERE {condition}))")
+}
+
+/// `filter` with its conditions on the set field read as conditions on one
+/// element, `g.tag`.
+fn element_sql<F: FieldSql>(filter: &Filter<F>, params: &mut Vec<SqlValue>) -> String {
+    const ELEMENT: &str = "g.tag";
+    match filter {
+        Filter::And(a, b) => format!(
+            "({} AND {})",
+            element_sql(a, params),
+            element_sql(b, params)
+        ),
+        Filter::Or(a, b) => format!("({} OR {})", element_sql(a, params), element_sql(b, params)),
+        Filter::Not(a) => format!("(NOT {})", element_sql(a, params)),
+        // Nested `any` has no meaning on an element: the parser never makes it.
+        Filter::Any(_, inner) => element_sql(inner, params),
+        Filter::Compare(_, op, value) => compare_sql(ELEMENT, *op, value, params),
+        Filter::In(_, values) => in_sql(ELEMENT, values, params),
+        Filter::StartsWith(_, prefix) => starts_with_sql(ELEMENT, prefix, params),
+    }
+}
+
+fn compare_sql(expr: &str, op: CmpOp, value: &Value, params: &mut Vec<SqlValue>) -> String {
+    if *value == Value::Null {
+        return match op {
+            CmpOp::Eq => format!("({expr} IS NULL)"),
+            CmpOp::Ne => format!("({expr} IS NOT NULL)"),
+            _ => "(0)".to_owned(),
+        };
+    }
+    params.push(to_sql(value));
+    match op {
+        // OData `ne` is true for null values too.
+        CmpOp::Ne => format!("({expr} IS NOT ?)"),
+        _ => format!("({expr} {} ?)", op_sql(op)),
+    }
+}
+
+fn in_sql(expr: &str, values: &[Value], params: &mut Vec<SqlValue>) -> String {
+    if values.is_empty() {
+        return "(0)".to_owned();
+    }
+    let marks = vec!["?"; values.len()].join(", ");
+    params.extend(values.iter().map(to_sql));
+    format!("({expr} IN ({marks}))")
+}
+
+fn starts_with_sql(expr: &str, prefix: &str, params: &mut Vec<SqlValue>) -> String {
+    // substr comparison instead of LIKE: no wildcard characters to escape.
+    params.push(SqlValue::Integer(prefix.chars().count() as i64));
+    params.push(SqlValue::Text(prefix.to_owned()));
+    format!("(substr({expr}, 1, ?) = ?)")
 }
 
 /// A SELECT over `table` aliased `t`: the WHERE clause (filter and cursor),

@@ -10,7 +10,8 @@ use crate::{Result, Store, StoreError};
 pub struct App {
     pub client_id: String,
     pub name: String,
-    /// Encoded slow salted hash of the client secret.
+    /// Encoded hash of the client secret (`sha256$…`, or the older
+    /// `pbkdf2-sha512$…`).
     pub secret_hash: String,
     pub permissions: Vec<String>,
     pub created_at: i64,
@@ -398,7 +399,14 @@ pub(crate) struct Table<T> {
     pub(crate) seq_of: fn(&T) -> i64,
     /// The machine group of a row, for [`Query::groups`].
     pub(crate) group_expr: &'static str,
+    /// About how many bytes a row takes, for tables whose rows can be
+    /// large: a page then ends early once it holds [`MAX_PAGE_BYTES`].
+    pub(crate) size_of: Option<fn(&T) -> usize>,
 }
+
+/// How large a page of a table with [`Table::size_of`] grows at most
+/// (plus one row): it ends early, with a cursor to the rest.
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 const ACTIONS: Table<ActionRecord> = Table {
     name: "actions",
@@ -407,6 +415,7 @@ const ACTIONS: Table<ActionRecord> = Table {
     from_row: action_from_row,
     seq_of: |a| a.seq,
     group_expr: "(SELECT m.rbac_group_id FROM machines m WHERE m.id = t.machine_id)",
+    size_of: None,
 };
 
 const MACHINES: Table<MachineRecord> = Table {
@@ -416,6 +425,7 @@ const MACHINES: Table<MachineRecord> = Table {
     from_row: machine_from_row,
     seq_of: |m| m.seq,
     group_expr: "t.rbac_group_id",
+    size_of: None,
 };
 
 pub(crate) fn list<T, F: FieldSql>(
@@ -431,6 +441,7 @@ pub(crate) fn list<T, F: FieldSql>(
         table.seq_of,
     );
     let group_expr = table.group_expr;
+    let size_of = table.size_of;
     let table = table.name;
     let mut built = query::build(query, ctx, "machine_tags");
     if let Some(groups) = &query.groups {
@@ -456,12 +467,16 @@ pub(crate) fn list<T, F: FieldSql>(
     let mut rows = stmt.query(all_params.as_slice())?;
     let mut items: Vec<(T, query::Cursor)> = Vec::new();
     let mut more = false;
+    let mut bytes = 0usize;
     while let Some(row) = rows.next()? {
-        if items.len() as u64 == query.take {
+        if items.len() as u64 == query.take || bytes >= MAX_PAGE_BYTES {
             more = true;
             break;
         }
         let item = from_row(row)?;
+        if let Some(size_of) = size_of {
+            bytes += size_of(&item);
+        }
         let cursor = query::cursor_of(query, row, column_count, seq_of(&item))?;
         items.push((item, cursor));
     }
@@ -522,6 +537,25 @@ impl Store {
                 )?
                 .query_row([client_id], app_from_row)
                 .optional()?)
+        })
+        .await
+    }
+
+    /// Replaces an app's secret hash, only if it is still `old` (an
+    /// upgrade of the hash's scheme must not undo a concurrent change);
+    /// returns whether it was replaced.
+    pub async fn replace_app_secret_hash(
+        &self,
+        client_id: &str,
+        old: &str,
+        new: String,
+    ) -> Result<bool> {
+        let (client_id, old) = (client_id.to_owned(), old.to_owned());
+        self.write(move |conn| {
+            Ok(conn.execute(
+                "UPDATE apps SET secret_hash = ?3 WHERE client_id = ?1 AND secret_hash = ?2",
+                params![client_id, old, new],
+            )? == 1)
         })
         .await
     }

@@ -190,7 +190,7 @@ pub async fn create_app(
         .create_app(store::App {
             client_id: client_id.clone(),
             name: name.into(),
-            secret_hash: server::crypto::hash_secret(&secret),
+            secret_hash: server::crypto::hash_client_secret(&secret),
             permissions: permissions.iter().map(|p| p.to_string()).collect(),
             created_at: server::now_nanos(),
         })
@@ -418,5 +418,63 @@ pub fn action_id_of(message: &ServerMessage) -> String {
     match message {
         ServerMessage::Action(order) => order.action_id.clone(),
         other => panic!("expected an action, got {other:?}"),
+    }
+}
+
+/// A TLS connection to the server from the loopback address `local` (any
+/// of 127.0.0.0/8), so that a test can act as several source addresses.
+pub async fn tls_from(
+    server: &TestServer,
+    local: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{local}:0").parse().expect("an IPv4 address"))?;
+    let tcp = socket.connect(server.server.local_addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(agent::https::tls_config(&server.ca).unwrap())
+        .connect(name, tcp)
+        .await
+}
+
+/// An HTTP/1.1 client on one connection from a chosen loopback address.
+pub struct ClientFrom {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+}
+
+impl ClientFrom {
+    pub async fn connect(server: &TestServer, local: &str) -> anyhow::Result<ClientFrom> {
+        let tls = tls_from(server, local).await?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(ClientFrom { sender })
+    }
+
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> anyhow::Result<Reply> {
+        use http_body_util::BodyExt;
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder.body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
+        let (parts, body) = response.into_parts();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await?.to_bytes(),
+        })
     }
 }

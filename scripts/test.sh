@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The test command of README.md, for a fresh machine with only Rust:
+#
+#   ./scripts/test.sh [--setup-only] [CARGO TEST ARGUMENTS...]
+#
+# Checks what the build and the tests need. What is missing is installed when
+# run as root on Debian/Ubuntu (apt-get) or Fedora/RHEL (dnf); otherwise the
+# script says exactly what to install and exits with status 1. Then it runs
+# `cargo test --workspace --locked` with any further arguments (a `-p`/
+# `--package` argument replaces `--workspace`). With --setup-only it stops
+# after the set-up (.ci/run uses that before clippy).
+#
+# Needed to build: a C compiler (cc), pkg-config, and the development files
+# of libnftnl and libmnl (the nft crate links libnftnl; see ARCHITECTURE.md).
+# Needed by the network-namespace lab tests, which run only as root: ip
+# (iproute2), nsenter and unshare (util-linux), nft (nftables), and curl (the
+# Selective-isolation test copies it as the application to exclude).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+setup_only=false
+if [ "${1:-}" = --setup-only ]; then
+    setup_only=true
+    shift
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "cargo is missing: install Rust first (https://rustup.rs)" >&2
+    exit 1
+fi
+
+is_root=false
+[ "$(id -u)" = 0 ] && is_root=true
+
+# Each check: a test, the Debian package, the Fedora package.
+build_missing=() # "debian fedora"
+lab_missing=()
+have() { command -v "$1" >/dev/null 2>&1; }
+has_lib() { have pkg-config && pkg-config --exists "$1"; }
+have cc || build_missing+=("gcc gcc")
+have pkg-config || build_missing+=("pkg-config pkgconf-pkg-config")
+has_lib libnftnl || build_missing+=("libnftnl-dev libnftnl-devel")
+has_lib libmnl || build_missing+=("libmnl-dev libmnl-devel")
+have ip || lab_missing+=("iproute2 iproute")
+have nsenter && have unshare || lab_missing+=("util-linux util-linux")
+have nft || lab_missing+=("nftables nftables")
+have curl || lab_missing+=("curl curl")
+
+# The lab tests are skipped unless root, so their tools matter only to root.
+wanted=("${build_missing[@]}")
+$is_root && wanted+=("${lab_missing[@]}")
+
+packages() { # debian|fedora
+    local column=$1 entry
+    for entry in "${wanted[@]}"; do
+        if [ "$column" = debian ]; then echo -n "${entry%% *} "; else echo -n "${entry##* } "; fi
+    done
+}
+
+if [ ${#wanted[@]} -gt 0 ]; then
+    if $is_root && have apt-get; then
+        echo "Installing: $(packages debian)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        # shellcheck disable=SC2046
+        apt-get install -y -qq --no-install-recommends ca-certificates $(packages debian)
+    elif $is_root && have dnf; then
+        echo "Installing: $(packages fedora)"
+        # shellcheck disable=SC2046
+        dnf install -y $(packages fedora)
+    else
+        echo "Missing to build and test Cordon:" >&2
+        for entry in "${wanted[@]}"; do echo "  ${entry%% *}" >&2; done
+        echo "Install them, then run this again:" >&2
+        echo "  Debian/Ubuntu: sudo apt-get install -y $(packages debian)" >&2
+        echo "  Fedora/RHEL:   sudo dnf install -y $(packages fedora)" >&2
+        exit 1
+    fi
+fi
+if ! $is_root; then
+    echo "Not root: the network-namespace lab tests will say they were skipped" \
+        "(run as root to include them)."
+fi
+$setup_only && exit 0
+
+workspace=(--workspace)
+for arg in "$@"; do
+    case $arg in
+    -p | --package | --package=* | -p?*) workspace=() ;;
+    --) break ;;
+    esac
+done
+exec cargo test "${workspace[@]}" --locked "$@"
