@@ -195,6 +195,18 @@ mod tests {
         }
     }
 
+    /// A header naming `alg` twice is malformed, whichever value a reader
+    /// would keep.
+    #[test]
+    fn a_header_key_given_twice_is_malformed() {
+        let key = SigningKey::generate().unwrap();
+        let token = key.sign(&claims());
+        let (_, rest) = token.split_once('.').unwrap();
+        let header = format!(r#"{{"alg":"none","kid":"{}","alg":"RS256"}}"#, key.kid());
+        let forged = format!("{}.{rest}", URL_SAFE_NO_PAD.encode(header));
+        assert!(matches!(key.verify(&forged), Err(TokenError::Malformed)));
+    }
+
     #[test]
     fn signs_and_verifies_and_pins_the_algorithm() {
         let key = SigningKey::generate().unwrap();
