@@ -18,18 +18,13 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
 /// Parses `bytes` as a JSON document, refusing a key repeated in any object.
 pub fn value_from_slice(bytes: &[u8]) -> serde_json::Result<Value> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let value = StrictValue::deserialize(&mut deserializer)?.0;
+    let value = <StrictValue as de::Deserialize>::deserialize(&mut deserializer)?.0;
     deserializer.end()?;
     Ok(value)
 }
 
+/// A JSON value read through [`StrictVisitor`].
 struct StrictValue(Value);
-
-impl StrictValue {
-    fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(StrictVisitor)
-    }
-}
 
 impl<'de> de::Deserialize<'de> for StrictValue {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -37,6 +32,7 @@ impl<'de> de::Deserialize<'de> for StrictValue {
     }
 }
 
+/// Builds a [`Value`], refusing a key repeated in one object.
 struct StrictVisitor;
 
 impl<'de> Visitor<'de> for StrictVisitor {
