@@ -50,7 +50,7 @@ impl Identity {
     pub fn load(state_dir: &Path) -> anyhow::Result<Identity> {
         if state_dir.is_dir() {
             for change in secure_state_dir(state_dir)? {
-                tracing::warn!(%change, "a file of the state directory was open to other users; made private");
+                tracing::warn!(%change, "the state directory or a file in it was open to other users; made private");
             }
         }
         let stored: StoredIdentity = serde_json::from_slice(

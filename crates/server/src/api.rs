@@ -80,7 +80,7 @@ pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// Parses a JSON object body into `T`; anything else is `InvalidRequestBody`.
 pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let value: Value = serde_json::from_slice(body)
+    let value: Value = crate::json::value_from_slice(body)
         .map_err(|e| ApiError::invalid_body(format!("The request body is not valid JSON: {e}.")))?;
     if !value.is_object() {
         return Err(ApiError::invalid_body(

@@ -332,10 +332,11 @@ impl AppState {
         if claims.tid != self.tenant_id {
             return refuse("for another tenant");
         }
-        if claims.exp + CLOCK_SKEW_SECONDS <= now {
+        // Saturating: an `exp` near the largest integer must not wrap around.
+        if claims.exp.saturating_add(CLOCK_SKEW_SECONDS) <= now {
             return refuse("expired");
         }
-        if claims.nbf - CLOCK_SKEW_SECONDS > now {
+        if claims.nbf.saturating_sub(CLOCK_SKEW_SECONDS) > now {
             return refuse("not yet valid");
         }
         Ok(())

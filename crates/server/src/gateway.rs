@@ -359,7 +359,7 @@ async fn enroll(
             .insert(header::RETRY_AFTER, HeaderValue::from(wait));
         return response;
     }
-    let request: EnrollRequest = match serde_json::from_slice(&body) {
+    let request: EnrollRequest = match crate::json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
             return agent_error(
@@ -574,7 +574,7 @@ async fn run_session<IO>(
     let hello =
         tokio::time::timeout(Duration::from_secs(10), read_line(&mut reader, &mut line)).await;
     let hello = match hello {
-        Ok(Ok(Some(()))) => serde_json::from_slice::<AgentMessage>(&line),
+        Ok(Ok(Some(()))) => crate::json::from_slice::<AgentMessage>(&line),
         _ => {
             return refuse(
                 &mut writer,
@@ -783,7 +783,7 @@ where
                         Ok(Ok(Some(()))) => {}
                     }
                     state.gateway.touch(&machine_id);
-                    let parsed = serde_json::from_slice::<AgentMessage>(&line);
+                    let parsed = crate::json::from_slice::<AgentMessage>(&line);
                     line.clear();
                     let message = match parsed {
                         Ok(m) => m,

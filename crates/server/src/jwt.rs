@@ -114,7 +114,7 @@ impl SigningKey {
         let header: JwtHeader = URL_SAFE_NO_PAD
             .decode(header)
             .ok()
-            .and_then(|h| serde_json::from_slice(&h).ok())
+            .and_then(|h| crate::json::from_slice(&h).ok())
             .ok_or(TokenError::Malformed)?;
         if header.alg != "RS256" {
             return Err(TokenError::Algorithm);
@@ -137,7 +137,7 @@ impl SigningKey {
         URL_SAFE_NO_PAD
             .decode(payload)
             .ok()
-            .and_then(|p| serde_json::from_slice(&p).ok())
+            .and_then(|p| crate::json::from_slice(&p).ok())
             .ok_or(TokenError::Malformed)
     }
 
@@ -193,6 +193,18 @@ mod tests {
             groups: None,
             jti: None,
         }
+    }
+
+    /// A header naming `alg` twice is malformed, whichever value a reader
+    /// would keep.
+    #[test]
+    fn a_header_key_given_twice_is_malformed() {
+        let key = SigningKey::generate().unwrap();
+        let token = key.sign(&claims());
+        let (_, rest) = token.split_once('.').unwrap();
+        let header = format!(r#"{{"alg":"none","kid":"{}","alg":"RS256"}}"#, key.kid());
+        let forged = format!("{}.{rest}", URL_SAFE_NO_PAD.encode(header));
+        assert!(matches!(key.verify(&forged), Err(TokenError::Malformed)));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod crypto;
 pub mod error;
 pub mod exclusions;
 pub mod gateway;
+pub mod json;
 pub mod jwt;
 pub mod listen;
 pub mod odata;
@@ -181,7 +182,7 @@ impl AppState {
         let now = now_nanos();
         let active = self.config.heartbeat_interval * 3 + Duration::from_secs(10);
         store::SqlContext {
-            active_since: now - active.as_nanos() as i64,
+            active_since: now.saturating_sub(nanos(active)),
             inactive_before: now - Duration::from_secs(7 * 24 * 3600).as_nanos() as i64,
         }
     }
@@ -201,13 +202,25 @@ pub fn now_nanos() -> i64 {
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
+/// A duration in nanoseconds, saturating (a duration is never wrapped
+/// into a negative time).
+pub fn nanos(duration: Duration) -> i64 {
+    i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)
+}
+
 pub fn unix_seconds() -> i64 {
     now_nanos() / 1_000_000_000
 }
 
-/// `https://<host the client used>`, or the public URL when the `Host`
-/// header is missing or not a plain host name.
+/// The base of the absolute URLs the server writes (`@odata.context`,
+/// `@odata.nextLink`, discovery): the public URL when `--public-url` is set,
+/// whatever the `Host`; otherwise `https://<host the client used>`, or the
+/// default public URL when the `Host` header is missing or not a plain
+/// host name.
 pub fn base_url(headers: &HeaderMap, state: &AppState) -> String {
+    if state.config.public_url.is_some() {
+        return state.public_url.clone();
+    }
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -480,7 +493,7 @@ pub async fn start_with(
     let lock = DataDirLock::acquire(&config.data_dir)?;
     let store = init_data_dir(&config.data_dir)?;
     for change in secure_data_dir(&config.data_dir)? {
-        tracing::warn!(%change, "a file of the data directory was open to other users; made private");
+        tracing::warn!(%change, "the data directory or a file in it was open to other users; made private");
     }
     let tenant_id = tenant_id(&store).await?;
     let signing_key = signing_key(&store).await?;
@@ -619,8 +632,8 @@ async fn expire_actions(state: Arc<AppState>) {
     loop {
         tokio::time::sleep(period).await;
         let now = now_nanos();
-        let pending_before = now - state.config.action_expiry.as_nanos() as i64;
-        let in_progress_before = now - state.config.apply_deadline.as_nanos() as i64;
+        let pending_before = now.saturating_sub(nanos(state.config.action_expiry));
+        let in_progress_before = now.saturating_sub(nanos(state.config.apply_deadline));
         match state
             .store
             .expire_actions(pending_before, in_progress_before, now)

@@ -424,9 +424,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     if seconds == 0 {
         return Ok(Duration::from_millis(number));
     }
+    // At most what nanoseconds in an i64 hold (about 292 years), which is
+    // how times are computed with it.
     number
         .checked_mul(seconds)
-        .filter(|s| i64::try_from(*s).is_ok())
+        .filter(|s| *s <= i64::MAX as u64 / 1_000_000_000)
         .map(Duration::from_secs)
         .ok_or_else(|| format!("'{text}' is too long"))
 }
@@ -870,7 +872,7 @@ async fn enroll_token_command(command: EnrollTokenCommand) -> anyhow::Result<()>
                 .await?
                 .into_iter()
                 .map(|t| {
-                    let uses_left = t.max_uses.map(|m| (m - t.uses).max(0));
+                    let mut uses_left = t.max_uses.map(|m| (m - t.uses).max(0));
                     let status = if t.revoked_at.is_some() {
                         "Revoked"
                     } else if t.expires_at.is_some_and(|e| e <= now) {
@@ -880,6 +882,9 @@ async fn enroll_token_command(command: EnrollTokenCommand) -> anyhow::Result<()>
                     } else {
                         "Active"
                     };
+                    if status != "Active" {
+                        uses_left = Some(0);
+                    }
                     proto::cli::EnrollTokenSummary {
                         id: t.id,
                         created: proto::time::format_utc(t.created_at),
@@ -1116,5 +1121,7 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+        assert!(parse_duration("106751d").is_ok());
+        assert!(parse_duration("106752d").is_err(), "past i64 nanoseconds");
     }
 }

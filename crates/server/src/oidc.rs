@@ -470,7 +470,8 @@ fn decode_json(part: &str) -> Result<Map<String, Value>, OidcError> {
     URL_SAFE_NO_PAD
         .decode(part)
         .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        // A claim given twice (`"alg"`, `"aud"`) is refused, not read last-wins.
+        .and_then(|bytes| crate::json::from_slice(&bytes).ok())
         .ok_or(OidcError::Malformed)
 }
 

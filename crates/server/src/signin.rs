@@ -220,26 +220,103 @@ pub fn parse_scope(state: &AppState, scope: &str) -> Result<(String, Vec<String>
 /// without a fragment, on a loopback host (any port) or under this
 /// server's public URL (`--public-url`).
 pub fn redirect_allowed(state: &AppState, uri: &str) -> bool {
+    // The canonical URL only: the `Host` header is not trusted here.
+    redirect_allowed_under(&state.public_url, uri)
+}
+
+/// A URI taken apart for comparison: scheme, host (lower case, IPv6
+/// without brackets), effective port, and path.
+#[derive(Debug, PartialEq)]
+struct UrlParts {
+    scheme: String,
+    host: String,
+    port: u16,
+    path: String,
+}
+
+/// Parses an absolute http(s) URI strictly: no user info, no fragment, a
+/// host of letters, digits, `-` and `.` (or an IP literal) and, if there is
+/// a port, one of 1 to 65535 written in digits only, so that
+/// `https://127.0.0.1:8443.evil.com/` and `http://localhost:99999999/` are
+/// not URIs at all rather than URIs on 127.0.0.1 and localhost.
+fn url_parts(uri: &str) -> Option<UrlParts> {
     if uri.len() > 2048 || uri.contains('#') || uri.chars().any(|c| c.is_control()) {
-        return false;
+        return None;
     }
-    let Ok(parsed) = uri.parse::<axum::http::Uri>() else {
+    let parsed = uri.parse::<axum::http::Uri>().ok()?;
+    let scheme = parsed.scheme_str()?.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    let authority = parsed.authority()?.as_str();
+    if authority.contains('@') {
+        return None;
+    }
+    // Host and port split by hand: `Uri` accepts any text after the colon.
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (literal, after) = rest.split_once(']')?;
+        let _: std::net::Ipv6Addr = literal.parse().ok()?;
+        (literal.to_ascii_lowercase(), after)
+    } else {
+        match authority.split_once(':') {
+            Some((host, _)) => (host.to_ascii_lowercase(), &authority[host.len()..]),
+            None => (authority.to_ascii_lowercase(), ""),
+        }
+    };
+    let valid_host = !host.is_empty()
+        && (host.parse::<std::net::IpAddr>().is_ok()
+            || host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            }));
+    if !valid_host {
+        return None;
+    }
+    let port = match port {
+        "" => default_port,
+        _ => {
+            let digits = port.strip_prefix(':')?;
+            if digits.is_empty() || digits.len() > 5 || !digits.chars().all(|c| c.is_ascii_digit())
+            {
+                return None;
+            }
+            match digits.parse::<u16>() {
+                Ok(0) | Err(_) => return None,
+                Ok(port) => port,
+            }
+        }
+    };
+    Some(UrlParts {
+        scheme,
+        host,
+        port,
+        path: parsed.path().to_owned(),
+    })
+}
+
+/// [`redirect_allowed`] against the public URL `base`: a loopback host
+/// (`localhost`, `127.0.0.1`, `::1`; any port, as for native apps), or the
+/// same scheme, host and port as `base` with a path at or under its path.
+fn redirect_allowed_under(base: &str, uri: &str) -> bool {
+    let Some(target) = url_parts(uri) else {
         return false;
     };
-    let scheme_ok = matches!(parsed.scheme_str(), Some("http" | "https"));
-    let Some(authority) = parsed.authority() else {
-        return false;
-    };
-    if !scheme_ok || authority.as_str().contains('@') {
-        return false;
-    }
-    let host = authority.host().trim_matches(|c| c == '[' || c == ']');
-    if matches!(host, "localhost" | "127.0.0.1" | "::1") {
+    if matches!(target.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
         return true;
     }
-    // The canonical URL only: the `Host` header is not trusted here.
-    let base = &state.public_url;
-    uri.starts_with(&format!("{base}/")) || uri == *base
+    let Some(base) = url_parts(base) else {
+        return false;
+    };
+    let prefix = base.path.trim_end_matches('/');
+    target.scheme == base.scheme
+        && target.host == base.host
+        && target.port == base.port
+        && (prefix.is_empty()
+            || target.path == prefix
+            || target.path.starts_with(&format!("{prefix}/")))
 }
 
 // ---- pending codes --------------------------------------------------------
@@ -734,6 +811,59 @@ async fn authorize_submit(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redirect_uris_are_compared_as_urls() {
+        let base = "https://cordon.example.com:8443";
+        for ok in [
+            "http://localhost:5555/cb",
+            "http://127.0.0.1/cb",
+            "http://[::1]:65535/",
+            "https://LOCALHOST/x?y=1",
+            "https://cordon.example.com:8443/console/",
+            "https://Cordon.Example.com:8443",
+        ] {
+            assert!(redirect_allowed_under(base, ok), "{ok} refused");
+        }
+        for bad in [
+            // Malformed ports: not loopback, not the server.
+            "https://127.0.0.1:8443.evil.com/",
+            "http://localhost:99999999/",
+            "http://localhost:0/",
+            "http://localhost:+80/",
+            "http://localhost:/",
+            "https://cordon.example.com:8443.evil.com/",
+            // Other hosts, ports, schemes, user info, fragments.
+            "https://cordon.example.com.evil.com:8443/",
+            "https://cordon.example.com:8444/",
+            "https://cordon.example.com/",
+            "http://cordon.example.com:8443/",
+            "https://evil.com@cordon.example.com:8443/",
+            "https://localhost@evil.com/",
+            "http://localhost/cb#frag",
+            "ftp://localhost/",
+            "/relative",
+            "https://[::1/",
+            "https://exa mple.com/",
+        ] {
+            assert!(!redirect_allowed_under(base, bad), "{bad} allowed");
+        }
+        // A public URL with a path: only what is under it.
+        let base = "https://example.com/cordon";
+        assert!(redirect_allowed_under(
+            base,
+            "https://example.com/cordon/cb"
+        ));
+        assert!(redirect_allowed_under(
+            base,
+            "https://example.com:443/cordon"
+        ));
+        assert!(!redirect_allowed_under(
+            base,
+            "https://example.com/cordonx/cb"
+        ));
+        assert!(!redirect_allowed_under(base, "https://example.com/other"));
+    }
+
     use super::*;
 
     #[test]

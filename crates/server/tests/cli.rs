@@ -918,6 +918,7 @@ async fn enroll_tokens_default_to_one_use_and_a_day_and_can_be_revoked() {
     assert!(err.to_string().contains("revoked"), "{err}");
     let listed = run_json(&["enroll-token", "list", "--data-dir", &data, "--json"]);
     assert_eq!(listed[1]["status"], "Revoked");
+    assert_eq!(listed[1]["usesLeft"], 0);
     assert!(listed[1]["revoked"].is_string());
     let text = cordon()
         .args(["enroll-token", "list", "--data-dir", &data])
