@@ -606,7 +606,8 @@ async fn the_server_prunes_records_past_the_audit_retention() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let page = store.list_audit(store::Query::default()).await.unwrap();
-        if page.items.iter().all(|r| !r.event.id.starts_with("old-")) {
+        // Between the prune's delete and its own record the page is empty.
+        if !page.items.is_empty() && page.items.iter().all(|r| !r.event.id.starts_with("old-")) {
             assert_eq!(page.items.len(), 1, "{:#?}", page.items);
             assert_eq!(page.items[0].event.action, "audit.prune");
             assert_eq!(page.items[0].event.principal, "server (audit retention)");
