@@ -33,7 +33,11 @@ impl Session {
         enforced: Enforced,
     ) -> anyhow::Result<Session> {
         let (host, port) = parse_server(&identity.server)?;
-        let tls = connect_tls(identity.tls.clone(), &host, port).await?;
+        // Announced as an agent's session connection: the server counts it
+        // in the agents' share, not the API clients'.
+        let mut tls_config = (*identity.tls).clone();
+        tls_config.alpn_protocols = vec![proto::agent::SESSION_ALPN.to_vec(), b"http/1.1".to_vec()];
+        let tls = connect_tls(std::sync::Arc::new(tls_config), &host, port).await?;
         let peer = tls.get_ref().0.peer_addr()?;
         let exporter = tls
             .get_ref()

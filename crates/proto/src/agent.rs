@@ -14,6 +14,10 @@ pub const HEALTH_PATH: &str = "/agent/v1/health";
 pub const SESSION_PATH: &str = "/agent/v1/session";
 /// Value of the `Upgrade` header that opens a session.
 pub const SESSION_PROTOCOL: &str = "cordon-agent/1";
+/// ALPN protocol an agent offers (before `http/1.1`, which the server
+/// picks) on the connection it opens a session on, so the server counts the
+/// connection in the agents' share from its TLS ClientHello on.
+pub const SESSION_ALPN: &[u8] = b"cordon-agent/1";
 /// Longest line either side accepts, in bytes.
 pub const MAX_LINE: usize = 1 << 20;
 /// Most addresses host facts may list; the agent sends its first ones.

@@ -8,7 +8,14 @@
 //! proof of its key), in a share of its own that is bounded in number and
 //! in time. The first request that is not an agent's session upgrade makes
 //! it an *API* connection; a session whose agent proved its key makes it an
-//! *agent* connection. Handshakes and API connections count against their
+//! *agent* connection. An agent also announces itself in its TLS
+//! ClientHello (ALPN [`proto::agent::SESSION_ALPN`]): its connection then
+//! leaves the handshake share for the agents' at once, as an *announced
+//! agent* that can only open a session; and when the handshake share is
+//! full, a new connection is still taken, in the agents' share, if its
+//! ClientHello announces an agent (any other is closed then). So clients
+//! slow to make their first request cannot keep agents out.
+//! Handshakes, announced agents and API connections count against their
 //! source address (IPv6 addresses by their /64, which one host usually
 //! holds); agent sessions don't, since a whole fleet may sit behind one NAT.
 //!
@@ -96,6 +103,10 @@ impl Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Handshake,
+    /// Announced an agent's session in its ClientHello, key not proven
+    /// yet: in the agents' share, counted against its source address, and
+    /// only a session may be opened on it.
+    AnnouncedAgent,
     Api,
     Agent,
 }
@@ -111,6 +122,9 @@ pub enum Refusal {
     Api,
     /// The agent share is full.
     Agents,
+    /// A request other than a session on a connection that announced an
+    /// agent's session.
+    AgentOnly,
 }
 
 impl Refusal {
@@ -120,6 +134,7 @@ impl Refusal {
             Refusal::Handshakes => "too many connections are being set up",
             Refusal::Api => "the API connections are at their cap",
             Refusal::Agents => "the agent sessions are at their cap",
+            Refusal::AgentOnly => "the connection announced an agent's session",
         }
     }
 }
@@ -208,6 +223,29 @@ impl Connections {
             opened: Instant::now(),
         })
     }
+
+    /// Admits a new connection from `peer` in the agents' share, when the
+    /// handshake share is full: it is kept only if its ClientHello
+    /// announces an agent's session.
+    pub fn admit_announced(self: &Arc<Self>, peer: IpAddr) -> Result<Slot, Refusal> {
+        let source = source_key(peer);
+        let mut inner = self.lock();
+        if inner.counts.agents >= self.limits.agents {
+            return Err(Refusal::Handshakes);
+        }
+        let from_source = inner.per_source.get(&source).copied().unwrap_or(0);
+        if self.limits.per_source > 0 && from_source >= self.limits.per_source {
+            return Err(Refusal::PerSource);
+        }
+        inner.counts.agents += 1;
+        *inner.per_source.entry(source).or_insert(0) += 1;
+        Ok(Slot {
+            connections: self.clone(),
+            source,
+            kind: Mutex::new(Kind::AnnouncedAgent),
+            opened: Instant::now(),
+        })
+    }
 }
 
 impl Inner {
@@ -224,7 +262,7 @@ impl Inner {
         match kind {
             Kind::Handshake => &mut self.counts.handshakes,
             Kind::Api => &mut self.counts.api,
-            Kind::Agent => &mut self.counts.agents,
+            Kind::AnnouncedAgent | Kind::Agent => &mut self.counts.agents,
         }
     }
 }
@@ -253,11 +291,17 @@ impl Slot {
         if from == to || from == Kind::Agent || (from == Kind::Api && to == Kind::Handshake) {
             return Ok(());
         }
+        if from == Kind::AnnouncedAgent && to != Kind::Agent {
+            return Err(Refusal::AgentOnly);
+        }
         let connections = &self.connections;
         let mut inner = connections.lock();
         let (count, cap, refusal) = match to {
             Kind::Api => (inner.counts.api, connections.limits.api, Refusal::Api),
-            Kind::Agent => (
+            // An announced agent holds its place in the agents' share already.
+            Kind::Agent if from == Kind::AnnouncedAgent => (0, 1, Refusal::Agents),
+            Kind::AnnouncedAgent if from != Kind::Handshake => return Ok(()),
+            Kind::AnnouncedAgent | Kind::Agent => (
                 inner.counts.agents,
                 connections.limits.agents,
                 Refusal::Agents,
@@ -284,6 +328,13 @@ impl Slot {
     /// Makes the connection an agent session (its agent proved its key).
     pub fn become_agent(&self) -> Result<(), Refusal> {
         self.become_(Kind::Agent)
+    }
+
+    /// Moves a handshake whose ClientHello announced an agent's session to
+    /// the agents' share; when that is full it stays a handshake (and its
+    /// session is refused with the reason once the agent proved its key).
+    pub fn announce_agent(&self) -> Result<(), Refusal> {
+        self.become_(Kind::AnnouncedAgent)
     }
 }
 
@@ -330,6 +381,19 @@ pub async fn classify(request: Request, next: Next) -> Response {
     let Some(Refused(refusal)) = request.extensions().get::<Refused>().copied() else {
         return next.run(request).await;
     };
+    if refusal == Refusal::AgentOnly {
+        let mut response = crate::error::ApiError::bad_request(format!(
+            "This connection announced an agent's session (ALPN {}); only a session \
+             can be opened on it, at {}.",
+            String::from_utf8_lossy(proto::agent::SESSION_ALPN),
+            proto::agent::SESSION_PATH
+        ))
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
     let message = format!(
         "The server is at its cap of connections ({}); try again later.",
         refusal.as_str()
@@ -478,6 +542,43 @@ mod tests {
             }
         );
         drop((a2, b2, b3));
+        assert_eq!(connections.counts(), Counts::default());
+        assert!(connections.lock().per_source.is_empty());
+    }
+
+    #[test]
+    fn announced_agents_take_the_agents_share_and_open_only_sessions() {
+        let connections = Connections::new(Limits {
+            agents: 2,
+            api: 1,
+            handshakes: 1,
+            per_source: 0,
+        });
+        let handshake = connections.admit(ip("10.0.0.1")).unwrap();
+        assert_eq!(
+            connections.admit(ip("10.0.0.2")).err(),
+            Some(Refusal::Handshakes)
+        );
+        // A full handshake share still takes an agent, in the agents' share…
+        let announced = connections.admit_announced(ip("10.0.0.2")).unwrap();
+        assert_eq!(announced.kind(), Kind::AnnouncedAgent);
+        // …and a handshake that announces an agent leaves it.
+        handshake.announce_agent().unwrap();
+        assert_eq!(
+            connections.counts(),
+            Counts {
+                handshakes: 0,
+                api: 0,
+                agents: 2
+            }
+        );
+        assert!(connections.admit_announced(ip("10.0.0.3")).is_err());
+        assert_eq!(announced.become_api(), Err(Refusal::AgentOnly));
+        // Proven, it keeps its place and no longer counts against its address.
+        announced.become_agent().unwrap();
+        assert_eq!(connections.counts().agents, 2);
+        assert_eq!(connections.lock().per_source.len(), 1);
+        drop((handshake, announced));
         assert_eq!(connections.counts(), Counts::default());
         assert!(connections.lock().per_source.is_empty());
     }

@@ -735,7 +735,12 @@ async fn accept_loop(
                 continue;
             }
         };
-        let slot = match state.connections.admit(peer.ip()) {
+        // A full handshake share still takes agents announcing themselves.
+        let admitted = match state.connections.admit(peer.ip()) {
+            Err(conns::Refusal::Handshakes) => state.connections.admit_announced(peer.ip()),
+            admitted => admitted,
+        };
+        let slot = match admitted {
             Ok(slot) => Arc::new(slot),
             Err(refusal) => {
                 if let Some(suppressed) = log.allow(refusal.as_str()) {
@@ -751,16 +756,39 @@ async fn accept_loop(
         let idle_timeout = state.config.idle_timeout;
         let lifetime = state.config.max_connection_lifetime;
         let handshake_timeout = state.config.handshake_timeout;
+        let connections = state.connections.clone();
         tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
+            let handshake = async {
+                let start =
+                    tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+                        .await?;
+                let announced = start.client_hello().alpn().is_some_and(|mut offered| {
+                    offered.any(|protocol| protocol == proto::agent::SESSION_ALPN)
+                });
+                match slot.kind() {
+                    conns::Kind::Handshake if announced => {
+                        let _ = slot.announce_agent();
                     }
-                    Err(_) => return,
-                };
+                    conns::Kind::AnnouncedAgent if !announced => {
+                        // Taken while the handshake share was full, for agents only.
+                        let refusal = conns::Refusal::Handshakes;
+                        if let Some(suppressed) = connections.log.allow(refusal.as_str()) {
+                            tracing::warn!(%peer, reason = refusal.as_str(), suppressed, "connection refused");
+                        }
+                        return Err(std::io::Error::other("refused"));
+                    }
+                    _ => {}
+                }
+                start.into_stream(acceptor.config().clone()).await
+            };
+            let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
             let exporter = tls
                 .get_ref()
                 .1
@@ -799,7 +827,7 @@ async fn accept_loop(
                     result = connection.as_mut() => break result,
                     _ = &mut handshake_deadline, if !handshake_checked => {
                         handshake_checked = true;
-                        if watch.kind() == conns::Kind::Handshake {
+                        if matches!(watch.kind(), conns::Kind::Handshake | conns::Kind::AnnouncedAgent) {
                             tracing::debug!(%peer, "connection cut: no request within the handshake deadline");
                             break Ok(());
                         }

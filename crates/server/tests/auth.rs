@@ -441,9 +441,10 @@ async fn client_credentials(
 /// before, keeps getting them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guessing_client_secrets_is_cheap_for_the_server_and_throttled() {
-    // Of the (at most 20) guesses the attacker's address gets checked, about
-    // half name the real client id: a per-client limit of 5 is reached
-    // whatever the interleaving (the default 10 only usually is).
+    // Five failures lock a client id: of the twenty attempts the attacker's
+    // address gets, each connection alternating between the real id and
+    // unknown ones, at least six name the real id whatever the interleaving
+    // (with ten, the lock depended on it).
     let server = TestServer::start_with(|config| config.client_failures_per_client = 5).await;
     let (id, secret) = (server.client_id.clone(), server.client_secret.clone());
     let (legit, attacker, elsewhere) = ("127.0.0.1", "127.0.0.2", "127.0.0.3");

@@ -259,3 +259,104 @@ async fn a_connection_cannot_stay_a_handshake() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(server.server.state.connections.counts().agents, 1);
 }
+
+/// A TLS connection from the loopback address `local` whose ClientHello
+/// offers `alpn`.
+async fn tls_offering(
+    server: &TestServer,
+    local: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{local}:0").parse().expect("an IPv4 address"))?;
+    let tcp = socket.connect(server.server.local_addr).await?;
+    let mut config = (*agent::https::tls_config(&server.ca).unwrap()).clone();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// Clients that open connections and then send nothing used to fill the
+/// handshake share, which every new connection needs, agents' too: from a
+/// few addresses they kept every agent out. Agents announce themselves in
+/// their ClientHello, so they leave that share at once, and are still taken
+/// when it is full; other newcomers are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_filling_the_handshake_share_do_not_keep_agents_out() {
+    let server = TestServer::start_with(|config| {
+        config.connections.handshakes = 4;
+        config.connections.per_source = 0;
+    })
+    .await;
+    let agent = server.enroll("m").await;
+    let second = server.enroll("m2").await;
+    let mut slow = Vec::new();
+    for n in 0..4 {
+        slow.push(tls_from(&server, &format!("127.0.3.{n}")).await.unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.server.state.connections.counts().handshakes < 4 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The share is full: an API newcomer is closed at once…
+    assert!(closed_at_once(&server, "127.0.4.1").await);
+    // …an agent opens its session, and a second one while the first holds it.
+    let _session = agent.connect().await;
+    let _second = second.connect().await;
+    assert_eq!(server.server.state.connections.counts().agents, 2);
+    assert_eq!(server.server.state.connections.counts().handshakes, 4);
+}
+
+/// A connection announced as an agent's session serves nothing else: it
+/// cannot be used to hold an API connection in the agents' share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_announced_as_an_agents_serves_only_a_session() {
+    let server = TestServer::start().await;
+    let tls = tls_offering(
+        &server,
+        "127.0.0.2",
+        &[proto::agent::SESSION_ALPN, b"http/1.1"],
+    )
+    .await
+    .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Full<bytes::Bytes>,
+    >(hyper_util::rt::TokioIo::new(tls))
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("/api/machines")
+        .header("host", "localhost")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = http_body_util::BodyExt::collect(body)
+        .await
+        .unwrap()
+        .to_bytes();
+    let reply = agent::Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    };
+    let body = assert_error(&reply, 400, "BadRequest");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("agent's session"),
+        "{body}"
+    );
+    // The connection is closed after the answer.
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the connection is closed")
+        .unwrap()
+        .unwrap();
+}
