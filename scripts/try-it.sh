@@ -94,7 +94,6 @@ P=cordon-try-$$
 NET=198.18.250
 DIR=$(mktemp -d /tmp/cordon-try.XXXXXX)
 echo "$DIR" >"/run/$P.dir"
-PIDS=()
 SERVER_PID=
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -148,7 +147,6 @@ say "Server in srv ($NET.1)"
 in_ns srv "$BIN/cordon" serve --data-dir "$DIR/server" --listen 0.0.0.0:8443 \
     --public-url https://$NET.1:8443 --tls-san $NET.1 >"$DIR/server.out" 2>"$DIR/server.log" &
 SERVER_PID=$!
-PIDS+=($SERVER_PID)
 deadline=$((SECONDS + STEP_TIMEOUT))
 until [ -s "$DIR/server/ca.pem" ] && grep -q "CA file" "$DIR/server.out"; do
     kill -0 $SERVER_PID 2>/dev/null || fail "the server exited at start"
@@ -160,7 +158,6 @@ CA=$DIR/server/ca.pem
 
 say "A web server in ext ($NET.4), standing in for the internet"
 in_ns ext python3 -m http.server 8080 --bind $NET.4 --directory "$DIR" >/dev/null 2>&1 &
-PIDS+=($!)
 
 json() { python3 -c 'import json,sys;print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
@@ -180,7 +177,6 @@ for m in m1 m2; do
         --ca-file "$CA" --state-dir "$DIR/$m" --name $m --json 2>"$DIR/$m.log" |
         json machineId) || fail "$m could not enroll"
     in_ns $m "$BIN/cordon-agent" run --state-dir "$DIR/$m" >/dev/null 2>>"$DIR/$m.log" &
-    PIDS+=($!)
     echo "$m is machine ${MACHINE[$m]}"
 done
 
