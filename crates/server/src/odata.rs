@@ -1,7 +1,7 @@
 //! OData system query options of list requests (`GET /api/machines`,
 //! `GET /api/machineactions`), parsed into the store's query AST.
 //!
-//! The contract is the "Query options (lists)" section of `API.md`. Field
+//! The contract is the "Query options (lists)" section of `docs/api.md`. Field
 //! names never reach SQL: they are looked up in a fixed table of
 //! [`FieldName`]s and become enum variants, and every literal becomes a
 //! [`Value`] that the store binds as a parameter.
@@ -58,7 +58,7 @@ pub const MACHINE_FIELDS: &[FieldName<MachineField>] = &[
     field("isolationScope", MachineField::IsolationScope),
 ];
 
-/// Every key of the MachineAction entity, in the order of `API.md`.
+/// Every key of the MachineAction entity, in the order of `docs/api.md`.
 pub const ACTION_PROPERTIES: &[&str] = &[
     "id",
     "type",
@@ -82,7 +82,7 @@ pub const ACTION_PROPERTIES: &[&str] = &[
     "troubleshootInfo",
 ];
 
-/// Every key of the Machine entity, in the order of `API.md`.
+/// Every key of the Machine entity, in the order of `docs/api.md`.
 pub const MACHINE_PROPERTIES: &[&str] = &[
     "id",
     "computerDnsName",

@@ -1,5 +1,5 @@
 //! The public API over HTTPS against the real server: the contract of
-//! `shared/docs/API.md`, with a test agent from the agent library.
+//! `docs/api.md`, with a test agent from the agent library.
 
 mod common;
 
