@@ -1,6 +1,6 @@
 //! End-to-end isolation in the kernel: a real server, real `cordon-agent`
 //! processes in network namespaces, and an `ext` host standing in for the
-//! internet (DESIGN.md, "The network lab"). Needs root; elsewhere each test
+//! internet (ARCHITECTURE.md, "The network lab"). Needs root; elsewhere each test
 //! prints that it was skipped. Nothing here touches the root namespace's
 //! network: the server's lab listener is opened inside `srv`, and the test's
 //! own API client talks to a second listener on loopback.

@@ -1,6 +1,6 @@
 //! Encoding a [`policy::Ruleset`] as ONE nftables batch with libnftnl.
 //!
-//! Apply must be atomic (DESIGN.md, "What the agent allows"): the batch
+//! Apply must be atomic (SECURITY.md, "Safety rules the agent keeps"): the batch
 //! re-creates Cordon's whole table in a single transaction (add table,
 //! delete table, add table, sets, elements, chains, rules), so the kernel
 //! either switches to the new table at once or keeps the old one. Removing

@@ -1,6 +1,6 @@
 //! [`Monitor`]: tamper detection through nftables change notifications.
 //!
-//! DESIGN.md requires that if anything removes or alters Cordon's table,
+//! SECURITY.md promises that if anything removes or alters Cordon's table,
 //! the agent restores it within a second. Rather than polling, the agent
 //! subscribes to the kernel's nftables notifications (`NFNLGRP_NFTABLES`):
 //! every committed change to any table is multicast to subscribers, each

@@ -1,7 +1,7 @@
 //! Tests against the real kernel, each in a fresh network namespace.
 //!
 //! Why this shape: applying Cordon's table in the root network namespace
-//! would cut this machine off (DESIGN.md, "The network lab"). Each test
+//! would cut this machine off (ARCHITECTURE.md, "The network lab"). Each test
 //! runs its body on a dedicated thread that first calls
 //! `unshare(CLONE_NEWNET)`; namespaces are per thread, so that thread, the
 //! netlink sockets it opens and the processes it starts all live in the new
