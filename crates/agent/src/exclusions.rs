@@ -208,9 +208,9 @@ fn net_namespace_of(pid: &str) -> Option<PathBuf> {
 }
 
 impl Placer {
-    /// Starts the watcher thread, and returns once it listens for process
-    /// events. Call it before the agent changes its group id: joining the
-    /// initial network namespace needs the credentials the agent started with.
+    /// Starts the watcher thread (fanotify exec permission events, or a
+    /// `/proc` scan where fanotify is unavailable), and returns once it
+    /// listens for process events.
     pub fn start() -> Placer {
         let fanotify = match fanotify_group() {
             Ok(fd) => Some(Arc::new(fd)),
