@@ -72,7 +72,8 @@ done
 
 status=0
 REQUESTS_CA_BUNDLE="$data/ca.pem" SSL_CERT_FILE="$data/ca.pem" \
-"$venv/bin/schemathesis" run "https://127.0.0.1:$port/api/openapi.json" \
+"$venv/bin/schemathesis" --config-file scripts/schemathesis.toml \
+    run "https://127.0.0.1:$port/api/openapi.json" \
     --url "https://127.0.0.1:$port/api" \
     --header "Authorization: Bearer $token" \
     --tls-verify "$data/ca.pem" \
