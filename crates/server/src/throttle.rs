@@ -171,6 +171,12 @@ impl Throttle {
             }
             if let Some(until) = entry.locked_until.filter(|u| *u > now) {
                 wait = wait.max(Some(until - now));
+            } else if entry.locked_until.is_some() {
+                // A lock-out ran and ended: one attempt at a time, each
+                // failure locking again for twice as long.
+                if entry.in_flight > 0 {
+                    wait = wait.max(Some(Duration::from_secs(1)));
+                }
             } else if entry.failures + entry.in_flight >= *limit {
                 // Enough attempts are under way to reach the limit.
                 wait = wait.max(Some(Duration::from_secs(1)));
@@ -291,6 +297,33 @@ mod tests {
         let wait = throttle.begin("alice@x", "10.0.0.3").err().unwrap();
         assert!((59..=60).contains(&wait), "{wait}");
         assert!(throttle.begin("bob@x", "10.0.0.3").is_ok());
+    }
+
+    /// Once its lock-out ends, an account gets one attempt at a time (the
+    /// right password gets in); each further failure locks it again for
+    /// twice as long. (The count of failures stays for the whole window, so
+    /// a lock-out that ended once answered "wait 1 s" for fifteen minutes.)
+    #[test]
+    fn after_a_lock_out_ends_one_attempt_at_a_time_and_failures_lock_longer() {
+        let throttle = Throttle::new(3, 100);
+        for _ in 0..3 {
+            fail(&throttle, "alice@x", "10.0.0.1");
+        }
+        assert!(throttle.begin("alice@x", "10.0.0.1").is_err());
+        let end_lock = |throttle: &Throttle| {
+            let mut inner = throttle.lock();
+            let entry = inner.entries.get_mut(&Key::User("alice@x".into())).unwrap();
+            entry.locked_until = Some(Instant::now() - Duration::from_secs(1));
+        };
+        end_lock(&throttle);
+        // One attempt; a second at the same time waits for it.
+        let attempt = throttle.begin("alice@x", "10.0.0.1").unwrap();
+        assert_eq!(throttle.begin("alice@x", "10.0.0.1").err(), Some(1));
+        attempt.failed();
+        let wait = throttle.begin("alice@x", "10.0.0.1").err().unwrap();
+        assert!((119..=120).contains(&wait), "locked again for {wait} s");
+        end_lock(&throttle);
+        throttle.begin("alice@x", "10.0.0.1").unwrap().succeeded();
     }
 
     #[test]
