@@ -18,11 +18,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+case "${1:-}" in
+-h | --help)
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    echo "(Other arguments are passed to cargo test; `cargo test --help` lists them.)"
+    exit 0
+    ;;
+esac
 setup_only=false
-if [ "${1:-}" = --setup-only ]; then
-    setup_only=true
-    shift
-fi
+args=()
+for arg in "$@"; do
+    if [ "$arg" = --setup-only ]; then
+        setup_only=true
+    else
+        args+=("$arg")
+    fi
+done
+set -- ${args[@]+"${args[@]}"}
 
 if ! command -v cargo >/dev/null; then
     echo "cargo is missing: install Rust first (https://rustup.rs)" >&2
