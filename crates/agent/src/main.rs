@@ -209,6 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(false) => "absent",
                 Err(_) => "unknown (no access to netlink)",
             };
+            let unreadable = enrolled.is_err() || matches!(loaded, Loaded::Corrupt(_));
             let (identity, enrolled_text) = match enrolled {
                 Ok(Some(identity)) => {
                     let name = identity.name.as_deref().unwrap_or("the host name");
@@ -251,6 +252,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(note) = note {
                     println!("Note: {note}");
                 }
+            }
+            if unreadable {
+                // Said above; the exit status lets scripts and monitoring see it.
+                anyhow::bail!(
+                    "the state directory {} could not be read whole (see above)",
+                    state_dir.display()
+                );
             }
             Ok(())
         }

@@ -183,6 +183,17 @@ async fn status_of_a_state_dir_never_enrolled_says_so() {
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["enrolled"], false, "{status}");
     assert_eq!(status["machineId"], Value::Null, "{status}");
+    assert!(
+        out.status.success(),
+        "never enrolled is a state, not an error"
+    );
+
+    // A corrupt identity is said, and the exit status says it too.
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("identity.json"), b"{not json").unwrap();
+    let out = agent(&["status", "--state-dir", state.to_str().unwrap()]);
+    assert!(text(&out.stdout).contains("Enrolled: unknown"), "{out:?}");
+    assert!(!out.status.success(), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
