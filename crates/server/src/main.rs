@@ -377,15 +377,79 @@ enum ExclusionCommand {
 
 const PERMISSIONS: &[&str] = &server::auth::APPLICATION_PERMISSIONS;
 
+/// Durations that parse but make no sense for a server (a retention of a
+/// millisecond empties the audit trail every hour; a heartbeat every 1000
+/// days marks every agent gone) are refused with the range that works.
+fn check_duration_ranges(args: &ServeArgs) -> anyhow::Result<()> {
+    const SECOND: Duration = Duration::from_secs(1);
+    const HOUR: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(86_400);
+    let checks = [
+        (
+            "--audit-retention",
+            args.audit_retention,
+            HOUR,
+            100 * 365 * DAY,
+            "1h",
+            "100 years",
+        ),
+        (
+            "--heartbeat-interval",
+            Some(args.heartbeat_interval),
+            SECOND,
+            HOUR,
+            "1s",
+            "1h",
+        ),
+        (
+            "--connection-max-lifetime",
+            Some(args.connection_max_lifetime),
+            SECOND,
+            30 * DAY,
+            "1s",
+            "30d",
+        ),
+        (
+            "--action-expiry",
+            Some(args.action_expiry),
+            SECOND,
+            365 * DAY,
+            "1s",
+            "365d",
+        ),
+        (
+            "--apply-deadline",
+            Some(args.apply_deadline),
+            SECOND,
+            7 * DAY,
+            "1s",
+            "7d",
+        ),
+    ];
+    for (flag, value, least, most, least_text, most_text) in checks {
+        if let Some(value) = value
+            && !(least..=most).contains(&value)
+        {
+            bail!("{flag} must be between {least_text} and {most_text}");
+        }
+    }
+    Ok(())
+}
+
 /// `--since`: an ISO 8601 UTC time, or a duration back from now.
 fn parse_since(text: &str) -> Result<i64, String> {
     if let Some(nanos) = proto::time::parse_utc(text.trim()) {
         return Ok(nanos);
     }
-    let duration = parse_duration(text).map_err(|_| {
-        format!(
-            "'{text}' is neither a UTC time such as 2026-01-31T08:00:00Z nor a duration such as 24h"
-        )
+    let duration = parse_duration(text).map_err(|why| {
+        if text.trim().starts_with(|c: char| c.is_ascii_digit()) && !text.contains('-') {
+            // It looks like a duration: say what is wrong with it.
+            why
+        } else {
+            format!(
+                "'{text}' is neither a UTC time such as 2026-01-31T08:00:00Z nor a duration such as 24h"
+            )
+        }
     })?;
     Ok(server::now_nanos().saturating_sub(i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)))
 }
@@ -587,6 +651,7 @@ fn init_logging() {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
+    check_duration_ranges(&args)?;
     let mut config = Config::new(args.data.data_dir);
     config.listen_host = args.listen.name().map(str::to_owned);
     config.public_url = args.public_url;
@@ -626,11 +691,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         || args.connection_idle_timeout > Duration::from_secs(86_400)
     {
         bail!("--connection-idle-timeout must be between 1ms and 24h");
-    }
-    if args.connection_max_lifetime.is_zero()
-        || args.connection_max_lifetime > Duration::from_secs(30 * 86_400)
-    {
-        bail!("--connection-max-lifetime must be between 1ms and 30d");
     }
     config.idle_timeout = args.connection_idle_timeout;
     config.max_connection_lifetime = args.connection_max_lifetime;

@@ -1011,3 +1011,31 @@ async fn connection_flags_reach_the_server() {
     );
     drop(held);
 }
+
+/// Durations that parse but make no sense for a server are refused with the
+/// range that works (a retention of 1ms would empty the audit trail every
+/// hour).
+#[test]
+fn nonsense_durations_are_refused_with_their_range() {
+    let dir = TempDir::new("ranges");
+    let data = dir.0.join("data");
+    let data = data.to_str().unwrap();
+    for (flag, value, says) in [
+        ("--audit-retention", "1ms", "between 1h and 100 years"),
+        ("--heartbeat-interval", "1000d", "between 1s and 1h"),
+        ("--connection-max-lifetime", "1ms", "between 1s and 30d"),
+        ("--action-expiry", "999d", "between 1s and 365d"),
+    ] {
+        let stderr = run_fails(&["serve", "--data-dir", data, flag, value]);
+        assert!(
+            stderr.contains(flag) && stderr.contains(says),
+            "{flag} {value}: {stderr}"
+        );
+    }
+    assert!(
+        !dir.0.join("data").exists(),
+        "a refused serve created its data directory"
+    );
+    let stderr = run_fails(&["audit", "prune", "--data-dir", data, "--before", "0d"]);
+    assert!(stderr.contains("is zero"), "{stderr}");
+}
