@@ -350,10 +350,16 @@ impl FromRequestParts<Arc<AppState>> for Principal {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
+        let mut headers = parts.headers.get_all(header::AUTHORIZATION).iter();
+        let header = headers
+            .next()
             .ok_or_else(|| ApiError::unauthorized("The Authorization header is missing."))?;
+        if headers.next().is_some() {
+            // A proxy in front may have checked the other one.
+            return Err(ApiError::unauthorized(
+                "The request has more than one Authorization header.",
+            ));
+        }
         let token = header
             .to_str()
             .ok()

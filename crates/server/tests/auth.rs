@@ -140,6 +140,33 @@ async fn forged_and_stale_tokens_are_refused() {
     }
 }
 
+/// Two Authorization headers are ambiguous (a proxy in front may have
+/// checked the other one): refused, whichever comes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_authorization_headers_are_refused() {
+    let server = TestServer::start().await;
+    let good = format!("Bearer {}", server.token().await);
+    for pair in [
+        [good.as_str(), "Bearer x"],
+        ["Bearer x", good.as_str()],
+        [good.as_str(), good.as_str()],
+    ] {
+        let reply = server
+            .https()
+            .request(
+                Method::GET,
+                "/api/machines",
+                &[("authorization", pair[0]), ("authorization", pair[1])],
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        let body = assert_error(&reply, 401, "Unauthorized");
+        assert!(body.to_string().contains("more than one"), "{body}");
+    }
+    assert_eq!(status_with(&server, &good["Bearer ".len()..]).await.0, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_apps_tokens_stop_working_at_once() {
     let server = TestServer::start().await;
