@@ -189,9 +189,18 @@ pub async fn request_context(mut request: Request, next: Next) -> Response {
         .extensions_mut()
         .insert(RequestId(request_id.clone()));
 
+    // The authority's endpoints answer in OAuth's error format (RFC 6749).
+    let oauth = path.contains("/oauth2/");
     let response = async move {
         let request = match buffer_body(request).await {
             Ok(request) => request,
+            Err(e) if oauth => {
+                let body = proto::auth::OAuthError {
+                    error: "invalid_request".to_owned(),
+                    error_description: e.message,
+                };
+                return (e.status, axum::Json(body)).into_response();
+            }
             Err(e) => return e.into_response(),
         };
         match std::panic::AssertUnwindSafe(next.run(request))

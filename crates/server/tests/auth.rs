@@ -140,6 +140,29 @@ async fn forged_and_stale_tokens_are_refused() {
     }
 }
 
+/// The token endpoints answer an oversized body in OAuth's format, as
+/// every other refusal of theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_token_request_gets_an_oauth_error() {
+    let server = TestServer::start().await;
+    let mut body = client_credentials_form(&server.client_id, &server.client_secret);
+    body.extend(std::iter::repeat_n(b'x', 70 * 1024));
+    let reply = server
+        .https()
+        .request(
+            Method::POST,
+            &format!("/{}/oauth2/v2.0/token", server.tenant()),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 413);
+    let body = reply.json().unwrap();
+    assert_eq!(body["error"], "invalid_request", "{body}");
+    assert!(body["error_description"].is_string(), "{body}");
+}
+
 /// Two Authorization headers are ambiguous (a proxy in front may have
 /// checked the other one): refused, whichever comes first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
