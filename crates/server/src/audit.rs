@@ -401,10 +401,21 @@ pub async fn record_command(
 
 /// `cli <login name>`: the principal of admin commands.
 pub fn cli_principal() -> String {
+    // The login name the environment gives (printable characters only), or
+    // else the user id, which root shells and services always have.
     let who = ["SUDO_USER", "USER", "LOGNAME"]
         .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
-        .unwrap_or_else(|| "unknown".to_owned());
+        .find_map(|v| {
+            let name: String = std::env::var(v)
+                .ok()?
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect();
+            (!name.trim().is_empty()).then_some(name)
+        })
+        // SAFETY: getuid has no preconditions and cannot fail.
+        .unwrap_or_else(|| format!("uid {}", unsafe { libc::getuid() }));
     format!("cli {who}")
 }
 
