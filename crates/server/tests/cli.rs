@@ -1011,3 +1011,65 @@ async fn connection_flags_reach_the_server() {
     );
     drop(held);
 }
+
+/// `rm cordon-data/*.pem` once made `cordon serve` create a new CA without a
+/// word, so every enrolled agent lost the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ca_with_enrolled_machines_is_refused_unless_new_ca() {
+    let dir = TempDir::new("lost-ca");
+    let data = dir.0.to_str().unwrap().to_owned();
+    let ca = dir.0.join("ca.pem");
+    let served = serve(&dir.0);
+    let enroll = run_json(&["enroll-token", "create", "--data-dir", &data, "--json"]);
+    let state = TempDir::new("agent");
+    agent::enroll(
+        &served.url,
+        enroll["token"].as_str().unwrap(),
+        &ca,
+        &state.0,
+        Some("lost1"),
+    )
+    .await
+    .unwrap();
+    drop(served);
+    let old_ca = std::fs::read(&ca).unwrap();
+    for name in ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem"] {
+        std::fs::remove_file(dir.0.join(name)).unwrap();
+    }
+
+    let mut child = cordon()
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .env("CORDON_DATA_DIR", &dir.0)
+        .env_remove("CORDON_NEW_CA")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cordon serve started without its CA");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for needle in [
+        "no CA",
+        "1 enrolled machine",
+        "ca-key.pem",
+        "backup",
+        "--new-ca",
+    ] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+    assert!(!ca.exists(), "a CA was made: {stderr}");
+
+    // The explicit override makes a new CA (the old agents are lost).
+    let port = free_port();
+    let _served = serve_with(&dir.0, port, &["--new-ca"]);
+    assert_ne!(std::fs::read(&ca).unwrap(), old_ca);
+}
