@@ -21,6 +21,7 @@ pub mod oidc;
 pub mod ratelimit;
 pub mod rbac;
 pub mod signin;
+pub mod text;
 pub mod throttle;
 pub mod tls;
 
