@@ -751,6 +751,9 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             if name.is_empty() || name.chars().count() > 200 {
                 bail!("--name must be 1 to 200 characters");
             }
+            if !server::text::is_safe_to_show(&name) {
+                bail!("--name {}", server::text::UNSAFE_TEXT);
+            }
             let store = data.open().await?;
             let tenant_id = server::tenant_id(&store).await?;
             let client_id = crypto::new_guid();

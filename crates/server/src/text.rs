@@ -1,6 +1,11 @@
 //! Whether text from outside (host facts, names given to admin commands) is
 //! safe to show to an analyst as it is.
 
+/// Completes "the NAME ..." when [`is_safe_to_show`] refuses a text.
+pub const UNSAFE_TEXT: &str = "must not contain control characters (such as escapes and new \
+     lines) or invisible formatting characters (such as bidirectional overrides, zero-width \
+     spaces, U+FEFF, U+2028 and U+2029)";
+
 /// Whether `c` could change how text around it is shown rather than show
 /// as itself: a control character (Unicode Cc: C0, DEL, C1, so terminal
 /// escapes and new lines), a format character (Unicode Cf: bidirectional

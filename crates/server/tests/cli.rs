@@ -1073,3 +1073,74 @@ async fn no_ca_with_enrolled_machines_is_refused_unless_new_ca() {
     let _served = serve_with(&dir.0, port, &["--new-ca"]);
     assert_ne!(std::fs::read(&ca).unwrap(), old_ca);
 }
+
+/// `cordon app create --name "$(printf 'a\033[31mred\nnewline')"` once
+/// succeeded: the name then reached `app list`, the audit log's principal and
+/// the token's `app_displayname` raw, escapes and all. Users, roles and
+/// groups refused control characters but took bidirectional overrides.
+#[test]
+fn names_with_control_or_format_characters_are_refused() {
+    let dir = TempDir::new("unsafe-names");
+    let data = dir.0.to_str().unwrap().to_owned();
+    let bad_names = [
+        "a\u{1b}[31mred\nnewline",
+        "tab\there",
+        "c1\u{9b}31m",
+        "admin\u{202E}gpj.exe",
+        "isolate\u{2066}x\u{2069}",
+        "zero\u{200B}width",
+        "\u{FEFF}bom",
+        "line\u{2028}sep",
+    ];
+    for name in bad_names {
+        let stderr = run_fails(&[
+            "app",
+            "create",
+            "--data-dir",
+            &data,
+            "--init",
+            "--name",
+            name,
+            "--permission",
+            "Machine.Isolate",
+        ]);
+        assert!(
+            stderr.contains("--name must not contain control"),
+            "{name:?}: {stderr}"
+        );
+        for args in [
+            vec!["user", "create", "--name", name, "--role", "Viewer"],
+            vec![
+                "role",
+                "create",
+                "--name",
+                name,
+                "--permission",
+                "View data",
+            ],
+            vec!["group", "create", "--name", name, "--rank", "1"],
+        ] {
+            let mut full = args.clone();
+            full.extend(["--data-dir", &data]);
+            let stderr = run_fails(&full);
+            assert!(
+                stderr.contains("must not contain control characters"),
+                "{full:?}: {stderr}"
+            );
+        }
+    }
+    let apps = run_json(&["app", "list", "--data-dir", &data, "--init", "--json"]);
+    assert_eq!(apps.as_array().map(Vec::len), Some(0), "{apps}");
+    // Letters of any script, accents and emoji are fine.
+    run_json(&[
+        "app",
+        "create",
+        "--data-dir",
+        &data,
+        "--name",
+        "Zoë's playbook 東京 🛡️",
+        "--permission",
+        "Machine.Isolate",
+        "--json",
+    ]);
+}
