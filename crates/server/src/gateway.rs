@@ -270,9 +270,10 @@ fn facts_from(facts: HostFacts) -> Result<Facts, String> {
             Some(v) if v.chars().count() > MAX_FACT_LENGTH => Err(format!(
                 "{field} is longer than {MAX_FACT_LENGTH} characters"
             )),
-            Some(v) if v.chars().any(char::is_control) => {
-                Err(format!("{field} contains control characters"))
-            }
+            Some(v) if !crate::text::is_safe_to_show(&v) => Err(format!(
+                "{field} contains control or invisible formatting characters \
+                 (such as escapes, new lines, bidirectional overrides or zero-width spaces)"
+            )),
             Some(v) if v.trim().is_empty() => Ok(None),
             other => Ok(other),
         }

@@ -21,6 +21,7 @@ pub mod oidc;
 pub mod ratelimit;
 pub mod rbac;
 pub mod signin;
+pub mod text;
 pub mod throttle;
 pub mod tls;
 
@@ -98,6 +99,10 @@ pub struct Config {
     /// How long repeated refusals are counted before their record is
     /// written (see `audit::Folding`).
     pub audit_fold_window: Duration,
+    /// Create a new CA when the data directory has none even though
+    /// machines are enrolled (they trust the missing CA and must all enroll
+    /// again). Without it, such a start is refused.
+    pub new_ca: bool,
 }
 
 impl Config {
@@ -129,6 +134,7 @@ impl Config {
             handshake_timeout: Duration::from_secs(30),
             audit_retention: None,
             audit_fold_window: Duration::from_secs(60),
+            new_ca: false,
         }
     }
 }
@@ -526,7 +532,14 @@ pub async fn start_with(
             }
             extra.extend(extra_names.iter().cloned());
             let names = listen::served(config.listen_host.as_deref(), &ips, &extra).names;
-            (tls::ensure_self_signed(&config.data_dir, &names)?, names)
+            let guard = tls::NewCaGuard {
+                enrolled_machines: store.machine_count().await?,
+                allow_new_ca: config.new_ca,
+            };
+            (
+                tls::ensure_self_signed(&config.data_dir, &names, guard)?,
+                names,
+            )
         }
     };
     let tls_config = tls::server_config(&material)?;

@@ -127,6 +127,13 @@ struct ServeDataDir {
 struct ServeArgs {
     #[command(flatten)]
     data: ServeDataDir,
+    /// Make a new CA when the data directory has none although machines are
+    /// enrolled. Every enrolled agent trusts only the missing CA: it loses
+    /// this server and must be enrolled again. Without this flag such a start
+    /// is refused (restore ca.pem and ca-key.pem from a backup instead).
+    /// No effect while the CA is there.
+    #[arg(long, env = "CORDON_NEW_CA")]
+    new_ca: bool,
     /// Where to serve HTTPS: IP:PORT, [IPv6]:PORT, or HOST:PORT (every address
     /// the name resolves to), such as 0.0.0.0:8443 or localhost:8443.
     #[arg(long, env = "CORDON_LISTEN", default_value = "127.0.0.1:8443")]
@@ -653,6 +660,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
     check_duration_ranges(&args)?;
     let mut config = Config::new(args.data.data_dir);
+    config.new_ca = args.new_ca;
     config.listen_host = args.listen.name().map(str::to_owned);
     config.public_url = args.public_url;
     config.tls = match (args.tls_cert, args.tls_key) {
@@ -802,6 +810,9 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             let name = name.trim().to_owned();
             if name.is_empty() || name.chars().count() > 200 {
                 bail!("--name must be 1 to 200 characters");
+            }
+            if !server::text::is_safe_to_show(&name) {
+                bail!("--name {}", server::text::UNSAFE_TEXT);
             }
             let store = data.open().await?;
             let tenant_id = server::tenant_id(&store).await?;

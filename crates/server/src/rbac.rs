@@ -119,7 +119,8 @@ pub fn reachable_groups(groups: &[GroupRecord], user_groups: &[String]) -> Vec<i
 }
 
 /// Checks a name given to a role, a machine group, a user group or a user:
-/// 1 to 100 characters once trimmed, none of them a control character.
+/// 1 to 100 characters once trimmed, none of them a control or format
+/// character ([`crate::text::is_safe_to_show`]).
 pub fn check_name(what: &str, text: &str) -> Result<String, String> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
@@ -128,8 +129,8 @@ pub fn check_name(what: &str, text: &str) -> Result<String, String> {
     if trimmed.chars().count() > 100 {
         return Err(format!("the {what} must be at most 100 characters"));
     }
-    if trimmed.chars().any(char::is_control) {
-        return Err(format!("the {what} must not contain control characters"));
+    if !crate::text::is_safe_to_show(trimmed) {
+        return Err(format!("the {what} {}", crate::text::UNSAFE_TEXT));
     }
     Ok(trimmed.to_owned())
 }
@@ -198,5 +199,7 @@ mod tests {
         assert!(check_name("role name", " ").is_err());
         assert!(check_name("role name", &"x".repeat(101)).is_err());
         assert!(check_name("role name", "a\u{7}b").is_err());
+        assert!(check_name("role name", "a\u{202E}b").is_err());
+        assert!(check_name("role name", "a\u{200B}b").is_err());
     }
 }

@@ -121,13 +121,19 @@ impl fmt::Debug for TlsMaterial {
 /// files is partial: `ca.pem` without its `ca-key.pem` or the reverse, a key
 /// that does not match, or a server certificate without any CA. The CA and
 /// its key are never replaced or overwritten (every enrolled agent trusts
-/// only that CA): the error says what is missing and how to recover.
-pub fn ensure_self_signed(data_dir: &Path, names: &[String]) -> Result<TlsMaterial> {
+/// only that CA): the error says what is missing and how to recover. No CA
+/// at all while machines are enrolled is refused the same way, unless
+/// `guard.allow_new_ca`.
+pub fn ensure_self_signed(
+    data_dir: &Path,
+    names: &[String],
+    guard: NewCaGuard,
+) -> Result<TlsMaterial> {
     let wanted = WantedNames::parse(names)?;
     fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let now = unix_now()?;
-    let ca = load_or_create_ca(data_dir, now)?;
+    let ca = load_or_create_ca(data_dir, now, guard)?;
 
     let cert_path = data_dir.join(SERVER_CERT_FILE);
     let key_path = data_dir.join(SERVER_KEY_FILE);
@@ -359,7 +365,18 @@ struct Ca {
     not_after: i64,
 }
 
-fn load_or_create_ca(data_dir: &Path, now: i64) -> Result<Ca> {
+/// Whether a data directory without any CA may have a new one made.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NewCaGuard {
+    /// Machines in the database (revoked ones included): they were enrolled
+    /// with the CA of this data directory and trust only that one.
+    pub enrolled_machines: u64,
+    /// The operator accepts that every enrolled agent loses the server
+    /// (`cordon serve --new-ca`).
+    pub allow_new_ca: bool,
+}
+
+fn load_or_create_ca(data_dir: &Path, now: i64, guard: NewCaGuard) -> Result<Ca> {
     let cert_path = data_dir.join(CA_CERT_FILE);
     let key_path = data_dir.join(CA_KEY_FILE);
     let present = |name: &str| data_dir.join(name).symlink_metadata().is_ok();
@@ -376,6 +393,28 @@ fn load_or_create_ca(data_dir: &Path, now: i64) -> Result<Ca> {
                  enrolled agents trust is missing. Restore {CA_CERT_FILE} and {CA_KEY_FILE} \
                  from a backup. Only if you accept that every enrolled agent loses this \
                  server (and must be enrolled again), move {left} away to have a new CA made.",
+                data_dir.display()
+            );
+        }
+        if guard.enrolled_machines > 0 {
+            if !guard.allow_new_ca {
+                bail!(
+                    "{} has no CA ({CA_CERT_FILE}, {CA_KEY_FILE}) but its database has {} \
+                     enrolled machine(s): they trust only the CA that is missing, and would \
+                     lose this server (an isolated machine could then not be released). \
+                     Restore {CA_CERT_FILE} and {CA_KEY_FILE} from a backup (an agent's state \
+                     directory holds a copy of {CA_CERT_FILE}, but the key is needed too). \
+                     Only if you accept that every enrolled agent loses this server (and must \
+                     be enrolled again), start with --new-ca (CORDON_NEW_CA=true) to have a \
+                     new CA made.",
+                    data_dir.display(),
+                    guard.enrolled_machines
+                );
+            }
+            warn!(
+                enrolled_machines = guard.enrolled_machines,
+                "no CA in {}: making a new one as --new-ca asks; every enrolled agent must \
+                 be enrolled again",
                 data_dir.display()
             );
         }
@@ -1054,10 +1093,16 @@ fn decode_oid(bytes: &[u8]) -> Result<Vec<u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use std::sync::atomic::{AtomicU32, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    /// A data directory whose database has no machine yet.
+    fn ensure_self_signed(data_dir: &Path, names: &[String]) -> Result<TlsMaterial> {
+        super::ensure_self_signed(data_dir, names, NewCaGuard::default())
+    }
 
     /// A fresh directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -1302,7 +1347,7 @@ mod tests {
 
         // Replace the server certificate by one with only 10 days left.
         let now = unix_now().unwrap();
-        let ca = load_or_create_ca(dir.path(), now).unwrap();
+        let ca = load_or_create_ca(dir.path(), now, NewCaGuard::default()).unwrap();
         let parsed = WantedNames::parse(&wanted).unwrap();
         issue_server_cert(
             &ca,
@@ -1361,6 +1406,32 @@ mod tests {
         ensure_self_signed(dir.path(), &wanted).unwrap();
         assert_ne!(dir.read(SERVER_CERT_FILE), old_server);
         assert_chains_to_ca(&dir);
+    }
+
+    #[test]
+    fn no_ca_at_all_with_enrolled_machines_needs_the_override() {
+        let dir = TempDir::new("noca-enrolled");
+        let enrolled = NewCaGuard {
+            enrolled_machines: 2,
+            allow_new_ca: false,
+        };
+        let err = super::ensure_self_signed(dir.path(), &names(&["localhost"]), enrolled)
+            .map(|_| ())
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("2 enrolled machine(s)"), "{msg}");
+        assert!(msg.contains("--new-ca"), "{msg}");
+        assert!(!dir.file(CA_CERT_FILE).exists());
+        assert!(!dir.file(CA_KEY_FILE).exists());
+
+        let forced = NewCaGuard {
+            allow_new_ca: true,
+            ..enrolled
+        };
+        super::ensure_self_signed(dir.path(), &names(&["localhost"]), forced).unwrap();
+        assert_chains_to_ca(&dir);
+        // Once the CA is there, the guard is not consulted again.
+        super::ensure_self_signed(dir.path(), &names(&["localhost"]), enrolled).unwrap();
     }
 
     #[test]

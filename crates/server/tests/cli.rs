@@ -1039,3 +1039,136 @@ fn nonsense_durations_are_refused_with_their_range() {
     let stderr = run_fails(&["audit", "prune", "--data-dir", data, "--before", "0d"]);
     assert!(stderr.contains("is zero"), "{stderr}");
 }
+
+/// `rm cordon-data/*.pem` once made `cordon serve` create a new CA without a
+/// word, so every enrolled agent lost the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ca_with_enrolled_machines_is_refused_unless_new_ca() {
+    let dir = TempDir::new("lost-ca");
+    let data = dir.0.to_str().unwrap().to_owned();
+    let ca = dir.0.join("ca.pem");
+    let served = serve(&dir.0);
+    let enroll = run_json(&["enroll-token", "create", "--data-dir", &data, "--json"]);
+    let state = TempDir::new("agent");
+    agent::enroll(
+        &served.url,
+        enroll["token"].as_str().unwrap(),
+        &ca,
+        &state.0,
+        Some("lost1"),
+    )
+    .await
+    .unwrap();
+    drop(served);
+    let old_ca = std::fs::read(&ca).unwrap();
+    for name in ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem"] {
+        std::fs::remove_file(dir.0.join(name)).unwrap();
+    }
+
+    let mut child = cordon()
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .env("CORDON_DATA_DIR", &dir.0)
+        .env_remove("CORDON_NEW_CA")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cordon serve started without its CA");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for needle in [
+        "no CA",
+        "1 enrolled machine",
+        "ca-key.pem",
+        "backup",
+        "--new-ca",
+    ] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+    assert!(!ca.exists(), "a CA was made: {stderr}");
+
+    // The explicit override makes a new CA (the old agents are lost).
+    let port = free_port();
+    let _served = serve_with(&dir.0, port, &["--new-ca"]);
+    assert_ne!(std::fs::read(&ca).unwrap(), old_ca);
+}
+
+/// `cordon app create --name "$(printf 'a\033[31mred\nnewline')"` once
+/// succeeded: the name then reached `app list`, the audit log's principal and
+/// the token's `app_displayname` raw, escapes and all. Users, roles and
+/// groups refused control characters but took bidirectional overrides.
+#[test]
+fn names_with_control_or_format_characters_are_refused() {
+    let dir = TempDir::new("unsafe-names");
+    let data = dir.0.to_str().unwrap().to_owned();
+    let bad_names = [
+        "a\u{1b}[31mred\nnewline",
+        "tab\there",
+        "c1\u{9b}31m",
+        "admin\u{202E}gpj.exe",
+        "isolate\u{2066}x\u{2069}",
+        "zero\u{200B}width",
+        "\u{FEFF}bom",
+        "line\u{2028}sep",
+    ];
+    for name in bad_names {
+        let stderr = run_fails(&[
+            "app",
+            "create",
+            "--data-dir",
+            &data,
+            "--init",
+            "--name",
+            name,
+            "--permission",
+            "Machine.Isolate",
+        ]);
+        assert!(
+            stderr.contains("--name must not contain control"),
+            "{name:?}: {stderr}"
+        );
+        for args in [
+            vec!["user", "create", "--name", name, "--role", "Viewer"],
+            vec![
+                "role",
+                "create",
+                "--name",
+                name,
+                "--permission",
+                "View data",
+            ],
+            vec!["group", "create", "--name", name, "--rank", "1"],
+        ] {
+            let mut full = args.clone();
+            full.extend(["--data-dir", &data]);
+            let stderr = run_fails(&full);
+            assert!(
+                stderr.contains("must not contain control characters"),
+                "{full:?}: {stderr}"
+            );
+        }
+    }
+    let apps = run_json(&["app", "list", "--data-dir", &data, "--init", "--json"]);
+    assert_eq!(apps.as_array().map(Vec::len), Some(0), "{apps}");
+    // Letters of any script, accents and emoji are fine.
+    run_json(&[
+        "app",
+        "create",
+        "--data-dir",
+        &data,
+        "--name",
+        "Zoë's playbook 東京 🛡️",
+        "--permission",
+        "Machine.Isolate",
+        "--json",
+    ]);
+}

@@ -116,6 +116,14 @@ async fn one_public_key_enrolls_once() {
     );
 }
 
+/// Unicode format characters and separators that change how the text around
+/// them is shown (bidirectional embeddings, overrides and isolates,
+/// zero-width characters, the byte order mark, line and paragraph separators).
+const SPOOFS: [&str; 16] = [
+    "\u{202A}", "\u{202B}", "\u{202C}", "\u{202D}", "\u{202E}", "\u{2066}", "\u{2067}", "\u{2068}",
+    "\u{2069}", "\u{200B}", "\u{200C}", "\u{200D}", "\u{200F}", "\u{FEFF}", "\u{2028}", "\u{2029}",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_facts_are_checked_at_enrollment_and_later() {
     let server = TestServer::start().await;
@@ -140,15 +148,41 @@ async fn host_facts_are_checked_at_enrollment_and_later() {
         agent_version: Some("1.0\u{1b}[31m".into()),
         ..facts("bad-4")
     };
-    for (bad, field) in [
-        (not_an_ip, "addresses[0].ipAddress"),
-        (many, "65 addresses"),
-        (long, "osVersion"),
-        (control, "agentVersion"),
-    ] {
+    let mut cases = vec![
+        (not_an_ip, "addresses[0].ipAddress".to_owned()),
+        (many, "65 addresses".to_owned()),
+        (long, "osVersion".to_owned()),
+        (control, "agentVersion".to_owned()),
+    ];
+    // Unicode format characters and line separators were once accepted:
+    // bidirectional overrides, zero-width characters and the like can make
+    // what an analyst sees differ from what is stored.
+    for (i, spoof) in SPOOFS.iter().enumerate() {
+        let mut bad = facts(&format!("spoof-{i}"));
+        let field = match i % 4 {
+            0 => {
+                bad.os_platform = Some(format!("Windows{spoof}11"));
+                "osPlatform"
+            }
+            1 => {
+                bad.os_version = Some(format!("{spoof}24.04"));
+                "osVersion"
+            }
+            2 => {
+                bad.os_processor = Some(format!("x86{spoof}"));
+                "osProcessor"
+            }
+            _ => {
+                bad.addresses[0].interface_type = Some(format!("Eth{spoof}ernet"));
+                "addresses[0].interfaceType"
+            }
+        };
+        cases.push((bad, field.to_owned()));
+    }
+    for (bad, field) in cases {
         let reply = enroll_raw(&server, &token, &new_key(), bad).await;
         let reason = agent_error(&reply, 400, "InvalidFacts");
-        assert!(reason.contains(field), "{reason}");
+        assert!(reason.contains(&field), "{reason}");
     }
     assert_eq!(machine_count(&server).await, 0);
     assert_eq!(token_uses(&server).await, vec![0]);
@@ -176,6 +210,11 @@ async fn host_facts_are_checked_at_enrollment_and_later() {
     let mut bad = facts("renamed-by-bad-facts");
     bad.addresses[0].ip_address = "999.1.1.1".into();
     session.send(&AgentMessage::Facts(bad)).await.unwrap();
+    let spoofed = HostFacts {
+        os_version: Some("11\u{202E}".into()),
+        ..facts("renamed-by-spoofed-facts")
+    };
+    session.send(&AgentMessage::Facts(spoofed)).await.unwrap();
     session
         .send(&AgentMessage::Facts(facts("web-02.corp.example")))
         .await
@@ -185,6 +224,7 @@ async fn host_facts_are_checked_at_enrollment_and_later() {
     loop {
         let machine = api.machine(&agent.machine_id()).await;
         assert_ne!(machine["computerDnsName"], "renamed-by-bad-facts");
+        assert_ne!(machine["computerDnsName"], "renamed-by-spoofed-facts");
         if machine["computerDnsName"] == "web-02.corp.example" {
             break;
         }

@@ -766,6 +766,17 @@ impl Store {
         .await
     }
 
+    /// How many machines have ever enrolled (revoked ones included).
+    pub async fn machine_count(&self) -> Result<u64> {
+        self.read(|conn| {
+            let count: i64 = conn
+                .prepare_cached("SELECT COUNT(*) FROM machines")?
+                .query_row([], |r| r.get(0))?;
+            Ok(u64::try_from(count).unwrap_or(0))
+        })
+        .await
+    }
+
     /// The machine group of the machine with this id, if it exists.
     pub async fn machine_group(&self, machine_id: &str) -> Result<Option<i64>> {
         let machine_id = machine_id.to_owned();
