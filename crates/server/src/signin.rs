@@ -235,10 +235,12 @@ struct UrlParts {
 }
 
 /// Parses an absolute http(s) URI strictly: no user info, no fragment, a
-/// host of letters, digits, `-` and `.` (or an IP literal) and, if there is
-/// a port, one of 1 to 65535 written in digits only, so that
-/// `https://127.0.0.1:8443.evil.com/` and `http://localhost:99999999/` are
-/// not URIs at all rather than URIs on 127.0.0.1 and localhost.
+/// host of letters, digits, `-` and `.` (or an IP literal), if there is
+/// a port, one of 1 to 65535 written in digits only, and a path that
+/// [`plain_path`] accepts, so that `https://127.0.0.1:8443.evil.com/` and
+/// `http://localhost:99999999/` are not URIs at all rather than URIs on
+/// 127.0.0.1 and localhost, and `https://host/app/../evil` is not a URI
+/// under `/app`.
 fn url_parts(uri: &str) -> Option<UrlParts> {
     if uri.len() > 2048 || uri.contains('#') || uri.chars().any(|c| c.is_control()) {
         return None;
@@ -289,12 +291,29 @@ fn url_parts(uri: &str) -> Option<UrlParts> {
             }
         }
     };
+    let path = parsed.path();
+    if !plain_path(path) {
+        return None;
+    }
     Some(UrlParts {
         scheme,
         host,
         port,
-        path: parsed.path().to_owned(),
+        path: path.to_owned(),
     })
+}
+
+/// Whether a URI path means what its text says: no `.` or `..` segment,
+/// raw or percent-encoded in any case (`%2e`, `.%2E`), which a browser
+/// resolves before following the URI, and no `/` hidden as `%2f` nor
+/// written `\` (which browsers read as `/` in http(s) URIs).
+fn plain_path(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    !lower.contains("%2f")
+        && !lower.contains('\\')
+        && lower
+            .split('/')
+            .all(|segment| !matches!(segment.replace("%2e", ".").as_str(), "." | ".."))
 }
 
 /// [`redirect_allowed`] against the public URL `base`: a loopback host
@@ -310,13 +329,13 @@ fn redirect_allowed_under(base: &str, uri: &str) -> bool {
     let Some(base) = url_parts(base) else {
         return false;
     };
-    let prefix = base.path.trim_end_matches('/');
+    // Segment by segment, so that `/cordonx` is not under `/cordon`.
+    let prefix: Vec<&str> = base.path.trim_end_matches('/').split('/').collect();
+    let path: Vec<&str> = target.path.split('/').collect();
     target.scheme == base.scheme
         && target.host == base.host
         && target.port == base.port
-        && (prefix.is_empty()
-            || target.path == prefix
-            || target.path.starts_with(&format!("{prefix}/")))
+        && path.starts_with(&prefix)
 }
 
 // ---- pending codes --------------------------------------------------------
@@ -862,6 +881,53 @@ mod tests {
             "https://example.com/cordonx/cb"
         ));
         assert!(!redirect_allowed_under(base, "https://example.com/other"));
+    }
+
+    /// A browser resolves `.` and `..` segments (`%2e` too, in any case)
+    /// before it follows a redirect: a URI that names them, or hides a `/`
+    /// as `%2f`, is not under the public URL's path whatever its text says.
+    #[test]
+    fn redirect_uris_cannot_climb_out_of_the_public_path() {
+        let base = "https://cordon.example.com:28450/cordon";
+        for ok in [
+            "https://cordon.example.com:28450/cordon",
+            "https://cordon.example.com:28450/cordon/",
+            "https://cordon.example.com:28450/cordon/cb",
+            "https://cordon.example.com:28450/cordon/a.b/...x/cb",
+            "https://cordon.example.com:28450/cordon/cb?next=/../x",
+            "http://localhost:5555/cb",
+        ] {
+            assert!(redirect_allowed_under(base, ok), "{ok} refused");
+        }
+        for bad in [
+            "https://cordon.example.com:28450/cordon/../evil",
+            "https://cordon.example.com:28450/cordon/..",
+            "https://cordon.example.com:28450/cordon/./cb",
+            "https://cordon.example.com:28450/cordon/.",
+            "https://cordon.example.com:28450/cordon/%2e%2e/evil",
+            "https://cordon.example.com:28450/cordon/%2E%2E/evil",
+            "https://cordon.example.com:28450/cordon/.%2e/evil",
+            "https://cordon.example.com:28450/cordon/%2E./evil",
+            "https://cordon.example.com:28450/cordon/%2e/cb",
+            "https://cordon.example.com:28450/cordon/cb/../../evil",
+            "https://cordon.example.com:28450/cordon%2f..%2fevil",
+            "https://cordon.example.com:28450/cordon/a%2Fb",
+            "https://cordon.example.com:28450/cordon/..\\evil",
+            "https://cordon.example.com:28450/cordonx",
+            "https://cordon.example.com:28450/cordonx/cb",
+            "https://cordon.example.com:28450/",
+            // Loopback is no exception: dot segments are refused everywhere.
+            "http://localhost:5555/cb/../x",
+            "http://127.0.0.1/%2e%2e/x",
+        ] {
+            assert!(!redirect_allowed_under(base, bad), "{bad} allowed");
+        }
+        // Under a root public URL, too.
+        let root = "https://cordon.example.com:28450";
+        assert!(!redirect_allowed_under(
+            root,
+            "https://cordon.example.com:28450/a/../b"
+        ));
     }
 
     use super::*;
