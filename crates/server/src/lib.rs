@@ -24,6 +24,7 @@ pub mod signin;
 pub mod text;
 pub mod throttle;
 pub mod tls;
+pub mod urls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -511,24 +512,20 @@ pub async fn start_with(
     }
     let ips: Vec<std::net::IpAddr> = listen_addrs.iter().map(SocketAddr::ip).collect();
     let public_url = match &config.public_url {
-        Some(url) => url.clone(),
+        Some(url) => urls::public_url(url).map_err(|e| anyhow::anyhow!("--public-url {e}"))?,
         None => {
             let host = listen::served(config.listen_host.as_deref(), &ips, &[]).url_host;
             format!("https://{host}:{}", local_addr.port())
         }
-    }
-    .trim_end_matches('/')
-    .to_owned();
+    };
     let (material, tls_names) = match &config.tls {
         TlsSource::Files { cert, key } => (tls::load_operator(cert, key)?, Vec::new()),
         TlsSource::SelfSigned { extra_names } => {
             let mut extra = Vec::new();
-            if let Some(host) = public_url
-                .strip_prefix("https://")
-                .and_then(|rest| rest.split('/').next())
-            {
-                let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-                extra.push(host.trim_matches(|c| c == '[' || c == ']').to_owned());
+            if config.public_url.is_some() {
+                // Checked above: the host as the parser reads it.
+                let host = urls::parse(&public_url).map_err(anyhow::Error::msg)?.host;
+                extra.push(host);
             }
             extra.extend(extra_names.iter().cloned());
             let names = listen::served(config.listen_host.as_deref(), &ips, &extra).names;

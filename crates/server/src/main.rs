@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use server::listen::ListenArg;
 use server::{Config, TlsSource, crypto};
@@ -138,7 +138,8 @@ struct ServeArgs {
     /// the name resolves to), such as 0.0.0.0:8443 or localhost:8443.
     #[arg(long, env = "CORDON_LISTEN", default_value = "127.0.0.1:8443")]
     listen: ListenArg,
-    /// Canonical base URL (the tokens' issuer), such as https://cordon.example.com:8443.
+    /// Canonical base URL (the tokens' issuer), such as https://cordon.example.com:8443:
+    /// https, a host, an optional port and path; no user info, query or fragment.
     /// Default: https://<listen host>:<port>, with this machine's host name for 0.0.0.0 and ::.
     #[arg(long, env = "CORDON_PUBLIC_URL")]
     public_url: Option<String>,
@@ -723,10 +724,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         oidc.role_map.push((value.to_owned(), role.to_owned()));
     }
     config.oidc = oidc;
-    if let Some(url) = &config.public_url
-        && !url.starts_with("https://")
-    {
-        bail!("--public-url must start with https://");
+    if let Some(url) = &config.public_url {
+        let url = server::urls::public_url(url).map_err(|e| anyhow!("--public-url {e}"))?;
+        config.public_url = Some(url);
     }
     let listeners = args.listen.bind()?;
     config.listen = listeners[0].local_addr()?;

@@ -27,7 +27,7 @@ use store::UserRecord;
 
 use crate::audit::PrincipalSlot;
 use crate::auth::DELEGATED_SCOPES;
-use crate::{AppState, ConnInfo, crypto};
+use crate::{AppState, ConnInfo, crypto, urls};
 
 /// The client id of Cordon's own web console, a public client.
 pub const CONSOLE_CLIENT_ID: &str = "cordon-console";
@@ -217,106 +217,34 @@ pub fn parse_scope(state: &AppState, scope: &str) -> Result<(String, Vec<String>
 }
 
 /// Whether a browser may be sent back to `uri`: an absolute http(s) URI
-/// without a fragment, on a loopback host (any port) or under this
-/// server's public URL (`--public-url`).
+/// that [`urls::parse`] accepts (no fragment, no user info, no `.` or `..`
+/// path segment), on a loopback host (any port) or under this server's
+/// public URL (`--public-url`).
 pub fn redirect_allowed(state: &AppState, uri: &str) -> bool {
     // The canonical URL only: the `Host` header is not trusted here.
     redirect_allowed_under(&state.public_url, uri)
-}
-
-/// A URI taken apart for comparison: scheme, host (lower case, IPv6
-/// without brackets), effective port, and path.
-#[derive(Debug, PartialEq)]
-struct UrlParts {
-    scheme: String,
-    host: String,
-    port: u16,
-    path: String,
-}
-
-/// Parses an absolute http(s) URI strictly: no user info, no fragment, a
-/// host of letters, digits, `-` and `.` (or an IP literal) and, if there is
-/// a port, one of 1 to 65535 written in digits only, so that
-/// `https://127.0.0.1:8443.evil.com/` and `http://localhost:99999999/` are
-/// not URIs at all rather than URIs on 127.0.0.1 and localhost.
-fn url_parts(uri: &str) -> Option<UrlParts> {
-    if uri.len() > 2048 || uri.contains('#') || uri.chars().any(|c| c.is_control()) {
-        return None;
-    }
-    let parsed = uri.parse::<axum::http::Uri>().ok()?;
-    let scheme = parsed.scheme_str()?.to_ascii_lowercase();
-    let default_port = match scheme.as_str() {
-        "http" => 80,
-        "https" => 443,
-        _ => return None,
-    };
-    let authority = parsed.authority()?.as_str();
-    if authority.contains('@') {
-        return None;
-    }
-    // Host and port split by hand: `Uri` accepts any text after the colon.
-    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
-        let (literal, after) = rest.split_once(']')?;
-        let _: std::net::Ipv6Addr = literal.parse().ok()?;
-        (literal.to_ascii_lowercase(), after)
-    } else {
-        match authority.split_once(':') {
-            Some((host, _)) => (host.to_ascii_lowercase(), &authority[host.len()..]),
-            None => (authority.to_ascii_lowercase(), ""),
-        }
-    };
-    let valid_host = !host.is_empty()
-        && (host.parse::<std::net::IpAddr>().is_ok()
-            || host.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            }));
-    if !valid_host {
-        return None;
-    }
-    let port = match port {
-        "" => default_port,
-        _ => {
-            let digits = port.strip_prefix(':')?;
-            if digits.is_empty() || digits.len() > 5 || !digits.chars().all(|c| c.is_ascii_digit())
-            {
-                return None;
-            }
-            match digits.parse::<u16>() {
-                Ok(0) | Err(_) => return None,
-                Ok(port) => port,
-            }
-        }
-    };
-    Some(UrlParts {
-        scheme,
-        host,
-        port,
-        path: parsed.path().to_owned(),
-    })
 }
 
 /// [`redirect_allowed`] against the public URL `base`: a loopback host
 /// (`localhost`, `127.0.0.1`, `::1`; any port, as for native apps), or the
 /// same scheme, host and port as `base` with a path at or under its path.
 fn redirect_allowed_under(base: &str, uri: &str) -> bool {
-    let Some(target) = url_parts(uri) else {
+    let Ok(target) = urls::parse(uri) else {
         return false;
     };
     if matches!(target.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
         return true;
     }
-    let Some(base) = url_parts(base) else {
+    let Ok(base) = urls::parse(base) else {
         return false;
     };
-    let prefix = base.path.trim_end_matches('/');
+    // Segment by segment, so that `/cordonx` is not under `/cordon`.
+    let prefix: Vec<&str> = base.path.trim_end_matches('/').split('/').collect();
+    let path: Vec<&str> = target.path.split('/').collect();
     target.scheme == base.scheme
         && target.host == base.host
         && target.port == base.port
-        && (prefix.is_empty()
-            || target.path == prefix
-            || target.path.starts_with(&format!("{prefix}/")))
+        && path.starts_with(&prefix)
 }
 
 // ---- pending codes --------------------------------------------------------
@@ -862,6 +790,53 @@ mod tests {
             "https://example.com/cordonx/cb"
         ));
         assert!(!redirect_allowed_under(base, "https://example.com/other"));
+    }
+
+    /// A browser resolves `.` and `..` segments (`%2e` too, in any case)
+    /// before it follows a redirect: a URI that names them, or hides a `/`
+    /// as `%2f`, is not under the public URL's path whatever its text says.
+    #[test]
+    fn redirect_uris_cannot_climb_out_of_the_public_path() {
+        let base = "https://cordon.example.com:28450/cordon";
+        for ok in [
+            "https://cordon.example.com:28450/cordon",
+            "https://cordon.example.com:28450/cordon/",
+            "https://cordon.example.com:28450/cordon/cb",
+            "https://cordon.example.com:28450/cordon/a.b/...x/cb",
+            "https://cordon.example.com:28450/cordon/cb?next=/../x",
+            "http://localhost:5555/cb",
+        ] {
+            assert!(redirect_allowed_under(base, ok), "{ok} refused");
+        }
+        for bad in [
+            "https://cordon.example.com:28450/cordon/../evil",
+            "https://cordon.example.com:28450/cordon/..",
+            "https://cordon.example.com:28450/cordon/./cb",
+            "https://cordon.example.com:28450/cordon/.",
+            "https://cordon.example.com:28450/cordon/%2e%2e/evil",
+            "https://cordon.example.com:28450/cordon/%2E%2E/evil",
+            "https://cordon.example.com:28450/cordon/.%2e/evil",
+            "https://cordon.example.com:28450/cordon/%2E./evil",
+            "https://cordon.example.com:28450/cordon/%2e/cb",
+            "https://cordon.example.com:28450/cordon/cb/../../evil",
+            "https://cordon.example.com:28450/cordon%2f..%2fevil",
+            "https://cordon.example.com:28450/cordon/a%2Fb",
+            "https://cordon.example.com:28450/cordon/..\\evil",
+            "https://cordon.example.com:28450/cordonx",
+            "https://cordon.example.com:28450/cordonx/cb",
+            "https://cordon.example.com:28450/",
+            // Loopback is no exception: dot segments are refused everywhere.
+            "http://localhost:5555/cb/../x",
+            "http://127.0.0.1/%2e%2e/x",
+        ] {
+            assert!(!redirect_allowed_under(base, bad), "{bad} allowed");
+        }
+        // Under a root public URL, too.
+        let root = "https://cordon.example.com:28450";
+        assert!(!redirect_allowed_under(
+            root,
+            "https://cordon.example.com:28450/a/../b"
+        ));
     }
 
     use super::*;

@@ -155,8 +155,14 @@ fn serve_help_documents_every_environment_variable() {
 /// Runs `cordon serve --listen LISTEN` on `data_dir`; returns the process
 /// and what it printed up to the CA file's line.
 fn serve_listen(data_dir: &Path, listen: &str) -> (Served, String) {
+    serve_listen_with(data_dir, listen, &[])
+}
+
+/// [`serve_listen`] with extra arguments.
+fn serve_listen_with(data_dir: &Path, listen: &str, extra: &[&str]) -> (Served, String) {
     let mut child = cordon()
         .args(["serve", "--listen", listen])
+        .args(extra)
         .env("CORDON_DATA_DIR", data_dir)
         .env_remove("CORDON_PUBLIC_URL")
         .env_remove("CORDON_TLS_SAN")
@@ -278,6 +284,80 @@ fn a_listen_address_that_is_not_host_and_port_is_refused_clearly() {
         let error = String::from_utf8_lossy(&output.stderr);
         assert!(error.contains(expect), "{listen}: {error}");
     }
+}
+
+/// Runs `cordon serve` with `args` and expects it to exit with an error
+/// within ten seconds (killed if it served instead); returns its stderr.
+fn serve_refused(data_dir: &Path, args: &[&str]) -> String {
+    let mut child = cordon()
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(args)
+        .env("CORDON_DATA_DIR", data_dir)
+        .env_remove("CORDON_PUBLIC_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} was accepted: the server started");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{args:?}: {stderr}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_url_that_is_not_a_plain_https_url_is_refused_clearly() {
+    let dir = TempDir::new("public-url");
+    let data = dir.0.join("data");
+    for (url, expect) in [
+        ("https://u:p@x", "user info"),
+        ("https://x:8443.evil.com", "port"),
+        ("https://x:99999", "port"),
+        ("https://", "not an absolute URL"),
+        ("https://x/a?b", "query"),
+        ("https://x/a#f", "fragment"),
+        ("https://x/a/../b", ".."),
+        ("http://x", "https://"),
+    ] {
+        let error = serve_refused(&data, &["--public-url", url]);
+        assert!(error.contains("--public-url"), "{url}: {error}");
+        assert!(error.contains(expect), "{url}: {error}");
+        assert!(error.contains("absolute https URL"), "{url}: {error}");
+    }
+    assert!(
+        !data.join("server.pem").exists(),
+        "no certificate was issued"
+    );
+
+    // A good one with a path (and a trailing slash, trimmed) serves, under
+    // a certificate that names its host.
+    let port = free_port();
+    let public = format!("https://Cordon.Example.com:{port}/cordon/");
+    let (served, printed) = serve_listen_with(
+        &data,
+        &format!("127.0.0.1:{port}"),
+        &["--public-url", &public],
+    );
+    assert_eq!(
+        served.url,
+        format!("https://Cordon.Example.com:{port}/cordon"),
+        "{printed}"
+    );
+    assert!(printed.contains("cordon.example.com"), "{printed}");
+    handshake(&data.join("ca.pem"), port, "cordon.example.com")
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

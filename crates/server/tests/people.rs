@@ -1449,6 +1449,47 @@ async fn the_sign_in_page_refuses_foreign_redirects_missing_pkce_and_script() {
     assert!(!text(&page).contains("<script"), "{}", text(&page));
 }
 
+/// Under a public URL with a path, a redirect URI that climbs out of it with
+/// `..` (raw or `%2e%2e`), or merely starts with the same letters, gets the
+/// error page: no sign-in form, and never a redirect, not even for an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_that_climb_out_of_the_public_path_are_refused() {
+    let public = "https://cordon.example.com:28450/cordon";
+    let server = TestServer::start_with(|config| config.public_url = Some(public.into())).await;
+    add_user(&server, "alice@example.com", "Viewer", &[]).await;
+    let (_, challenge) = pkce();
+
+    let inside = format!("{public}/cb");
+    let page = authorize_get(&server, &authorize_fields(&challenge, &inside, "xyz")).await;
+    assert_eq!(page.status, 200, "{}", text(&page));
+    assert!(text(&page).contains("name=\"passwd\""));
+
+    for evil in [
+        format!("{public}/../evil"),
+        format!("{public}/%2e%2e/evil"),
+        format!("{public}/%2E%2E/evil"),
+        format!("{public}/cb/./../../evil"),
+        format!("{public}%2f..%2fevil"),
+        format!("{public}x/cb"),
+    ] {
+        let fields = authorize_fields(&challenge, &evil, "xyz");
+        let page = authorize_get(&server, &fields).await;
+        assert_eq!(page.status, 400, "{evil}: {}", text(&page));
+        assert_html_page(&page);
+        assert!(page.header("location").is_none(), "{evil}");
+        assert!(!text(&page).contains("name=\"passwd\""), "{evil}");
+        // An error that would otherwise go back to the client.
+        let mut no_pkce = fields.clone();
+        no_pkce.retain(|(name, _)| !name.starts_with("code_challenge"));
+        let page = authorize_get(&server, &no_pkce).await;
+        assert_eq!(page.status, 400, "{evil}: {}", text(&page));
+        assert!(page.header("location").is_none(), "{evil}");
+        let posted = authorize_post(&server, &fields, "alice@example.com", PASSWORD).await;
+        assert_eq!(posted.status, 400, "{evil}: {}", text(&posted));
+        assert!(posted.header("location").is_none(), "{evil}");
+    }
+}
+
 // ---- users who leave --------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
