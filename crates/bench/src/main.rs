@@ -65,6 +65,9 @@ fn start_server(data: &Path) -> anyhow::Result<Server> {
         .env("CORDON_SIGNIN_FAILURES_PER_USER", "0")
         .env("CORDON_SIGNIN_FAILURES_PER_SOURCE", "0")
         .env("CORDON_LOG", "warn")
+        // The machines were written into the throwaway store before the
+        // server first ran, so no CA exists yet: let it make one.
+        .env("CORDON_NEW_CA", "true")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
