@@ -101,16 +101,7 @@ async fn isolate_is_pushed_acknowledged_and_succeeds() {
         }
     );
     api.wait_status(&action_id, "InProgress").await;
-    session
-        .send(&AgentMessage::Result {
-            action_id: action_id.clone(),
-            succeeded: true,
-            error_h_result: 0,
-            reason: None,
-            enforced: Enforced::Full,
-        })
-        .await
-        .unwrap();
+    report(&mut session, &action_id, true, Enforced::Full).await;
     let done = api.wait_status(&action_id, "Succeeded").await;
     assert!(done["lastUpdateDateTimeUtc"].as_str() > done["creationDateTimeUtc"].as_str());
     let machine = api.machine(&agent.machine_id()).await;
@@ -142,10 +133,7 @@ async fn a_failed_apply_is_reported_with_its_reason() {
     let agent = server.enroll("m1").await;
     let mut session = agent.connect().await;
     let mut api = server.api().await;
-    let id = api.isolate(&agent.machine_id()).await.json().unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = api.isolate_action(&agent.machine_id()).await;
     next(&mut session).await;
     execute(&mut session, &id, false, Enforced::NotIsolated).await;
     let failed = api.wait_status(&id, "Failed").await;
@@ -207,10 +195,7 @@ async fn cancel_applies_to_pending_only() {
     let server = TestServer::start().await;
     let agent = server.enroll("m1").await;
     let mut api = server.api().await;
-    let id = api.isolate(&agent.machine_id()).await.json().unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = api.isolate_action(&agent.machine_id()).await;
 
     let reply = api
         .post(
@@ -258,10 +243,7 @@ async fn cancel_applies_to_pending_only() {
     assert_eq!(api.action(&id).await["status"], "Cancelled");
 
     // An InProgress action can't be cancelled.
-    let id = api.isolate(&agent.machine_id()).await.json().unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = api.isolate_action(&agent.machine_id()).await;
     assert_eq!(action_id_of(&next(&mut session).await), id);
     session
         .send(&AgentMessage::Ack {
@@ -299,10 +281,7 @@ async fn pending_actions_time_out() {
         TestServer::start_with(|c| c.action_expiry = std::time::Duration::from_secs(1)).await;
     let agent = server.enroll("m1").await;
     let mut api = server.api().await;
-    let id = api.isolate(&agent.machine_id()).await.json().unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = api.isolate_action(&agent.machine_id()).await;
     assert_eq!(api.action(&id).await["status"], "Pending");
     let timed_out = api.wait_status(&id, "TimeOut").await;
     assert!(timed_out["troubleshootInfo"].is_string());
@@ -320,10 +299,7 @@ async fn an_offline_agent_gets_pending_actions_on_reconnect() {
     let server = TestServer::start().await;
     let agent = server.enroll("m1").await;
     let mut api = server.api().await;
-    let id = api.isolate(&agent.machine_id()).await.json().unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = api.isolate_action(&agent.machine_id()).await;
     let mut session = agent.connect().await;
     assert_eq!(action_id_of(&next(&mut session).await), id);
     // Not acknowledged: delivered again to the next session.
@@ -340,10 +316,7 @@ async fn an_agent_cannot_touch_another_machines_actions() {
     let victim = server.enroll("victim").await;
     let intruder = server.enroll("intruder").await;
     let mut api = server.api().await;
-    let id = api.isolate(&victim.machine_id()).await.json().unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = api.isolate_action(&victim.machine_id()).await;
 
     let mut session = intruder.connect().await;
     session

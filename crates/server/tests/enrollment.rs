@@ -279,21 +279,9 @@ async fn a_result_without_proceed_is_a_protocol_error_and_changes_nothing() {
     let agent = server.enroll("m1").await;
     let mut api = server.api().await;
     let mut session = agent.connect().await;
-    let id = api.isolate(&agent.machine_id()).await.json().unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = api.isolate_action(&agent.machine_id()).await;
     assert_eq!(action_id_of(&next(&mut session).await), id);
-    session
-        .send(&AgentMessage::Result {
-            action_id: id.clone(),
-            succeeded: true,
-            error_h_result: 0,
-            reason: None,
-            enforced: Enforced::Full,
-        })
-        .await
-        .unwrap();
+    report(&mut session, &id, true, Enforced::Full).await;
     match next(&mut session).await {
         ServerMessage::Refused { code, reason } => {
             assert_eq!(code, "ProtocolError");
@@ -318,16 +306,7 @@ async fn a_result_without_proceed_is_a_protocol_error_and_changes_nothing() {
         )
         .await;
     assert_eq!(cancel.status, 200, "{:?}", cancel.body);
-    session
-        .send(&AgentMessage::Result {
-            action_id: id.clone(),
-            succeeded: true,
-            error_h_result: 0,
-            reason: None,
-            enforced: Enforced::Full,
-        })
-        .await
-        .unwrap();
+    report(&mut session, &id, true, Enforced::Full).await;
     assert!(matches!(
         next(&mut session).await,
         ServerMessage::Refused { .. }
@@ -336,10 +315,7 @@ async fn a_result_without_proceed_is_a_protocol_error_and_changes_nothing() {
 
     // The documented order still works: ack, proceed, result.
     let mut session = agent.connect().await;
-    let id = api.isolate(&agent.machine_id()).await.json().unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = api.isolate_action(&agent.machine_id()).await;
     assert_eq!(action_id_of(&next(&mut session).await), id);
     execute(&mut session, &id, true, Enforced::Full).await;
     api.wait_status(&id, "Succeeded").await;

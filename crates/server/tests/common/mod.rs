@@ -280,6 +280,13 @@ impl Api {
         .await
     }
 
+    /// Isolates `machine_id` (expecting 201) and returns the action's id.
+    pub async fn isolate_action(&mut self, machine_id: &str) -> String {
+        let reply = self.isolate(machine_id).await;
+        assert_eq!(reply.status, 201, "{:?}", reply.body);
+        reply.json().unwrap()["id"].as_str().unwrap().to_owned()
+    }
+
     pub async fn unisolate(&mut self, machine_id: &str) -> Reply {
         self.post(
             &format!("/api/machines/{machine_id}/unisolate"),
@@ -401,6 +408,13 @@ pub async fn execute(session: &mut Session, action_id: &str, succeeded: bool, en
             action_id: action_id.into()
         }
     );
+    report(session, action_id, succeeded, enforced).await;
+}
+
+/// Sends an action's outcome as the agent would after applying it (a
+/// failure with an HRESULT and a reason); whether the server accepts it
+/// depends on what came before.
+pub async fn report(session: &mut Session, action_id: &str, succeeded: bool, enforced: Enforced) {
     session
         .send(&AgentMessage::Result {
             action_id: action_id.into(),
