@@ -520,9 +520,10 @@ mod tests {
         assert_ne!(canonical(1, &c), canonical(1, &event(1)));
     }
 
-    #[test]
-    fn the_chain_detects_edits_and_deletions() {
-        let dir = std::env::temp_dir().join(format!("cordon-store-audit-{}", std::process::id()));
+    /// Runs `body` with a store in a fresh temporary directory (`path` is
+    /// its database file), and removes the directory afterwards.
+    fn with_store(label: &str, body: impl AsyncFnOnce(&Store, &std::path::Path)) {
+        let dir = std::env::temp_dir().join(format!("cordon-store-{label}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("cordon.db");
@@ -532,6 +533,14 @@ mod tests {
             .unwrap();
         runtime.block_on(async {
             let store = Store::open(&path).unwrap();
+            body(&store, &path).await;
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_chain_detects_edits_and_deletions() {
+        with_store("audit", async |store, path| {
             let appends: Vec<_> = (1..=5).map(|n| store.append_audit(event(n))).collect();
             for append in appends {
                 append.await.unwrap();
@@ -542,7 +551,7 @@ mod tests {
             assert_eq!(page.items[0].prev_hash, GENESIS_HASH);
             assert_eq!(page.items[1].prev_hash, page.items[0].hash);
 
-            let raw = Connection::open(&path).unwrap();
+            let raw = Connection::open(path).unwrap();
             raw.execute("UPDATE audit_events SET target = 'x' WHERE seq = 3", [])
                 .unwrap();
             let broken = store.verify_audit().await.unwrap().unwrap_err();
@@ -558,21 +567,11 @@ mod tests {
             let broken = store.verify_audit().await.unwrap().unwrap_err();
             assert_eq!(broken.seq, 3);
         });
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn records_are_capped_and_a_pruned_chain_verifies_from_its_checkpoint() {
-        let dir = std::env::temp_dir().join(format!("cordon-store-prune-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("cordon.db");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let store = Store::open(&path).unwrap();
+        with_store("prune", async |store, path| {
             // A 64 KiB path is stored cut to its limit.
             let mut big = event(1);
             big.target = format!("/api/{}", "é".repeat(32 * 1024));
@@ -613,7 +612,7 @@ mod tests {
             assert_eq!(store.prune_audit(7, 100, sign.clone()).await.unwrap(), 0);
 
             // Removing a record right after the checkpoint is still seen.
-            let raw = Connection::open(&path).unwrap();
+            let raw = Connection::open(path).unwrap();
             raw.execute("DELETE FROM audit_events WHERE seq = 7", [])
                 .unwrap();
             let broken = store.verify_audit().await.unwrap().unwrap_err();
@@ -629,6 +628,5 @@ mod tests {
             assert_eq!(next.prev_hash, checkpoint.hash);
             assert_eq!(store.verify_audit().await.unwrap(), Ok(1));
         });
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
