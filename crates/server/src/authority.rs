@@ -11,9 +11,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
-use proto::auth::{Claims, Jwks, OAuthError, OpenIdConfiguration, TokenResponse};
+use proto::auth::{Claims, Jwks, OpenIdConfiguration, TokenResponse};
 
 use crate::audit::PrincipalSlot;
+use crate::error::{OAuthFailure, oauth_error};
 use crate::{AppState, ConnInfo, base_url, crypto, signin};
 
 /// The `{tenant}` path segment as sent. Never rejects: a segment that isn't
@@ -55,48 +56,6 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/{tenant}/oauth2/token", post(token_v1))
         .route("/{tenant}/discovery/v2.0/keys", get(keys))
         .route("/{tenant}/discovery/keys", get(keys))
-}
-
-/// An RFC 6749 error answer.
-struct OAuthFailure {
-    status: StatusCode,
-    error: &'static str,
-    description: String,
-    /// Seconds for `Retry-After` (a throttled sign-in).
-    retry_after: Option<u64>,
-}
-
-fn oauth_error(
-    status: StatusCode,
-    error: &'static str,
-    description: impl Into<String>,
-) -> OAuthFailure {
-    OAuthFailure {
-        status,
-        error,
-        description: description.into(),
-        retry_after: None,
-    }
-}
-
-impl IntoResponse for OAuthFailure {
-    fn into_response(self) -> Response {
-        let body = OAuthError {
-            error: self.error.to_owned(),
-            error_description: self.description,
-        };
-        let mut response = (self.status, axum::Json(body)).into_response();
-        response
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, "no-store".parse().expect("header"));
-        if let Some(wait) = self.retry_after {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                wait.to_string().parse().expect("header"),
-            );
-        }
-        response
-    }
 }
 
 fn check_tenant(state: &AppState, tenant: &str) -> Result<(), OAuthFailure> {

@@ -399,11 +399,12 @@ pub async fn classify(request: Request, next: Next) -> Response {
         refusal.as_str()
     );
     let mut response = if request.uri().path().contains("/oauth2/") {
-        let body = proto::auth::OAuthError {
-            error: "temporarily_unavailable".to_owned(),
-            error_description: message,
-        };
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+        crate::error::oauth_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            message,
+        )
+        .into_response()
     } else {
         crate::error::ApiError {
             retry_after: Some(RETRY_AFTER_FULL),

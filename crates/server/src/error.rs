@@ -195,11 +195,7 @@ pub async fn request_context(mut request: Request, next: Next) -> Response {
         let request = match buffer_body(request).await {
             Ok(request) => request,
             Err(e) if oauth => {
-                let body = proto::auth::OAuthError {
-                    error: "invalid_request".to_owned(),
-                    error_description: e.message,
-                };
-                return (e.status, axum::Json(body)).into_response();
+                return oauth_error(e.status, "invalid_request", e.message).into_response();
             }
             Err(e) => return e.into_response(),
         };
@@ -316,4 +312,46 @@ async fn buffer_body(request: Request) -> Result<Request, ApiError> {
         return Err(ApiError::too_large());
     }
     Ok(Request::from_parts(parts, Body::from(kept)))
+}
+
+/// An RFC 6749 error answer.
+pub(crate) struct OAuthFailure {
+    pub(crate) status: StatusCode,
+    pub(crate) error: &'static str,
+    pub(crate) description: String,
+    /// Seconds for `Retry-After` (a throttled sign-in).
+    pub(crate) retry_after: Option<u64>,
+}
+
+pub(crate) fn oauth_error(
+    status: StatusCode,
+    error: &'static str,
+    description: impl Into<String>,
+) -> OAuthFailure {
+    OAuthFailure {
+        status,
+        error,
+        description: description.into(),
+        retry_after: None,
+    }
+}
+
+impl IntoResponse for OAuthFailure {
+    fn into_response(self) -> Response {
+        let body = proto::auth::OAuthError {
+            error: self.error.to_owned(),
+            error_description: self.description,
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, "no-store".parse().expect("header"));
+        if let Some(wait) = self.retry_after {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                wait.to_string().parse().expect("header"),
+            );
+        }
+        response
+    }
 }
