@@ -9,6 +9,8 @@
 //! failed sign-in takes for an unknown account and for a wrong password.
 //! Each figure is the median of several rounds.
 
+mod store_scale;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -245,6 +247,10 @@ struct Cli {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    // `cordon-bench store …`: the big-store benchmark (store_scale.rs).
+    if std::env::args().nth(1).as_deref() == Some("store") {
+        return store_scale::main(std::env::args().skip(1)).await;
+    }
     let cli = <Cli as clap::Parser>::parse();
     let machines = cli.machines as usize;
     let data = std::env::temp_dir().join(format!("cordon-bench-{}", std::process::id()));

@@ -202,17 +202,13 @@ impl Gateway {
     }
 
     pub async fn close_revoked(&self, store: &store::Store) {
-        let connected: Vec<String> = self
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .keys()
-            .cloned()
-            .collect();
-        if connected.is_empty() {
+        if self.sessions.lock().expect("sessions lock").is_empty() {
             return;
         }
-        match store.revoked_among(connected).await {
+        // The revoked machines (an index of them alone), matched against
+        // the sessions here: as many ids as are revoked, however many
+        // agents are connected.
+        match store.revoked_machines().await {
             Ok(revoked) => {
                 let sessions = self.sessions.lock().expect("sessions lock");
                 for id in revoked {

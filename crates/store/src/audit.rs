@@ -190,8 +190,9 @@ const AUDIT: Table<AuditRecord> = Table {
     column_count: AUDIT_COLUMN_COUNT,
     from_row: audit_from_row,
     seq_of: |a| a.seq,
-    // Audit records belong to no machine group.
-    group_expr: "0",
+    // Audit records belong to no machine group (the default's id is 0).
+    in_groups: |ids, _| format!("0 IN ({ids})"),
+    small_scope: 0,
     size_of: Some(|a| {
         let e = &a.event;
         // The text fields and the JSON around them.

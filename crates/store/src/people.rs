@@ -150,15 +150,20 @@ fn groups(conn: &Connection) -> Result<Vec<GroupRecord>> {
 /// Puts one machine (or, with `None`, every machine) in its group.
 pub(crate) fn assign_groups(conn: &Connection, machine_id: Option<&str>) -> Result<()> {
     let groups = groups(conn)?;
-    let mut select = conn.prepare_cached(
-        "SELECT id, computer_dns_name, os_platform, rbac_group_id FROM machines \
-         WHERE ?1 IS NULL OR id = ?1",
-    )?;
-    let machines: Vec<(String, String, Option<String>, i64)> = select
-        .query_map([machine_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+    // Two statements, not `?1 IS NULL OR id = ?1`: that one is a scan of
+    // every machine even for one.
+    const COLUMNS: &str = "SELECT id, computer_dns_name, os_platform, rbac_group_id FROM machines";
+    let row = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
+    let machines: Vec<(String, String, Option<String>, i64)> = match machine_id {
+        Some(id) => conn
+            .prepare_cached(&format!("{COLUMNS} WHERE id = ?1"))?
+            .query_map([id], row)?
+            .collect::<rusqlite::Result<_>>()?,
+        None => conn
+            .prepare_cached(COLUMNS)?
+            .query_map([], row)?
+            .collect::<rusqlite::Result<_>>()?,
+    };
     let mut tags_of = conn.prepare_cached("SELECT tag FROM machine_tags WHERE machine_id = ?1")?;
     let mut update = conn.prepare_cached("UPDATE machines SET rbac_group_id = ?2 WHERE id = ?1")?;
     for (id, name, os, current) in machines {

@@ -227,7 +227,55 @@ pub fn health_status(last_seen: i64, ctx: &SqlContext) -> &'static str {
     }
 }
 
-const ACTION_COLUMNS: &str = "t.seq, t.id, t.action_type, t.title, t.requestor, t.requestor_comment, \
+// The statements of the key queries on actions and machines, named so that
+// the store's tests can check how SQLite runs them (`plans` tests).
+
+/// The action in flight on machine `?1`, if any: `actions_one_in_flight`.
+pub(crate) const IN_FLIGHT_ACTION: &str =
+    "SELECT id FROM actions WHERE machine_id = ?1 AND status IN ('Pending', 'InProgress')";
+
+/// Sets machine `?1`'s `isolation_state` from what is in force and what
+/// is in flight.
+pub(crate) const REFRESH_ISOLATION_STATE: &str = "UPDATE machines SET isolation_state = COALESCE( \
+     (SELECT CASE a.action_type WHEN 'Isolate' THEN 'Isolating' ELSE 'Releasing' END \
+      FROM actions a WHERE a.machine_id = machines.id AND a.status IN ('Pending', 'InProgress')), \
+     CASE WHEN isolation_scope IS NULL THEN 'NotIsolated' ELSE 'Isolated' END) \
+     WHERE id = ?1";
+
+/// One machine of a liveness batch.
+pub(crate) const TOUCH_MACHINE: &str =
+    "UPDATE machines SET last_seen = MAX(last_seen, ?2) WHERE id = ?1";
+
+/// Cancels action `?1`.
+pub(crate) const CANCEL_ACTION: &str = "UPDATE actions SET status = 'Cancelled', updated_at = ?2, \
+     cancellation_requestor = ?3, cancellation_comment = ?4, cancellation_at = ?2 WHERE id = ?1";
+
+/// After `SELECT <columns>`: the machine named `?1` (without regard to
+/// case) seen last, among the groups of `in_groups` (empty: all).
+pub(crate) fn machine_by_name(in_groups: &str) -> String {
+    format!(
+        "FROM machines t WHERE t.computer_dns_name = ?1 COLLATE NOCASE{in_groups} \
+         ORDER BY t.last_seen DESC, t.seq DESC LIMIT 1"
+    )
+}
+
+/// The revoked machines: the partial index `machines_revoked` alone.
+pub(crate) const REVOKED_MACHINES: &str = "SELECT id FROM machines WHERE revoked = 1";
+
+/// The in-flight actions past a deadline (`?1`: created before, for
+/// Pending; `?2`: updated before, for InProgress). The `status IN` term
+/// lets SQLite read only the actions in flight (through `actions_status_seq`
+/// or the partial index `actions_one_in_flight`), never the whole table as
+/// the OR of the two deadlines alone did.
+pub(crate) const EXPIRY_CANDIDATES: &str = "SELECT id FROM actions \
+     WHERE status IN ('Pending', 'InProgress') \
+     AND ((status = 'Pending' AND created_at < ?1) OR (status = 'InProgress' AND updated_at < ?2))";
+
+/// After `SELECT <columns>`: the actions of machine `?1` still to deliver.
+pub(crate) const UNDELIVERED_ACTIONS: &str = "FROM actions t WHERE t.machine_id = ?1 \
+     AND t.status IN ('Pending', 'InProgress') ORDER BY t.seq";
+
+pub(crate) const ACTION_COLUMNS: &str = "t.seq, t.id, t.action_type, t.title, t.requestor, t.requestor_comment, \
      t.status, t.machine_id, t.computer_dns_name, t.created_at, t.updated_at, \
      t.cancellation_requestor, t.cancellation_comment, t.cancellation_at, t.error_hresult, \
      t.scope, t.external_id, t.request_source, t.troubleshoot_info";
@@ -257,7 +305,7 @@ fn action_from_row(row: &Row<'_>) -> rusqlite::Result<ActionRecord> {
     })
 }
 
-const MACHINE_COLUMNS: &str = "t.seq, t.id, t.public_key, t.revoked, t.computer_dns_name, \
+pub(crate) const MACHINE_COLUMNS: &str = "t.seq, t.id, t.public_key, t.revoked, t.computer_dns_name, \
      t.first_seen, t.last_seen, t.os_platform, t.os_version, t.os_processor, t.os_architecture, \
      t.os_build, t.agent_version, t.last_ip_address, t.last_external_ip_address, \
      t.onboarding_status, t.rbac_group_id, t.isolation_state, t.isolation_scope, \
@@ -333,23 +381,15 @@ fn get_action(conn: &Connection, id: &str) -> Result<Option<ActionRecord>> {
 
 fn in_flight_action(conn: &Connection, machine_id: &str) -> Result<Option<String>> {
     Ok(conn
-        .prepare_cached(
-            "SELECT id FROM actions WHERE machine_id = ?1 AND status IN ('Pending', 'InProgress')",
-        )?
+        .prepare_cached(IN_FLIGHT_ACTION)?
         .query_row([machine_id], |r| r.get(0))
         .optional()?)
 }
 
 /// Sets the machine's `isolation_state` from what is in force and what is in flight.
 fn refresh_isolation_state(conn: &Connection, machine_id: &str) -> Result<()> {
-    conn.prepare_cached(
-        "UPDATE machines SET isolation_state = COALESCE( \
-            (SELECT CASE a.action_type WHEN 'Isolate' THEN 'Isolating' ELSE 'Releasing' END \
-             FROM actions a WHERE a.machine_id = machines.id AND a.status IN ('Pending', 'InProgress')), \
-            CASE WHEN isolation_scope IS NULL THEN 'NotIsolated' ELSE 'Isolated' END) \
-         WHERE id = ?1",
-    )?
-    .execute([machine_id])?;
+    conn.prepare_cached(REFRESH_ISOLATION_STATE)?
+        .execute([machine_id])?;
     Ok(())
 }
 
@@ -397,8 +437,15 @@ pub(crate) struct Table<T> {
     pub(crate) column_count: usize,
     pub(crate) from_row: fn(&Row<'_>) -> rusqlite::Result<T>,
     pub(crate) seq_of: fn(&T) -> i64,
-    /// The machine group of a row, for [`Query::groups`].
-    pub(crate) group_expr: &'static str,
+    /// The condition "the row's machine is in the groups `{ids}`", for
+    /// [`Query::groups`]: its index-friendly form, and its form for a
+    /// scan in `seq` order (no index on it: `+`).
+    pub(crate) in_groups: fn(ids: &str, by_index: bool) -> String,
+    /// How many machines a scope holds at most to be read through the
+    /// index (its rows gathered, then sorted); a larger scope is a scan in
+    /// list order that stops at the page's end, which reaches a page
+    /// after about `take × machines / scope` rows.
+    pub(crate) small_scope: i64,
     /// About how many bytes a row takes, for tables whose rows can be
     /// large: a page then ends early once it holds [`MAX_PAGE_BYTES`].
     pub(crate) size_of: Option<fn(&T) -> usize>,
@@ -408,25 +455,95 @@ pub(crate) struct Table<T> {
 /// (plus one row): it ends early, with a cursor to the rest.
 pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
-const ACTIONS: Table<ActionRecord> = Table {
+pub(crate) const ACTIONS: Table<ActionRecord> = Table {
     name: "actions",
     columns: ACTION_COLUMNS,
     column_count: ACTION_COLUMN_COUNT,
     from_row: action_from_row,
     seq_of: |a| a.seq,
-    group_expr: "(SELECT m.rbac_group_id FROM machines m WHERE m.id = t.machine_id)",
+    in_groups: |ids, by_index| {
+        let plus = if by_index { "" } else { "+" };
+        format!(
+            "{plus}t.machine_id IN (SELECT m.id FROM machines m WHERE m.rbac_group_id IN ({ids}))"
+        )
+    },
+    // About 50 actions a machine: up to 10,000 rows to sort; a scope of
+    // more than 200 in 100,000 machines reaches 100 rows within 50,000.
+    small_scope: 200,
     size_of: None,
 };
 
-const MACHINES: Table<MachineRecord> = Table {
+pub(crate) const MACHINES: Table<MachineRecord> = Table {
     name: "machines",
     columns: MACHINE_COLUMNS,
     column_count: MACHINE_COLUMN_COUNT,
     from_row: machine_from_row,
     seq_of: |m| m.seq,
-    group_expr: "t.rbac_group_id",
+    in_groups: |ids, by_index| {
+        let plus = if by_index { "" } else { "+" };
+        format!("{plus}t.rbac_group_id IN ({ids})")
+    },
+    // Up to 2,000 rows to sort; a scope of more than 2,000 in 100,000
+    // machines reaches 100 rows within 5,000.
+    small_scope: 2000,
     size_of: None,
 };
+
+/// How many machines the groups `ids` hold, counted up to `limit + 1`
+/// (from `machines_group_id` alone).
+fn scope_size(conn: &Connection, ids: &str, limit: i64) -> Result<i64> {
+    let sql = format!(
+        "SELECT count(*) FROM (SELECT 1 FROM machines WHERE rbac_group_id IN ({ids}) LIMIT ?1)"
+    );
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([limit + 1], |r| r.get(0))?)
+}
+
+/// The SELECT a list runs: its WHERE clause and parameters, then the
+/// whole statement and its parameters.
+pub(crate) struct ListSql {
+    built: query::Built,
+    pub(crate) sql: String,
+}
+
+impl ListSql {
+    pub(crate) fn params(&self) -> Vec<&dyn rusqlite::ToSql> {
+        self.built
+            .where_params
+            .iter()
+            .chain(self.built.page_params.iter())
+            .map(|v| v as &dyn rusqlite::ToSql)
+            .collect()
+    }
+}
+
+/// The statement [`list`] runs for `query`.
+pub(crate) fn list_sql<T, F: FieldSql>(
+    conn: &Connection,
+    table: &Table<T>,
+    query: &Query<F>,
+    ctx: &SqlContext,
+) -> Result<ListSql> {
+    let mut built = query::build(query, ctx, "machine_tags");
+    if let Some(groups) = &query.groups {
+        // Group ids are integers from the store, never client text.
+        let ids: Vec<String> = groups.iter().map(i64::to_string).collect();
+        let ids = ids.join(", ");
+        let small = table.small_scope;
+        let by_index = small > 0 && scope_size(conn, &ids, small)? <= small;
+        built.where_clause = format!(
+            "({}) AND {}",
+            built.where_clause,
+            (table.in_groups)(&ids, by_index)
+        );
+    }
+    let sql = format!(
+        "SELECT {}{} FROM {} t WHERE {}{}",
+        table.columns, built.sort_columns, table.name, built.where_clause, built.order_limit
+    );
+    Ok(ListSql { built, sql })
+}
 
 pub(crate) fn list<T, F: FieldSql>(
     conn: &Connection,
@@ -434,36 +551,14 @@ pub(crate) fn list<T, F: FieldSql>(
     query: &Query<F>,
     ctx: &SqlContext,
 ) -> Result<Page<T>> {
-    let (columns, column_count, from_row, seq_of) = (
-        table.columns,
-        table.column_count,
-        table.from_row,
-        table.seq_of,
-    );
-    let group_expr = table.group_expr;
+    let (column_count, from_row, seq_of) = (table.column_count, table.from_row, table.seq_of);
     let size_of = table.size_of;
+    let list_sql = list_sql(conn, table, query, ctx)?;
+    let built = &list_sql.built;
     let table = table.name;
-    let mut built = query::build(query, ctx, "machine_tags");
-    if let Some(groups) = &query.groups {
-        // Group ids are integers from the store, never client text.
-        let ids: Vec<String> = groups.iter().map(i64::to_string).collect();
-        built.where_clause = format!(
-            "({}) AND {group_expr} IN ({})",
-            built.where_clause,
-            ids.join(", ")
-        );
-    }
-    let sql = format!(
-        "SELECT {columns}{} FROM {table} t WHERE {}{}",
-        built.sort_columns, built.where_clause, built.order_limit
-    );
-    let mut stmt = conn.prepare(&sql)?;
-    let all_params: Vec<&dyn rusqlite::ToSql> = built
-        .where_params
-        .iter()
-        .chain(built.page_params.iter())
-        .map(|v| v as &dyn rusqlite::ToSql)
-        .collect();
+    let sql = &list_sql.sql;
+    let mut stmt = conn.prepare(sql)?;
+    let all_params = list_sql.params();
     let mut rows = stmt.query(all_params.as_slice())?;
     let mut items: Vec<(T, query::Cursor)> = Vec::new();
     let mut more = false;
@@ -490,6 +585,11 @@ pub(crate) fn list<T, F: FieldSql>(
             "SELECT COUNT(*) FROM {table} t WHERE {}",
             built.where_clause
         );
+        // Without a condition, SQLite counts the rows of the smallest index.
+        let sql = match sql.strip_suffix(" WHERE 1") {
+            Some(all) => all.to_owned(),
+            None => sql,
+        };
         let params: Vec<&dyn rusqlite::ToSql> = built
             .where_params
             .iter()
@@ -747,10 +847,7 @@ impl Store {
                     g.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
                 ),
             };
-            let sql = format!(
-                "SELECT {MACHINE_COLUMNS} FROM machines t WHERE t.computer_dns_name = ?1 \
-                 COLLATE NOCASE{in_groups} ORDER BY t.last_seen DESC, t.seq DESC LIMIT 1"
-            );
+            let sql = format!("SELECT {MACHINE_COLUMNS} {}", machine_by_name(&in_groups));
             let machine = conn
                 .prepare(&sql)?
                 .query_row([&key], machine_from_row)
@@ -816,9 +913,7 @@ impl Store {
             return Ok(());
         }
         self.write(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "UPDATE machines SET last_seen = MAX(last_seen, ?2) WHERE id = ?1",
-            )?;
+            let mut stmt = conn.prepare_cached(TOUCH_MACHINE)?;
             for (id, at) in &seen {
                 stmt.execute(params![id, at])?;
             }
@@ -897,18 +992,15 @@ impl Store {
         .await
     }
 
-    /// Of the given machine ids, those that are revoked or gone.
-    pub async fn revoked_among(&self, ids: Vec<String>) -> Result<Vec<String>> {
-        self.read(move |conn| {
-            let mut stmt = conn.prepare_cached("SELECT revoked FROM machines WHERE id = ?1")?;
-            let mut out = Vec::new();
-            for id in ids {
-                let revoked: Option<bool> = stmt.query_row([&id], |r| r.get(0)).optional()?;
-                if revoked != Some(false) {
-                    out.push(id);
-                }
-            }
-            Ok(out)
+    /// The ids of every revoked machine (machines are never deleted), read
+    /// from the partial index `machines_revoked`: as many as are revoked,
+    /// however many machines there are.
+    pub async fn revoked_machines(&self) -> Result<Vec<String>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(REVOKED_MACHINES)?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?)
         })
         .await
     }
@@ -982,12 +1074,8 @@ impl Store {
             if action.status != "Pending" {
                 return Err(StoreError::WrongStatus(action.status));
             }
-            conn.prepare_cached(
-                "UPDATE actions SET status = 'Cancelled', updated_at = ?2, \
-                 cancellation_requestor = ?3, cancellation_comment = ?4, cancellation_at = ?2 \
-                 WHERE id = ?1",
-            )?
-            .execute(params![id, now, requestor, comment])?;
+            conn.prepare_cached(CANCEL_ACTION)?
+                .execute(params![id, now, requestor, comment])?;
             refresh_isolation_state(conn, &action.machine_id)?;
             get_action(conn, &id)?.ok_or(StoreError::NotFound)
         })
@@ -999,10 +1087,7 @@ impl Store {
     pub async fn undelivered_actions(&self, machine_id: &str) -> Result<Vec<ActionRecord>> {
         let machine_id = machine_id.to_owned();
         self.read(move |conn| {
-            let sql = format!(
-                "SELECT {ACTION_COLUMNS} FROM actions t WHERE t.machine_id = ?1 \
-                 AND t.status IN ('Pending', 'InProgress') ORDER BY t.seq"
-            );
+            let sql = format!("SELECT {ACTION_COLUMNS} {UNDELIVERED_ACTIONS}");
             Ok(conn
                 .prepare_cached(&sql)?
                 .query_map([machine_id], action_from_row)?
@@ -1091,10 +1176,7 @@ impl Store {
         let candidates: Vec<String> = self
             .read(move |conn| {
                 Ok(conn
-                    .prepare_cached(
-                        "SELECT id FROM actions WHERE (status = 'Pending' AND created_at < ?1) \
-                         OR (status = 'InProgress' AND updated_at < ?2)",
-                    )?
+                    .prepare_cached(EXPIRY_CANDIDATES)?
                     .query_map(params![pending_before, in_progress_before], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?)
             })
