@@ -625,6 +625,12 @@ async fn measure(
             one("/api/machineactions?$top=100&$filter=status%20eq%20'Pending'"),
             100,
         ),
+        (
+            "actions status eq 'Failed'",
+            "app",
+            one("/api/machineactions?$top=100&$filter=status%20eq%20'Failed'"),
+            100,
+        ),
     ];
     let mut out = Vec::new();
     for (label, who, paths, count) in scenarios {

@@ -147,20 +147,23 @@ fn groups(conn: &Connection) -> Result<Vec<GroupRecord>> {
         .collect::<rusqlite::Result<_>>()?)
 }
 
+/// What decides the machine group of machines (`WHERE id = ?1`: of one).
+pub(crate) const GROUP_FACTS: &str =
+    "SELECT id, computer_dns_name, os_platform, rbac_group_id FROM machines";
+
 /// Puts one machine (or, with `None`, every machine) in its group.
 pub(crate) fn assign_groups(conn: &Connection, machine_id: Option<&str>) -> Result<()> {
     let groups = groups(conn)?;
     // Two statements, not `?1 IS NULL OR id = ?1`: that one is a scan of
-    // every machine even for one.
-    const COLUMNS: &str = "SELECT id, computer_dns_name, os_platform, rbac_group_id FROM machines";
+    // every machine even for one (at every session's facts).
     let row = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
     let machines: Vec<(String, String, Option<String>, i64)> = match machine_id {
         Some(id) => conn
-            .prepare_cached(&format!("{COLUMNS} WHERE id = ?1"))?
+            .prepare_cached(&format!("{GROUP_FACTS} WHERE id = ?1"))?
             .query_map([id], row)?
             .collect::<rusqlite::Result<_>>()?,
         None => conn
-            .prepare_cached(COLUMNS)?
+            .prepare_cached(GROUP_FACTS)?
             .query_map([], row)?
             .collect::<rusqlite::Result<_>>()?,
     };

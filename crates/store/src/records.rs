@@ -438,8 +438,9 @@ pub(crate) struct Table<T> {
     pub(crate) from_row: fn(&Row<'_>) -> rusqlite::Result<T>,
     pub(crate) seq_of: fn(&T) -> i64,
     /// The condition "the row's machine is in the groups `{ids}`", for
-    /// [`Query::groups`]: its index-friendly form, and its form for a
-    /// scan in `seq` order (no index on it: `+`).
+    /// [`Query::groups`]: its form read through the index (a small
+    /// scope), and its form checked on each row of a scan in `seq` order
+    /// or of an index lookup on another condition.
     pub(crate) in_groups: fn(ids: &str, by_index: bool) -> String,
     /// How many machines a scope holds at most to be read through the
     /// index (its rows gathered, then sorted); a larger scope is a scan in
@@ -462,10 +463,16 @@ pub(crate) const ACTIONS: Table<ActionRecord> = Table {
     from_row: action_from_row,
     seq_of: |a| a.seq,
     in_groups: |ids, by_index| {
-        let plus = if by_index { "" } else { "+" };
-        format!(
-            "{plus}t.machine_id IN (SELECT m.id FROM machines m WHERE m.rbac_group_id IN ({ids}))"
-        )
+        if by_index {
+            // The scope's few machines, then their actions by machine.
+            format!(
+                "t.machine_id IN (SELECT m.id FROM machines m WHERE m.rbac_group_id IN ({ids}))"
+            )
+        } else {
+            // Each row read looks up its own machine's group: a list of
+            // the whole scope would be built first, for every query.
+            format!("(SELECT m.rbac_group_id FROM machines m WHERE m.id = t.machine_id) IN ({ids})")
+        }
     },
     // About 50 actions a machine: up to 10,000 rows to sort; a scope of
     // more than 200 in 100,000 machines reaches 100 rows within 50,000.
