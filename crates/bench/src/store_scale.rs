@@ -151,9 +151,20 @@ async fn fill(data: &Path, cli: &StoreCli, schema: usize) -> anyhow::Result<Fill
     let now = server::now_nanos();
     let mut rng = Rng(0x00c0_ffee);
     let mut conn = rusqlite::Connection::open(&db)?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    // The store's writer thread closes its connection after the drop
+    // above returned, and leaving WAL mode needs the file alone (SQLite
+    // answers "locked" at once, without waiting): try again a while.
+    let mut tries = 0;
+    while let Err(e) = conn.execute_batch("PRAGMA journal_mode = DELETE") {
+        tries += 1;
+        if tries == 200 {
+            return Err(e.into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     conn.execute_batch(
-        "PRAGMA journal_mode = DELETE; PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; \
-         PRAGMA cache_size = -2000000;",
+        "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA cache_size = -2000000;",
     )?;
     let platforms = [
         ("Ubuntu", "24.04"),
