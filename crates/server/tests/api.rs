@@ -145,6 +145,45 @@ async fn a_failed_apply_is_reported_with_its_reason() {
     );
 }
 
+/// A machine revoked while its agent is connected is disconnected within
+/// ten seconds (the server polls the revoked machines); the other
+/// machines' sessions stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_machine_revoked_is_disconnected_within_ten_seconds() {
+    let server = TestServer::start().await;
+    let revoked = server.enroll("m1").await;
+    let kept = server.enroll("m2").await;
+    let mut revoked_session = revoked.connect().await;
+    let mut kept_session = kept.connect().await;
+    server
+        .store()
+        .revoke_machine(&revoked.machine_id())
+        .await
+        .unwrap();
+    // Ten seconds, and a margin for a loaded machine.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            match revoked_session.recv().await {
+                Ok(ServerMessage::Refused { code, .. }) => break Some(code),
+                Ok(_) => continue,
+                Err(_) => break None,
+            }
+        }
+    })
+    .await
+    .expect("disconnected within ten seconds");
+    assert_eq!(closed.as_deref(), Some("Revoked"));
+    // The other session still carries actions.
+    let mut api = server.api().await;
+    let id = api.isolate_action(&kept.machine_id()).await;
+    loop {
+        if let ServerMessage::Action(order) = next(&mut kept_session).await {
+            assert_eq!(order.action_id, id);
+            break;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_isolation_action_in_flight_per_machine() {
     let server = TestServer::start().await;
