@@ -73,6 +73,8 @@ struct SessionHandle {
 #[derive(Default)]
 pub struct Gateway {
     sessions: Mutex<HashMap<String, SessionHandle>>,
+    /// The number of live sessions, for the metrics.
+    live: prometheus_client::metrics::gauge::Gauge,
     seen: Mutex<HashMap<String, i64>>,
     flushed_seen: Mutex<HashMap<String, i64>>,
     next_conn_id: AtomicU64,
@@ -81,6 +83,14 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// A gateway that keeps `live` at its number of sessions.
+    pub fn new(live: prometheus_client::metrics::gauge::Gauge) -> Gateway {
+        Gateway {
+            live,
+            ..Gateway::default()
+        }
+    }
+
     /// Sends a new action to its machine's live session, if there is one.
     /// Delivery is at-least-once: a session that opens later gets every
     /// undelivered action from the store.
@@ -150,11 +160,13 @@ impl Gateway {
     fn register(&self, machine_id: &str) -> (u64, mpsc::UnboundedReceiver<Outbound>) {
         let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::unbounded_channel();
-        let previous = self
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .insert(machine_id.to_owned(), SessionHandle { conn_id, sender });
+        let previous = {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            let previous =
+                sessions.insert(machine_id.to_owned(), SessionHandle { conn_id, sender });
+            self.live.set(sessions.len() as i64);
+            previous
+        };
         if let Some(previous) = previous {
             let _ = previous.sender.send(Outbound::Close {
                 code: "Replaced",
@@ -171,6 +183,7 @@ impl Gateway {
             .is_some_and(|s| s.conn_id == conn_id)
         {
             sessions.remove(machine_id);
+            self.live.set(sessions.len() as i64);
         }
     }
 
@@ -913,8 +926,8 @@ async fn handle(
         }
         AgentMessage::Ack { action_id } => {
             match state.store.start_action(machine_id, &action_id, now).await {
+                // The store's observer logs the change (monitoring.rs).
                 Ok(action) if action.status == "InProgress" => {
-                    tracing::info!(%action_id, "action in progress");
                     Some(ServerMessage::Proceed { action_id })
                 }
                 Ok(action) => Some(ServerMessage::Withdrawn {
@@ -965,8 +978,8 @@ async fn handle(
                 .finish_action(machine_id, &action_id, outcome, now)
                 .await
             {
-                Ok(action) => {
-                    tracing::info!(%action_id, status = %action.status, "action finished");
+                // The store's observer logs the change (monitoring.rs).
+                Ok(_) => {
                     // finish_action recorded the scope itself.
                     reported.scope = enforced.clone();
                     if enforced.as_deref() != Some("Selective") {

@@ -16,6 +16,7 @@ pub mod gateway;
 pub mod json;
 pub mod jwt;
 pub mod listen;
+pub mod monitoring;
 pub mod odata;
 pub mod oidc;
 pub mod ratelimit;
@@ -104,6 +105,8 @@ pub struct Config {
     /// machines are enrolled (they trust the missing CA and must all enroll
     /// again). Without it, such a start is refused.
     pub new_ca: bool,
+    /// Where `GET /metrics` is served (plain HTTP), if anywhere.
+    pub metrics_listen: monitoring::MetricsListen,
 }
 
 impl Config {
@@ -136,6 +139,7 @@ impl Config {
             audit_retention: None,
             audit_fold_window: Duration::from_secs(60),
             new_ca: false,
+            metrics_listen: monitoring::MetricsListen::default_address(),
         }
     }
 }
@@ -174,6 +178,8 @@ pub struct AppState {
     pub connections: Arc<conns::Connections>,
     /// Repeated refusals counted before they are recorded.
     pub audit_folds: audit::Folding,
+    /// The Prometheus metrics (also the store's observer).
+    pub metrics: Arc<monitoring::Metrics>,
 }
 
 impl AppState {
@@ -252,11 +258,15 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(authority::routes())
         .merge(signin::routes())
         .merge(gateway::routes())
+        .merge(monitoring::routes())
         .fallback(|| async {
             ApiError::not_found("The requested resource was not found.").into_response()
         })
         .layer(axum::middleware::from_fn(conns::classify))
-        .layer(axum::middleware::from_fn(error::request_context))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            error::request_context,
+        ))
         // Outermost, so that it sees every response as sent, request id included.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -275,6 +285,8 @@ pub struct RunningServer {
     pub tls_names: Vec<String>,
     pub tenant_id: String,
     pub public_url: String,
+    /// Where `GET /metrics` is served (`None`: nowhere).
+    pub metrics_addr: Option<SocketAddr>,
     /// Where the generated CA certificate is (self-signed mode).
     pub ca_path: Option<PathBuf>,
     pub state: Arc<AppState>,
@@ -498,7 +510,18 @@ pub async fn start_with(
 ) -> anyhow::Result<RunningServer> {
     create_private_dir(&config.data_dir)?;
     let lock = DataDirLock::acquire(&config.data_dir)?;
+    let metrics_listener = monitoring::bind(&config.metrics_listen)?;
     let store = init_data_dir(&config.data_dir)?;
+    let metrics = Arc::new(monitoring::Metrics::new());
+    store.set_observer(metrics.clone());
+    // Counted once, before anything can change an action: from now on
+    // every change adjusts the counts.
+    metrics.set_action_counts(
+        &store
+            .action_counts()
+            .await
+            .context("cannot count the actions")?,
+    );
     for change in secure_data_dir(&config.data_dir)? {
         tracing::warn!(%change, "the data directory or a file in it was open to other users; made private");
     }
@@ -593,7 +616,7 @@ pub async fn start_with(
         public_url: public_url.clone(),
         issuer,
         signing_key: Arc::new(signing_key),
-        gateway: gateway::Gateway::default(),
+        gateway: gateway::Gateway::new(metrics.agent_sessions.clone()),
         dummy_hash: crypto::hash_secret("not a secret"),
         throttle: throttle::Throttle::new(config_signin.0, config_signin.1),
         codes: signin::Codes::default(),
@@ -601,6 +624,7 @@ pub async fn start_with(
         slow_hashes: Arc::new(tokio::sync::Semaphore::new(4)),
         oidc,
         connections,
+        metrics: metrics.clone(),
     });
     let mut tasks = vec![
         tokio::spawn(expire_actions(state.clone())),
@@ -608,6 +632,17 @@ pub async fn start_with(
         tokio::spawn(watch_exclusions(state.clone())),
         tokio::spawn(audit_upkeep(state.clone())),
     ];
+    let metrics_addr = match metrics_listener {
+        Some(listener) => {
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let address = listener.local_addr()?;
+            tracing::info!(%address, "serving metrics at http://{address}/metrics");
+            tasks.push(tokio::spawn(monitoring::serve(listener, metrics)));
+            Some(address)
+        }
+        None => None,
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
     let router = app(state.clone());
     // The accept loops come last: `wait` waits for the last task.
@@ -627,6 +662,7 @@ pub async fn start_with(
         tls_names,
         tenant_id,
         public_url,
+        metrics_addr,
         ca_path: material.ca_path.clone(),
         state,
         tasks,
@@ -649,11 +685,8 @@ async fn expire_actions(state: Arc<AppState>) {
             .expire_actions(pending_before, in_progress_before, now)
             .await
         {
-            Ok(expired) => {
-                for action in expired {
-                    tracing::info!(action_id = %action.id, machine_id = %action.machine_id, "action timed out");
-                }
-            }
+            // The store's observer logs each one (monitoring.rs).
+            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not expire actions"),
         }
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use server::listen::ListenArg;
+use server::monitoring::MetricsListen;
 use server::{Config, TlsSource, crypto};
 
 #[derive(Parser)]
@@ -250,6 +251,22 @@ struct ServeArgs {
     /// (besides the system's).
     #[arg(long, env = "CORDON_OIDC_CA_FILE")]
     oidc_ca_file: Option<PathBuf>,
+    /// Where to serve the Prometheus metrics (plain HTTP, GET /metrics):
+    /// IP:PORT, or off. Default: 127.0.0.1:9464, skipped with a warning when
+    /// another process holds it; an address given here that cannot be
+    /// bound stops the server.
+    #[arg(long, env = "CORDON_METRICS_LISTEN", value_parser = MetricsListen::parse)]
+    metrics_listen: Option<MetricsListen>,
+    /// Log format on standard error: text (for people) or json (one JSON
+    /// object per line, for log collectors).
+    #[arg(long, env = "CORDON_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -641,24 +658,31 @@ async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = std::env::var("CORDON_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let json = format == LogFormat::Json;
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        // One object per line: the event's fields at the top level, the
+        // request's or session's span (request id, route) under `span`.
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
     } else {
         builder.init();
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging();
+    init_logging(args.log_format);
     check_duration_ranges(&args)?;
     let mut config = Config::new(args.data.data_dir);
     config.new_ca = args.new_ca;
@@ -704,6 +728,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.idle_timeout = args.connection_idle_timeout;
     config.max_connection_lifetime = args.connection_max_lifetime;
     config.audit_retention = args.audit_retention.filter(|r| !r.is_zero());
+    if let Some(metrics_listen) = args.metrics_listen {
+        config.metrics_listen = metrics_listen;
+    }
     if args.oidc_issuers.len() != args.oidc_audiences.len() {
         bail!("give one --oidc-audience for each --oidc-issuer, in the same order");
     }
@@ -766,6 +793,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "  Authority: {}/{}",
         running.public_url, running.tenant_id
     )?;
+    if let Some(address) = running.metrics_addr {
+        writeln!(out, "  Metrics:   http://{address}/metrics")?;
+    }
     if let Some(ca) = &running.ca_path {
         writeln!(out, "  CA file:   {}", ca.display())?;
     }
