@@ -258,6 +258,13 @@ impl Metrics {
                     })
                     .set(0);
             }
+            // Exposed from the start, so that rates over them begin at 0.
+            for status in FINAL_STATUSES {
+                let _ = action_completion.get_or_create(&ActionLabels {
+                    r#type: action_type,
+                    status,
+                });
+            }
         }
         Metrics {
             registry,
@@ -539,6 +546,7 @@ mod tests {
             "cordon_http_request_duration_seconds_count{route=\"/api/machines/{id}/isolate\"} 1",
             "cordon_store_commit_seconds_count 1",
             "cordon_machine_actions{type=\"Isolate\",status=\"Pending\"} 0",
+            "cordon_action_completion_seconds_count{type=\"Unisolate\",status=\"TimeOut\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

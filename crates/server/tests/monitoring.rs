@@ -588,3 +588,57 @@ fn serve_refuses_a_given_metrics_address_that_is_taken() {
     assert!(stderr.contains("127.0.0.1:9464"), "{stderr}");
     drop(taken);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_timed_out_actions_are_counted_under_their_status() {
+    let server = TestServer::start_with(|c| {
+        c.metrics_listen = MetricsListen::Given("127.0.0.1:0".parse().unwrap());
+        c.action_expiry = Duration::from_millis(1500);
+    })
+    .await;
+    let address = server.server.metrics_addr.unwrap();
+    let mut api = server.api().await;
+
+    // Nobody takes it: TimeOut, from the expiry sweeper.
+    let absent = server.enroll("absent-1").await;
+    let action_id = api.isolate_action(&absent.machine_id()).await;
+    api.wait_status(&action_id, "TimeOut").await;
+    let scraped = wait_for(
+        address,
+        "cordon_action_completion_seconds_count{type=\"Isolate\",status=\"TimeOut\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        scraped.value("cordon_machine_actions{type=\"Isolate\",status=\"TimeOut\"}"),
+        1.0,
+        "{}",
+        scraped.text
+    );
+    // It waited its delivery window at least.
+    assert!(
+        scraped.value("cordon_action_completion_seconds_sum{type=\"Isolate\",status=\"TimeOut\"}")
+            >= 0.3,
+        "{}",
+        scraped.text
+    );
+
+    // The agent reports a failure: Failed.
+    let agent = server.enroll("failing-1").await;
+    let mut session = agent.connect().await;
+    let action_id = api.isolate_action(&agent.machine_id()).await;
+    assert_eq!(action_id_of(&next(&mut session).await), action_id);
+    execute(&mut session, &action_id, false, Enforced::NotIsolated).await;
+    api.wait_status(&action_id, "Failed").await;
+    let scraped = scrape(address).await;
+    assert_eq!(
+        scraped.value("cordon_action_completion_seconds_count{type=\"Isolate\",status=\"Failed\"}"),
+        1.0,
+        "{}",
+        scraped.text
+    );
+    for status in ["Pending", "InProgress", "Succeeded", "Cancelled"] {
+        let series = format!("cordon_machine_actions{{type=\"Isolate\",status=\"{status}\"}}");
+        assert_eq!(scraped.value(&series), 0.0, "{series}:\n{}", scraped.text);
+    }
+}
