@@ -637,7 +637,7 @@ pub async fn start_with(
             listener.set_nonblocking(true)?;
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let address = listener.local_addr()?;
-            tracing::info!(%address, "serving metrics at http://{address}/metrics");
+            tracing::info!(%address, "metrics at http://{address}/metrics");
             tasks.push(tokio::spawn(monitoring::serve(listener, metrics)));
             Some(address)
         }

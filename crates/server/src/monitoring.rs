@@ -83,9 +83,9 @@ pub fn bind(listen: &MetricsListen) -> anyhow::Result<Option<std::net::TcpListen
                 tracing::warn!(
                     %address,
                     error = %e,
-                    "metrics are not served: the default metrics address cannot be bound \
-                     (give another with --metrics-listen ADDR, or turn them off with \
-                     --metrics-listen off)"
+                    "no metrics: the default metrics address is taken (another server \
+                     on this host?); give another with --metrics-listen ADDR, or \
+                     --metrics-listen off"
                 );
                 Ok(None)
             }
