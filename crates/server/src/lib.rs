@@ -516,11 +516,16 @@ pub async fn start_with(
     store.set_observer(metrics.clone());
     // Counted once, before anything can change an action: from now on
     // every change adjusts the counts.
-    metrics.set_action_counts(
-        &store
-            .action_counts()
-            .await
-            .context("cannot count the actions")?,
+    let counting = std::time::Instant::now();
+    let counts = store
+        .action_counts()
+        .await
+        .context("cannot count the actions")?;
+    metrics.set_action_counts(&counts);
+    tracing::info!(
+        actions = counts.iter().map(|c| c.2).sum::<u64>(),
+        elapsed_ms = counting.elapsed().as_millis() as u64,
+        "actions counted for the metrics"
     );
     for change in secure_data_dir(&config.data_dir)? {
         tracing::warn!(%change, "the data directory or a file in it was open to other users; made private");
