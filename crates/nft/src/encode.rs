@@ -14,6 +14,7 @@
 //! keys, `ct mark`, `ct state`) are compared with native-endian bytes;
 //! packet fields (ports, addresses) with network-order bytes.
 
+use std::collections::HashSet;
 use std::ffi::CString;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -28,18 +29,18 @@ use nftnl::expr::{
 use nftnl::nftnl_sys as sys;
 use nftnl::set::{Set, SetKey};
 use nftnl::{Batch, Chain, ChainType, FinalizedBatch, MsgType, ProtoFamily, Rule, Table};
-use policy::{Action, Family, Hook, Match, Protocol, Ruleset};
+use policy::{Action, Elements, Family, Hook, Match, Protocol, Ruleset};
 
 use crate::NftError;
 
 /// One message of the batch, to say in plain words which one the kernel
 /// refused.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum Step {
     AddTable,
     DeleteTable,
-    AddSet(&'static str),
-    AddElements(&'static str),
+    AddSet(String),
+    AddElements(String),
     AddChain(&'static str),
     AddRule {
         chain: &'static str,
@@ -125,18 +126,8 @@ pub(crate) fn encode(ruleset: Option<&Ruleset>) -> Result<Encoded, NftError> {
         for (i, set) in ruleset.sets.iter().enumerate() {
             let id = set_id(i);
             match set.family {
-                Family::V4 => {
-                    add_set::<Ipv4Addr>(&mut batch, &mut steps, &table, set, id, |a| match a {
-                        IpAddr::V4(v4) => Some(v4),
-                        IpAddr::V6(_) => None,
-                    })?
-                }
-                Family::V6 => {
-                    add_set::<Ipv6Addr>(&mut batch, &mut steps, &table, set, id, |a| match a {
-                        IpAddr::V6(v6) => Some(v6),
-                        IpAddr::V4(_) => None,
-                    })?
-                }
+                Family::V4 => add_set::<Ipv4Addr>(&mut batch, &mut steps, &table, set, id)?,
+                Family::V6 => add_set::<Ipv6Addr>(&mut batch, &mut steps, &table, set, id)?,
             }
         }
         for chain in &ruleset.chains {
@@ -193,44 +184,141 @@ fn set_id(index: usize) -> u32 {
 /// The elements of a set without duplicates (the kernel refuses a batch
 /// that adds the same element twice), in their first order.
 pub(crate) fn distinct(elements: &[IpAddr]) -> Vec<IpAddr> {
-    let mut out: Vec<IpAddr> = Vec::with_capacity(elements.len());
-    for a in elements {
-        if !out.contains(a) {
-            out.push(*a);
-        }
-    }
-    out
+    let mut seen: HashSet<IpAddr> = HashSet::with_capacity(elements.len());
+    elements
+        .iter()
+        .copied()
+        .filter(|a| seen.insert(*a))
+        .collect()
 }
 
+/// One set element as the kernel holds it: the key's bytes (network
+/// order) and its flags (`NFT_SET_ELEM_INTERVAL_END` for the end of a range).
+pub(crate) type ElementKey = (Vec<u8>, u32);
+
+fn octets(address: IpAddr) -> Vec<u8> {
+    match address {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// The elements the kernel holds for `set` once applied, in the order they
+/// are sent. A plain set holds each distinct address. An interval set holds,
+/// for each range, its first address and the address after its last one,
+/// flagged as an interval end; a range that reaches the last address of the
+/// family has no end element (it runs to the end). Like nft, an interval
+/// set also holds an interval end at the family's first address unless a
+/// range starts there.
+pub(crate) fn element_keys(set: &policy::Set) -> Result<Vec<ElementKey>, String> {
+    let want_v4 = set.family == Family::V4;
+    let check = |a: &IpAddr| {
+        if a.is_ipv4() == want_v4 {
+            Ok(())
+        } else {
+            Err(format!(
+                "set {} holds {} addresses, not {a}",
+                set.name,
+                if want_v4 { "IPv4" } else { "IPv6" }
+            ))
+        }
+    };
+    let mut keys = Vec::new();
+    match &set.elements {
+        Elements::Addresses(addresses) => {
+            for a in distinct(addresses) {
+                check(&a)?;
+                keys.push((octets(a), 0));
+            }
+        }
+        Elements::Ranges(ranges) => {
+            // As nft does: an interval end at the first address of the
+            // family, unless a range starts there, so that the kernel's
+            // table is the one `nft -f` makes of the Display form.
+            if let Some((first, _)) = ranges.first()
+                && octets(*first).iter().any(|b| *b != 0)
+            {
+                let zero = vec![0u8; if want_v4 { 4 } else { 16 }];
+                keys.push((zero, libc::NFT_SET_ELEM_INTERVAL_END as u32));
+            }
+            for (start, end) in ranges {
+                check(start)?;
+                check(end)?;
+                keys.push((octets(*start), 0));
+                let mut after = octets(*end);
+                // Big-endian increment; all ones wraps to zero: no end element.
+                let mut carry = true;
+                for byte in after.iter_mut().rev() {
+                    let (b, c) = byte.overflowing_add(1);
+                    *byte = b;
+                    carry = c;
+                    if !c {
+                        break;
+                    }
+                }
+                if !carry {
+                    keys.push((after, libc::NFT_SET_ELEM_INTERVAL_END as u32));
+                }
+            }
+        }
+    }
+    Ok(keys)
+}
+
+/// Adds the set and its elements (an interval set for ranges). nftnl's
+/// `Set::add` has no element flags, so elements are added to its libnftnl
+/// object here, and nftnl splits them into as many messages as needed.
 fn add_set<K: SetKey>(
     batch: &mut Batch,
     steps: &mut Vec<Step>,
     table: &Table,
     set: &policy::Set,
     id: u32,
-    key: impl Fn(IpAddr) -> Option<K>,
 ) -> Result<(), NftError> {
-    let name = cstring("set name", set.name)?;
-    let mut nft_set = Set::<K>::new_named(&name, id, table, ProtoFamily::Inet);
-    for address in distinct(&set.elements) {
-        let k = key(address).ok_or_else(|| {
-            NftError::Encode(format!(
-                "set {} holds {} addresses, not {address}",
-                set.name,
-                match set.family {
-                    Family::V4 => "IPv4",
-                    Family::V6 => "IPv6",
-                }
-            ))
-        })?;
-        nft_set.add(&k);
+    let name = cstring("set name", &set.name)?;
+    let keys = element_keys(set).map_err(NftError::Encode)?;
+    let nft_set = Set::<K>::new_named(&name, id, table, ProtoFamily::Inet);
+    let raw = nft_set.as_ptr().as_ptr();
+    // SAFETY: `raw` is the live libnftnl set nft_set owns; the setters copy
+    // the values; nftnl_set_elem_add hands each new element to the set,
+    // which frees it with itself.
+    unsafe {
+        if !keys.is_empty() {
+            sys::nftnl_set_set_u32(raw, sys::NFTNL_SET_DESC_SIZE as u16, keys.len() as u32);
+        }
+        if matches!(set.elements, Elements::Ranges(_)) {
+            sys::nftnl_set_set_u32(
+                raw,
+                sys::NFTNL_SET_FLAGS as u16,
+                libc::NFT_SET_INTERVAL as u32,
+            );
+        }
+        for (key, flags) in &keys {
+            let Some(elem) = NonNull::new(sys::nftnl_set_elem_alloc()) else {
+                std::process::abort();
+            };
+            sys::nftnl_set_elem_set(
+                elem.as_ptr(),
+                sys::NFTNL_SET_ELEM_KEY as u16,
+                key.as_ptr().cast(),
+                key.len() as u32,
+            );
+            if *flags != 0 {
+                sys::nftnl_set_elem_set_u32(
+                    elem.as_ptr(),
+                    sys::NFTNL_SET_ELEM_FLAGS as u16,
+                    *flags,
+                );
+            }
+            sys::nftnl_set_elem_add(raw, elem.as_ptr());
+        }
     }
     batch.add(&nft_set, MsgType::Add);
-    steps.push(Step::AddSet(set.name));
+    steps.push(Step::AddSet(set.name.clone()));
     // An empty set yields no element message at all.
     for message in nft_set.elems_iter() {
         batch.add(&message, MsgType::Add);
-        steps.push(Step::AddElements(set.name));
+        steps.push(Step::AddElements(set.name.clone()));
     }
     Ok(())
 }
@@ -318,11 +406,16 @@ fn add_match(rule: &mut Rule<'_>, m: &Match, ruleset: &Ruleset) -> Result<(), St
             };
             rule.add_expr(&Cmp::new(CmpOp::Eq, number as u8));
         }
-        Match::SourceInSet(family, name) | Match::DestInSet(family, name) => {
+        Match::SourceInSet(family, ref name) | Match::DestInSet(family, ref name) => {
             let source = matches!(m, Match::SourceInSet(..));
             rule.add_expr(&address(family, source));
-            let id = ruleset.sets.iter().position(|s| s.name == name).map(set_id);
-            let name = CString::new(name).map_err(|_| format!("set name {name:?} contains NUL"))?;
+            let id = ruleset
+                .sets
+                .iter()
+                .position(|s| s.name == *name)
+                .map(set_id);
+            let name = CString::new(name.as_str())
+                .map_err(|_| format!("set name {name:?} contains NUL"))?;
             rule.add_expr(&SetLookup { name, id });
         }
         Match::SourcePrefix(prefix, len) | Match::DestPrefix(prefix, len) => {
@@ -480,7 +573,7 @@ mod tests {
     #[test]
     fn empty_set_has_no_element_message() {
         let mut ruleset = full();
-        ruleset.sets[1].elements.clear();
+        ruleset.sets[1].elements = Elements::Addresses(Vec::new());
         let encoded = encode(Some(&ruleset)).unwrap();
         let element_steps = encoded
             .steps
@@ -493,7 +586,10 @@ mod tests {
     #[test]
     fn address_of_the_wrong_family_is_refused_before_sending() {
         let mut ruleset = full();
-        ruleset.sets[0].elements.push("fd00::2".parse().unwrap());
+        ruleset.sets[0].elements = Elements::Addresses(vec![
+            "198.18.0.1".parse().unwrap(),
+            "fd00::2".parse().unwrap(),
+        ]);
         let err = encode(Some(&ruleset)).err().unwrap();
         assert!(err.to_string().contains("mgmt_v4"), "{err}");
     }
@@ -503,5 +599,90 @@ mod tests {
         let a: IpAddr = "198.18.0.1".parse().unwrap();
         let b: IpAddr = "198.18.0.2".parse().unwrap();
         assert_eq!(distinct(&[a, b, a]), vec![a, b]);
+    }
+
+    fn ranges(family: Family, ranges: &[(&str, &str)]) -> policy::Set {
+        policy::Set {
+            name: "r".to_owned(),
+            family,
+            elements: Elements::Ranges(
+                ranges
+                    .iter()
+                    .map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap()))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn a_range_is_its_start_and_the_address_after_it() {
+        let end = libc::NFT_SET_ELEM_INTERVAL_END as u32;
+        let keys = element_keys(&ranges(
+            Family::V4,
+            &[
+                ("198.18.0.0", "198.18.1.255"),
+                ("198.18.3.5", "198.18.3.5"),
+                ("255.255.255.0", "255.255.255.255"),
+            ],
+        ))
+        .unwrap();
+        assert_eq!(
+            keys,
+            [
+                (vec![0, 0, 0, 0], end),
+                (vec![198, 18, 0, 0], 0),
+                (vec![198, 18, 2, 0], end),
+                (vec![198, 18, 3, 5], 0),
+                (vec![198, 18, 3, 6], end),
+                // Runs to the end of the address space: no end element.
+                (vec![255, 255, 255, 0], 0),
+            ]
+        );
+        let v6 = element_keys(&ranges(Family::V6, &[("fd00::", "fd00::ffff")])).unwrap();
+        let mut after = [0u8; 16];
+        after[0] = 0xfd;
+        after[13] = 1;
+        assert_eq!(v6[2], (after.to_vec(), end));
+        // A range from the first address needs no end element before it.
+        let from_zero = element_keys(&ranges(Family::V4, &[("0.0.0.0", "0.0.0.9")])).unwrap();
+        assert_eq!(from_zero, [(vec![0; 4], 0), (vec![0, 0, 0, 10], end)]);
+        let err = element_keys(&ranges(Family::V6, &[("198.18.0.1", "198.18.0.1")])).unwrap_err();
+        assert!(err.contains("IPv6"), "{err}");
+    }
+
+    #[test]
+    fn a_thousand_address_rules_make_a_small_batch() {
+        let exclusions: Vec<policy::Exclusion> = (0..1000u32)
+            .map(|i| policy::Exclusion {
+                name: format!("r{i}"),
+                cgroup: None,
+                inbound: false,
+                outbound: true,
+                remote: vec![(IpAddr::V4(Ipv4Addr::from(0xc612_0000 + 2 * i)), 32)],
+                ports: vec![],
+            })
+            .collect();
+        let ruleset = policy::render(&Policy::Isolated(Isolation {
+            scope: Scope::Selective,
+            server_addresses: vec!["198.18.0.1".parse().unwrap()],
+            server_port: 8443,
+            agent_gid: 61742,
+            exclusions,
+        }))
+        .unwrap();
+        let encoded = encode(Some(&ruleset)).unwrap();
+        let rules = encoded
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::AddRule { .. }))
+            .count();
+        let element_messages = encoded
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::AddElements(n) if n.starts_with("excl_")))
+            .count();
+        assert_eq!(rules, 22 + 3);
+        // 2,001 elements (start and end of each address) in a few messages.
+        assert!((1..=20).contains(&element_messages), "{element_messages}");
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use policy::Ruleset;
 
-use crate::encode::{self, Encoded};
+use crate::encode::{self, ElementKey, Encoded};
 use crate::netlink::{self, Attrs, Message, NFPROTO_INET, Request};
 use crate::{NftError, TableSummary};
 
@@ -55,6 +55,9 @@ const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_GEN_ID: u16 = 1;
 
 fn io_error(action: &'static str) -> impl FnOnce(io::Error) -> NftError {
@@ -473,6 +476,7 @@ impl Firewall {
             }
         })?;
 
+        let mut elements: Vec<(String, Vec<ElementKey>)> = Vec::with_capacity(sets.len());
         for (name, count) in &mut sets {
             let (seq, request) = self.dump_request(libc::NFT_MSG_GETSETELEM);
             let request = request
@@ -480,14 +484,16 @@ impl Firewall {
                 .str_attr(NFTA_SET_ELEM_LIST_SET, name)
                 .finish();
             let what = format!("list the elements of set {name}");
-            let mut n = 0;
+            let mut keys: Vec<ElementKey> = Vec::new();
             let result = self.request(&what, seq, &request, |m| {
                 if ours(m, libc::NFT_MSG_NEWSETELEM, NFTA_SET_ELEM_LIST_TABLE)
                     && let Some(list) = m.attr(NFTA_SET_ELEM_LIST_ELEMENTS)
                 {
-                    n += Attrs::nested(list)
-                        .filter(|(ty, _)| *ty == NFTA_LIST_ELEM)
-                        .count();
+                    keys.extend(
+                        Attrs::nested(list)
+                            .filter(|(ty, _)| *ty == NFTA_LIST_ELEM)
+                            .map(|(_, elem)| element_key(elem)),
+                    );
                 }
             });
             match result {
@@ -499,12 +505,15 @@ impl Firewall {
                 }) => interrupted = true,
                 Err(e) => return Err(e),
             }
-            *count = n;
+            *count = keys.len();
+            keys.sort_unstable();
+            elements.push((name.clone(), keys));
         }
         let reading = Reading {
             summary: TableSummary { chains, sets },
             dormant,
             shapes,
+            elements,
         };
         Ok((Some(reading), interrupted))
     }
@@ -515,12 +524,50 @@ fn be32(attr: Option<&[u8]>) -> Option<u32> {
     Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
+/// One element of a set dump: its key's bytes and its flags.
+fn element_key(elem: &[u8]) -> ElementKey {
+    let mut key = Vec::new();
+    let mut flags = 0;
+    for (ty, data) in Attrs::nested(elem) {
+        match ty {
+            NFTA_SET_ELEM_KEY => {
+                if let Some((_, value)) = Attrs::nested(data).find(|(t, _)| *t == NFTA_DATA_VALUE) {
+                    key = value.to_vec();
+                }
+            }
+            NFTA_SET_ELEM_FLAGS => flags = be32(Some(data)).unwrap_or(0),
+            _ => {}
+        }
+    }
+    (key, flags)
+}
+
+/// An element key in words: an address, or its bytes in hex.
+fn describe_key((key, flags): &ElementKey) -> String {
+    let text = match key.len() {
+        4 => std::net::Ipv4Addr::from([key[0], key[1], key[2], key[3]]).to_string(),
+        16 => {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(key);
+            std::net::Ipv6Addr::from(b).to_string()
+        }
+        _ => key.iter().map(|b| format!("{b:02x}")).collect(),
+    };
+    if flags & libc::NFT_SET_ELEM_INTERVAL_END as u32 != 0 {
+        format!("{text} (end of a range)")
+    } else {
+        text
+    }
+}
+
 /// What one read of the table found: the public summary, and what
 /// [`Firewall::verify`] also checks.
 struct Reading {
     summary: TableSummary,
     dormant: bool,
     shapes: Vec<ChainShape>,
+    /// Each set's elements, sorted.
+    elements: Vec<(String, Vec<ElementKey>)>,
 }
 
 /// How a chain is hooked in: the part of a chain that rule counts miss.
@@ -579,6 +626,31 @@ fn mismatch(ruleset: Option<&Ruleset>, reading: Option<&Reading>) -> Option<Stri
     }
     if reading.dormant {
         return Some("the table is dormant (not filtering)".to_owned());
+    }
+    // Same counts; now the elements themselves.
+    for set in &ruleset.sets {
+        let Ok(mut want) = encode::element_keys(set) else {
+            return Some(format!("set {} cannot be encoded", set.name));
+        };
+        want.sort_unstable();
+        let found = reading
+            .elements
+            .iter()
+            .find(|(name, _)| *name == set.name)
+            .map_or(&[][..], |(_, keys)| &keys[..]);
+        if want != found {
+            let missing = want.iter().find(|k| found.binary_search(k).is_err());
+            let extra = found.iter().find(|k| want.binary_search(k).is_err());
+            return Some(format!(
+                "set {} holds other elements than applied ({})",
+                set.name,
+                match (missing, extra) {
+                    (Some(k), _) => format!("{} is missing", describe_key(k)),
+                    (None, Some(k)) => format!("{} is extra", describe_key(k)),
+                    (None, None) => "duplicates differ".to_owned(),
+                }
+            ));
+        }
     }
     for chain in &ruleset.chains {
         let want = ChainShape::expected(chain);

@@ -103,7 +103,8 @@ pub struct TableSummary {
 
 impl TableSummary {
     /// The summary the kernel should report once `ruleset` is applied
-    /// (duplicate set elements count once, as in the kernel).
+    /// (duplicate set elements count once, as in the kernel; a range of an
+    /// interval set counts as its start and end elements).
     pub fn expected(ruleset: &Ruleset) -> TableSummary {
         TableSummary {
             chains: ruleset
@@ -114,7 +115,10 @@ impl TableSummary {
             sets: ruleset
                 .sets
                 .iter()
-                .map(|s| (s.name.to_owned(), encode::distinct(&s.elements).len()))
+                .map(|s| {
+                    let n = encode::element_keys(s).map_or(s.elements.len(), |k| k.len());
+                    (s.name.clone(), n)
+                })
                 .collect(),
         }
     }

@@ -475,11 +475,12 @@ struct Group {
 /// Every exclusion rule has the same action (mark the connection, accept),
 /// so the rules are an OR of conditions and neither their order nor their
 /// grouping changes what they let through. Exclusions are grouped by
-/// [`Shape`] (direction, cgroup, port ranges); each group gets one rule per
-/// address family it names and per port range and protocol (TCP and UDP),
-/// matching the remote address against a named interval set holding every
-/// prefix of the group's exclusions, merged ([`merge_prefixes`]). A group in
-/// which some exclusion names no address gets rules without an address match.
+/// [`Shape`] (direction, cgroup, port ranges); each group gets, per address
+/// family it names, one rule per port range and protocol (TCP and UDP) for
+/// each of its two named sets: a plain set of the single addresses
+/// (`/32`, `/128`; a hash lookup, cheap to fill) and an interval set of the
+/// shorter prefixes, merged ([`split_prefixes`]). A group in which some
+/// exclusion names no address gets rules without an address match.
 fn exclusion_rules(exclusions: &[Exclusion]) -> Exclusions {
     let mut groups: Vec<Group> = Vec::new();
     let mut index: HashMap<Shape, usize> = HashMap::new();
@@ -527,24 +528,27 @@ fn exclusion_rules(exclusions: &[Exclusion]) -> Exclusions {
             targets.push(None);
         } else {
             for (family, prefixes) in [(Family::V4, &group.v4), (Family::V6, &group.v6)] {
-                if prefixes.is_empty() {
-                    continue;
-                }
-                let name = format!(
-                    "excl_{}_{}{}",
-                    out.sets.len(),
-                    if inbound { "in" } else { "out" },
-                    match family {
-                        Family::V4 => "4",
-                        Family::V6 => "6",
+                let (singles, ranges) = split_prefixes(prefixes);
+                for elements in [Elements::Ranges(ranges), Elements::Addresses(singles)] {
+                    if elements.is_empty() {
+                        continue;
                     }
-                );
-                out.sets.push(Set {
-                    name: name.clone(),
-                    family,
-                    elements: Elements::Ranges(merge_prefixes(prefixes)),
-                });
-                targets.push(Some((family, name)));
+                    let name = format!(
+                        "excl_{}_{}{}",
+                        out.sets.len(),
+                        if inbound { "in" } else { "out" },
+                        match family {
+                            Family::V4 => "4",
+                            Family::V6 => "6",
+                        }
+                    );
+                    out.sets.push(Set {
+                        name: name.clone(),
+                        family,
+                        elements,
+                    });
+                    targets.push(Some((family, name)));
+                }
             }
         }
         let ports: Vec<Option<(Protocol, u16, u16)>> = if group.shape.ports.is_empty() {
@@ -601,8 +605,8 @@ fn exclusion_rules(exclusions: &[Exclusion]) -> Exclusions {
 /// the same ports. An empty range (first > last) is kept as it is, so the
 /// encoder refuses it rather than it silently matching any port.
 pub fn merge_ports(ranges: &[(u16, u16)]) -> Vec<(u16, u16)> {
-    let (mut valid, empty): (Vec<(u16, u16)>, Vec<(u16, u16)>) =
-        ranges.iter().partition(|(first, last)| first <= last);
+    let mut valid: Vec<(u16, u16)> = ranges.iter().filter(|(f, l)| f <= l).copied().collect();
+    let empty = ranges.iter().filter(|(f, l)| f > l).copied();
     valid.sort_unstable();
     let mut merged: Vec<(u16, u16)> = Vec::with_capacity(valid.len());
     for (first, last) in valid {
@@ -615,6 +619,38 @@ pub fn merge_ports(ranges: &[(u16, u16)]) -> Vec<(u16, u16)> {
     }
     merged.extend(empty);
     merged
+}
+
+/// Prefixes of one family split into single addresses (full-length
+/// prefixes, for a plain set: sorted, without duplicates and without those
+/// a shorter prefix covers) and the shorter prefixes as merged ranges (for
+/// an interval set, see [`merge_prefixes`]). Together they hold exactly the
+/// addresses of the prefixes.
+pub fn split_prefixes(prefixes: &[(IpAddr, u8)]) -> (Vec<IpAddr>, Vec<(IpAddr, IpAddr)>) {
+    let full = |&(a, len): &(IpAddr, u8)| u32::from(len) >= address_bits(a).0;
+    let shorter: Vec<(IpAddr, u8)> = prefixes.iter().filter(|p| !full(p)).copied().collect();
+    let ranges = merge_prefixes(&shorter);
+    let bounds: Vec<(bool, u128, u128)> = ranges
+        .iter()
+        .map(|&(s, e)| (s.is_ipv4(), address_bits(s).1, address_bits(e).1))
+        .collect();
+    let mut singles: Vec<IpAddr> = prefixes
+        .iter()
+        .filter(|p| full(p))
+        .map(|&(a, _)| a)
+        .filter(|a| {
+            let (v4, v) = (a.is_ipv4(), address_bits(*a).1);
+            // Ranges are sorted by family (IPv4 first), then start.
+            let i = bounds.partition_point(|&(rv4, s, _)| (!rv4, s) <= (!v4, v));
+            i == 0 || {
+                let (rv4, _, e) = bounds[i - 1];
+                rv4 != v4 || e < v
+            }
+        })
+        .collect();
+    singles.sort_unstable();
+    singles.dedup();
+    (singles, ranges)
 }
 
 /// Bits of an address of this kind, and its value as a number.
@@ -746,7 +782,9 @@ impl fmt::Display for Match {
                 if states.related {
                     words.push("related");
                 }
-                write!(f, "ct state {{ {} }}", words.join(", "))
+                // A flag list, which nft encodes as a bit mask, as we do
+                // (`{ a, b }` would make it an anonymous set).
+                write!(f, "ct state {}", words.join(","))
             }
             Match::CtMark(mark) => write!(f, "ct mark {mark:#010x}"),
             Match::SocketGid(gid) => write!(f, "meta skgid {gid}"),
@@ -787,11 +825,7 @@ impl fmt::Display for Ruleset {
             } else {
                 format!(" elements = {{ {} }}", elements.join(", "))
             };
-            writeln!(
-                f,
-                "  set {} {{ type {kind};{flags}{elements} }}",
-                set.name
-            )?;
+            writeln!(f, "  set {} {{ type {kind};{flags}{elements} }}", set.name)?;
         }
         for chain in &self.chains {
             let hook = match chain.hook {
@@ -885,7 +919,7 @@ mod tests {
         assert_eq!(
             lines(&rules, 0),
             [
-                "ct mark 0x434f5245 ct state { established, related } accept",
+                "ct mark 0x434f5245 ct state established,related accept",
                 "meta nfproto ipv4 meta l4proto tcp ip saddr @excl_0_in4 th dport 8080 ct mark set 0x434f5245 accept",
                 "meta nfproto ipv4 meta l4proto udp ip saddr @excl_0_in4 th dport 8080 ct mark set 0x434f5245 accept",
                 "meta nfproto ipv4 meta l4proto tcp ip saddr @excl_0_in4 th dport 9000-9100 ct mark set 0x434f5245 accept",
@@ -896,7 +930,8 @@ mod tests {
                 "meta nfproto ipv6 meta l4proto udp ip6 saddr @excl_1_in6 th dport 9000-9100 ct mark set 0x434f5245 accept",
             ]
         );
-        // Each direction and family gets its own interval set.
+        // Each direction and family gets its own sets: single addresses in
+        // a plain set, shorter prefixes in an interval set.
         let sets: Vec<(&str, String)> = rules.sets[2..]
             .iter()
             .map(|s| (s.name.as_str(), format!("{:?}", s.elements)))
@@ -904,16 +939,22 @@ mod tests {
         assert_eq!(
             sets,
             [
-                ("excl_0_in4", "Ranges([(198.18.0.4, 198.18.0.4)])".to_owned()),
-                ("excl_1_in6", "Ranges([(fd00::, fd00::ffff:ffff:ffff:ffff)])".to_owned()),
-                ("excl_2_out4", "Ranges([(198.18.0.4, 198.18.0.4)])".to_owned()),
-                ("excl_3_out6", "Ranges([(fd00::, fd00::ffff:ffff:ffff:ffff)])".to_owned()),
+                ("excl_0_in4", "Addresses([198.18.0.4])".to_owned()),
+                (
+                    "excl_1_in6",
+                    "Ranges([(fd00::, fd00::ffff:ffff:ffff:ffff)])".to_owned()
+                ),
+                ("excl_2_out4", "Addresses([198.18.0.4])".to_owned()),
+                (
+                    "excl_3_out6",
+                    "Ranges([(fd00::, fd00::ffff:ffff:ffff:ffff)])".to_owned()
+                ),
             ]
         );
         let out = lines(&rules, 1);
         assert_eq!(
             out[0],
-            "ct mark 0x434f5245 ct state { established, related } accept"
+            "ct mark 0x434f5245 ct state established,related accept"
         );
         assert_eq!(
             out[1],
@@ -947,9 +988,9 @@ mod tests {
   chain input {
     type filter hook input priority -10; policy drop;
     iiftype loopback accept comment "loopback"
-    meta nfproto ipv4 meta l4proto tcp ip saddr @mgmt_v4 th sport 8443 ct state { established } accept comment "replies from the management server"
-    meta nfproto ipv6 meta l4proto tcp ip6 saddr @mgmt_v6 th sport 8443 ct state { established } accept comment "replies from the management server"
-    ct mark 0x434f5244 ct state { established, related } accept comment "replies to the agent's own connections (DNS)"
+    meta nfproto ipv4 meta l4proto tcp ip saddr @mgmt_v4 th sport 8443 ct state established accept comment "replies from the management server"
+    meta nfproto ipv6 meta l4proto tcp ip6 saddr @mgmt_v6 th sport 8443 ct state established accept comment "replies from the management server"
+    ct mark 0x434f5244 ct state established,related accept comment "replies to the agent's own connections (DNS)"
     meta nfproto ipv4 meta l4proto udp th sport 67 th dport 68 accept comment "DHCPv4 client"
     meta nfproto ipv6 meta l4proto udp ip6 saddr fe80::/10 th sport 547 th dport 546 accept comment "DHCPv6 client"
     meta nfproto ipv6 meta l4proto ipv6-icmp icmpv6 type 134 ip6 hoplimit 255 accept comment "IPv6 neighbour and router discovery (on-link only)"
@@ -961,7 +1002,7 @@ mod tests {
     oiftype loopback accept comment "loopback"
     meta nfproto ipv4 meta l4proto tcp meta skgid 61742 ip daddr @mgmt_v4 th dport 8443 ct mark set 0x434f5244 accept comment "the agent's management channel"
     meta nfproto ipv6 meta l4proto tcp meta skgid 61742 ip6 daddr @mgmt_v6 th dport 8443 ct mark set 0x434f5244 accept comment "the agent's management channel"
-    ct mark 0x434f5244 ct state { established, related } accept comment "the rest of the agent's own connections"
+    ct mark 0x434f5244 ct state established,related accept comment "the rest of the agent's own connections"
     meta l4proto udp meta skgid 61742 th dport 53 ct mark set 0x434f5244 accept comment "DNS from the agent only"
     meta l4proto tcp meta skgid 61742 th dport 53 ct mark set 0x434f5244 accept comment "DNS from the agent only"
     meta nfproto ipv4 meta l4proto udp th sport 68 th dport 67 accept comment "DHCPv4 client"
@@ -1052,14 +1093,38 @@ mod tests {
         );
         // The whole address space, and ranges that reach its end.
         assert_eq!(
-            texts(&merge_prefixes(&[p("0.0.0.0/0"), p("198.18.0.1/32"), p("::/0")])),
+            texts(&merge_prefixes(&[
+                p("0.0.0.0/0"),
+                p("198.18.0.1/32"),
+                p("::/0")
+            ])),
             ["0.0.0.0/0", "::/0"]
         );
         assert_eq!(
-            texts(&merge_prefixes(&[p("255.255.255.255/32"), p("255.255.255.254/32")])),
+            texts(&merge_prefixes(&[
+                p("255.255.255.255/32"),
+                p("255.255.255.254/32")
+            ])),
             ["255.255.255.254/31"]
         );
         assert!(merge_prefixes(&[]).is_empty());
+    }
+
+    #[test]
+    fn single_addresses_go_apart_unless_a_prefix_covers_them() {
+        let (singles, ranges) = split_prefixes(&[
+            p("198.18.0.9/32"),
+            p("198.18.1.0/24"),
+            p("198.18.1.7/32"),
+            p("198.18.0.9/32"),
+            p("fd00::1/128"),
+            p("198.18.2.0/32"),
+            p("fd00:1::/64"),
+            p("fd00:1::5/128"),
+        ]);
+        let singles: Vec<String> = singles.iter().map(ToString::to_string).collect();
+        assert_eq!(singles, ["198.18.0.9", "198.18.2.0", "fd00::1"]);
+        assert_eq!(texts(&ranges), ["198.18.1.0/24", "fd00:1::/64"]);
     }
 
     #[test]
@@ -1096,7 +1161,7 @@ mod tests {
         assert_eq!(
             lines(&rules, 1),
             [
-                "ct mark 0x434f5245 ct state { established, related } accept",
+                "ct mark 0x434f5245 ct state established,related accept",
                 "meta nfproto ipv4 ip daddr @excl_0_out4 ct mark set 0x434f5245 accept",
             ]
         );
@@ -1134,10 +1199,12 @@ mod tests {
         ]);
         let text = rules.to_string();
         for line in [
-            "  set excl_0_out4 { type ipv4_addr; flags interval; elements = { 198.18.0.0/23, 198.18.3.5-198.18.3.7 } }",
-            "  set excl_1_out6 { type ipv6_addr; flags interval; elements = { fd00::9 } }",
+            "  set excl_0_out4 { type ipv4_addr; flags interval; elements = { 198.18.0.0/23, 198.18.3.6/31 } }",
+            "  set excl_1_out4 { type ipv4_addr; elements = { 198.18.3.5 } }",
+            "  set excl_2_out6 { type ipv6_addr; elements = { fd00::9 } }",
             "    meta nfproto ipv4 ip daddr @excl_0_out4 ct mark set 0x434f5245 accept comment \"exclusion\"",
-            "    meta nfproto ipv6 ip6 daddr @excl_1_out6 ct mark set 0x434f5245 accept comment \"exclusion\"",
+            "    meta nfproto ipv4 ip daddr @excl_1_out4 ct mark set 0x434f5245 accept comment \"exclusion\"",
+            "    meta nfproto ipv6 ip6 daddr @excl_2_out6 ct mark set 0x434f5245 accept comment \"exclusion\"",
         ] {
             assert!(text.lines().any(|l| l == line), "{line}\n{text}");
         }
@@ -1182,16 +1249,16 @@ mod tests {
         };
         let in_set = |f: &Family, name: &str| {
             let set = rules.sets.iter().find(|s| s.name == name).unwrap();
-            let Elements::Ranges(ranges) = &set.elements else {
-                panic!("{name} is not an interval set")
-            };
+            let (_, v) = address_bits(pk.remote);
             *f == family
-                && ranges.iter().any(|&(s, e)| {
-                    let (_, v) = address_bits(pk.remote);
-                    s.is_ipv4() == pk.remote.is_ipv4()
-                        && address_bits(s).1 <= v
-                        && v <= address_bits(e).1
-                })
+                && match &set.elements {
+                    Elements::Ranges(ranges) => ranges.iter().any(|&(s, e)| {
+                        s.is_ipv4() == pk.remote.is_ipv4()
+                            && address_bits(s).1 <= v
+                            && v <= address_bits(e).1
+                    }),
+                    Elements::Addresses(a) => a.contains(&pk.remote),
+                }
         };
         chain
             .rules
@@ -1225,7 +1292,9 @@ mod tests {
         /// An address near the others, so prefixes overlap and touch.
         fn address(&mut self) -> IpAddr {
             if self.below(2) == 0 {
-                IpAddr::V4(std::net::Ipv4Addr::from(0xc612_0000 + self.below(1024) as u32))
+                IpAddr::V4(std::net::Ipv4Addr::from(
+                    0xc612_0000 + self.below(1024) as u32,
+                ))
             } else {
                 IpAddr::V6(std::net::Ipv6Addr::from(
                     0xfd00_u128 << 112 | u128::from(self.below(1024)),
@@ -1286,7 +1355,12 @@ mod tests {
             for &(a, len) in exclusions.iter().flat_map(|x| &x.remote) {
                 let (bits, v) = address_bits(a);
                 let host = host_mask(bits, u32::from(len));
-                for edge in [(v & !host).wrapping_sub(1), v & !host, v | host, (v | host) + 1] {
+                for edge in [
+                    (v & !host).wrapping_sub(1),
+                    v & !host,
+                    v | host,
+                    (v | host) + 1,
+                ] {
                     edges.push(address_of(bits == 32, edge));
                 }
             }
