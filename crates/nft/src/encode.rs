@@ -279,6 +279,12 @@ fn add_set<K: SetKey>(
     let keys = element_keys(set).map_err(NftError::Encode)?;
     let nft_set = Set::<K>::new_named(&name, id, table, ProtoFamily::Inet);
     let raw = nft_set.as_ptr().as_ptr();
+    // The size is the number of elements: the kernel then keeps a plain set
+    // in a fixed-size hash (an rhashtable that grows while it is filled
+    // costs twice as much for a thousand elements), and refuses any element
+    // beyond it, so nobody can add to Cordon's sets (the read-back and the
+    // change notifications catch one taken away).
+    //
     // SAFETY: `raw` is the live libnftnl set nft_set owns; the setters copy
     // the values; nftnl_set_elem_add hands each new element to the set,
     // which frees it with itself.

@@ -434,7 +434,11 @@ fn monitor_tells_foreign_changes_from_ours() {
             "read-back sees the extra rule"
         );
 
-        ns.nft_ok(&[
+        fw.apply(Some(&a)).unwrap();
+        assert!(!changed(&mut monitor, port), "our own restore");
+        // A set holds no more elements than applied (its size), so an
+        // element can only be taken away.
+        let add = ns.nft(&[
             "add",
             "element",
             "inet",
@@ -442,7 +446,17 @@ fn monitor_tells_foreign_changes_from_ours() {
             "mgmt_v4",
             "{ 198.18.0.66 }",
         ]);
-        assert!(changed(&mut monitor, port), "an element added by nft");
+        assert!(!add.status.success(), "a full set took another element");
+        ns.nft_ok(&[
+            "delete",
+            "element",
+            "inet",
+            "cordon",
+            "mgmt_v4",
+            "{ 198.18.0.1 }",
+        ]);
+        assert!(changed(&mut monitor, port), "an element deleted by nft");
+        assert!(!fw.verify(Some(&a)).unwrap(), "read-back sees it missing");
     });
 }
 
