@@ -19,7 +19,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use nft::{Firewall, Monitor, NftError, TableSummary};
-use policy::{Action, Family, Isolation, Match, Policy, Rule, Ruleset, Scope};
+use policy::{Action, Elements, Family, Isolation, Match, Policy, Rule, Ruleset, Scope};
 
 fn netns_inode(path: &str) -> u64 {
     std::fs::metadata(path)
@@ -604,6 +604,70 @@ fn nft_reads_the_display_form_as_the_same_table() {
             fw.apply_verified(Some(&rs)).unwrap();
             fw.apply_verified(None).unwrap();
         }
+    });
+}
+
+#[test]
+fn read_back_sees_a_missing_or_swapped_set_element() {
+    in_fresh_netns("read_back_sees_a_missing_or_swapped_set_element", |ns| {
+        let mut fw = Firewall::open().unwrap();
+
+        // A single address taken out of the plain set.
+        let rs = thousand_address_rules();
+        let singles = &rs.sets[2];
+        assert!(matches!(&singles.elements, Elements::Addresses(a) if a.len() == 1000));
+        fw.apply_verified(Some(&rs)).unwrap();
+        ns.nft_ok(&[
+            "delete",
+            "element",
+            "inet",
+            "cordon",
+            &singles.name,
+            "{ 198.18.0.10 }",
+        ]);
+        assert!(!fw.verify(Some(&rs)).unwrap(), "a missing address");
+        assert_ne!(fw.read_back().unwrap(), Some(TableSummary::expected(&rs)));
+
+        // The same counts, one address swapped for another (a table
+        // rebuilt by someone else): only the elements tell.
+        let mut other = rs.clone();
+        let Elements::Addresses(addresses) = &mut other.sets[2].elements else {
+            unreachable!()
+        };
+        addresses[5] = "198.18.0.11".parse().unwrap();
+        let file = nft_script(ns, &other, "swapped");
+        ns.nft_ok(&["-f", file.to_str().unwrap()]);
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(fw.read_back().unwrap(), Some(TableSummary::expected(&rs)));
+        assert!(!fw.verify(Some(&rs)).unwrap(), "a swapped address");
+        assert!(fw.verify(Some(&other)).unwrap());
+
+        // A range taken out of an interval set.
+        let rs = mixed_address_rules();
+        let range = rs
+            .sets
+            .iter()
+            .find(|s| {
+                s.elements
+                    == Elements::Ranges(vec![(
+                        "198.18.4.0".parse().unwrap(),
+                        "198.18.5.255".parse().unwrap(),
+                    )])
+            })
+            .expect("the merged /23");
+        fw.apply_verified(Some(&rs)).unwrap();
+        assert!(fw.verify(Some(&rs)).unwrap());
+        ns.nft_ok(&[
+            "delete",
+            "element",
+            "inet",
+            "cordon",
+            &range.name,
+            "{ 198.18.4.0/23 }",
+        ]);
+        assert!(!fw.verify(Some(&rs)).unwrap(), "a missing range");
+        fw.apply_verified(Some(&rs)).unwrap();
+        assert!(fw.verify(Some(&rs)).unwrap());
     });
 }
 
