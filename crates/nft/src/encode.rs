@@ -184,6 +184,10 @@ fn set_id(index: usize) -> u32 {
 /// The elements of a set without duplicates (the kernel refuses a batch
 /// that adds the same element twice), in their first order.
 pub(crate) fn distinct(elements: &[IpAddr]) -> Vec<IpAddr> {
+    // Strictly ascending (as the policy makes exclusion sets): nothing to drop.
+    if elements.windows(2).all(|w| w[0] < w[1]) {
+        return elements.to_vec();
+    }
     let mut seen: HashSet<IpAddr> = HashSet::with_capacity(elements.len());
     elements
         .iter()
@@ -193,14 +197,50 @@ pub(crate) fn distinct(elements: &[IpAddr]) -> Vec<IpAddr> {
 }
 
 /// One set element as the kernel holds it: the key's bytes (network
-/// order) and its flags (`NFT_SET_ELEM_INTERVAL_END` for the end of a range).
-pub(crate) type ElementKey = (Vec<u8>, u32);
+/// order, at most 16 kept) and its flags (`NFT_SET_ELEM_INTERVAL_END` for
+/// the end of a range). Plain data, so thousands of them cost no
+/// allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct ElementKey {
+    len: u8,
+    bytes: [u8; 16],
+    pub flags: u32,
+}
 
-fn octets(address: IpAddr) -> Vec<u8> {
-    match address {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
+impl ElementKey {
+    pub fn new(key: &[u8], flags: u32) -> ElementKey {
+        let mut bytes = [0u8; 16];
+        let n = key.len().min(16);
+        bytes[..n].copy_from_slice(&key[..n]);
+        ElementKey {
+            // A longer key (not one of ours) keeps its length, so it
+            // compares unequal to any of ours.
+            len: u8::try_from(key.len()).unwrap_or(u8::MAX),
+            bytes,
+            flags,
+        }
     }
+
+    /// The key's bytes (the first 16 of a longer key).
+    pub fn key(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len).min(16)]
+    }
+}
+
+fn octets(address: IpAddr) -> ([u8; 16], usize) {
+    let mut b = [0u8; 16];
+    match address {
+        IpAddr::V4(a) => {
+            b[..4].copy_from_slice(&a.octets());
+            (b, 4)
+        }
+        IpAddr::V6(a) => (a.octets(), 16),
+    }
+}
+
+fn key_of(address: IpAddr, flags: u32) -> ElementKey {
+    let (b, n) = octets(address);
+    ElementKey::new(&b[..n], flags)
 }
 
 /// The elements the kernel holds for `set` once applied, in the order they
@@ -228,27 +268,30 @@ pub(crate) fn element_keys(set: &policy::Set) -> Result<Vec<ElementKey>, String>
         Elements::Addresses(addresses) => {
             for a in distinct(addresses) {
                 check(&a)?;
-                keys.push((octets(a), 0));
+                keys.push(key_of(a, 0));
             }
         }
         Elements::Ranges(ranges) => {
             // As nft does: an interval end at the first address of the
             // family, unless a range starts there, so that the kernel's
             // table is the one `nft -f` makes of the Display form.
+            let end = libc::NFT_SET_ELEM_INTERVAL_END as u32;
             if let Some((first, _)) = ranges.first()
-                && octets(*first).iter().any(|b| *b != 0)
+                && !first.is_unspecified()
             {
-                let zero = vec![0u8; if want_v4 { 4 } else { 16 }];
-                keys.push((zero, libc::NFT_SET_ELEM_INTERVAL_END as u32));
+                keys.push(ElementKey::new(
+                    &[0; 16][..if want_v4 { 4 } else { 16 }],
+                    end,
+                ));
             }
-            for (start, end) in ranges {
+            for (start, last) in ranges {
                 check(start)?;
-                check(end)?;
-                keys.push((octets(*start), 0));
-                let mut after = octets(*end);
+                check(last)?;
+                keys.push(key_of(*start, 0));
+                let (mut after, n) = octets(*last);
                 // Big-endian increment; all ones wraps to zero: no end element.
                 let mut carry = true;
-                for byte in after.iter_mut().rev() {
+                for byte in after[..n].iter_mut().rev() {
                     let (b, c) = byte.overflowing_add(1);
                     *byte = b;
                     carry = c;
@@ -257,7 +300,7 @@ pub(crate) fn element_keys(set: &policy::Set) -> Result<Vec<ElementKey>, String>
                     }
                 }
                 if !carry {
-                    keys.push((after, libc::NFT_SET_ELEM_INTERVAL_END as u32));
+                    keys.push(ElementKey::new(&after[..n], end));
                 }
             }
         }
@@ -299,7 +342,8 @@ fn add_set<K: SetKey>(
                 libc::NFT_SET_INTERVAL as u32,
             );
         }
-        for (key, flags) in &keys {
+        for element in &keys {
+            let (key, flags) = (element.key(), &element.flags);
             let Some(elem) = NonNull::new(sys::nftnl_set_elem_alloc()) else {
                 std::process::abort();
             };
@@ -623,15 +667,20 @@ mod tests {
     #[test]
     fn a_range_is_its_start_and_the_address_after_it() {
         let end = libc::NFT_SET_ELEM_INTERVAL_END as u32;
-        let keys = element_keys(&ranges(
-            Family::V4,
-            &[
-                ("198.18.0.0", "198.18.1.255"),
-                ("198.18.3.5", "198.18.3.5"),
-                ("255.255.255.0", "255.255.255.255"),
-            ],
-        ))
-        .unwrap();
+        let pairs = |keys: Vec<ElementKey>| -> Vec<(Vec<u8>, u32)> {
+            keys.iter().map(|k| (k.key().to_vec(), k.flags)).collect()
+        };
+        let keys = pairs(
+            element_keys(&ranges(
+                Family::V4,
+                &[
+                    ("198.18.0.0", "198.18.1.255"),
+                    ("198.18.3.5", "198.18.3.5"),
+                    ("255.255.255.0", "255.255.255.255"),
+                ],
+            ))
+            .unwrap(),
+        );
         assert_eq!(
             keys,
             [
@@ -644,13 +693,14 @@ mod tests {
                 (vec![255, 255, 255, 0], 0),
             ]
         );
-        let v6 = element_keys(&ranges(Family::V6, &[("fd00::", "fd00::ffff")])).unwrap();
+        let v6 = pairs(element_keys(&ranges(Family::V6, &[("fd00::", "fd00::ffff")])).unwrap());
         let mut after = [0u8; 16];
         after[0] = 0xfd;
         after[13] = 1;
         assert_eq!(v6[2], (after.to_vec(), end));
         // A range from the first address needs no end element before it.
-        let from_zero = element_keys(&ranges(Family::V4, &[("0.0.0.0", "0.0.0.9")])).unwrap();
+        let from_zero =
+            pairs(element_keys(&ranges(Family::V4, &[("0.0.0.0", "0.0.0.9")])).unwrap());
         assert_eq!(from_zero, [(vec![0; 4], 0), (vec![0, 0, 0, 10], end)]);
         let err = element_keys(&ranges(Family::V6, &[("198.18.0.1", "198.18.0.1")])).unwrap_err();
         assert!(err.contains("IPv6"), "{err}");

@@ -526,24 +526,25 @@ fn be32(attr: Option<&[u8]>) -> Option<u32> {
 
 /// One element of a set dump: its key's bytes and its flags.
 fn element_key(elem: &[u8]) -> ElementKey {
-    let mut key = Vec::new();
+    let mut key: &[u8] = &[];
     let mut flags = 0;
     for (ty, data) in Attrs::nested(elem) {
         match ty {
             NFTA_SET_ELEM_KEY => {
                 if let Some((_, value)) = Attrs::nested(data).find(|(t, _)| *t == NFTA_DATA_VALUE) {
-                    key = value.to_vec();
+                    key = value;
                 }
             }
             NFTA_SET_ELEM_FLAGS => flags = be32(Some(data)).unwrap_or(0),
             _ => {}
         }
     }
-    (key, flags)
+    ElementKey::new(key, flags)
 }
 
 /// An element key in words: an address, or its bytes in hex.
-fn describe_key((key, flags): &ElementKey) -> String {
+fn describe_key(element: &ElementKey) -> String {
+    let key = element.key();
     let text = match key.len() {
         4 => std::net::Ipv4Addr::from([key[0], key[1], key[2], key[3]]).to_string(),
         16 => {
@@ -553,7 +554,7 @@ fn describe_key((key, flags): &ElementKey) -> String {
         }
         _ => key.iter().map(|b| format!("{b:02x}")).collect(),
     };
-    if flags & libc::NFT_SET_ELEM_INTERVAL_END as u32 != 0 {
+    if element.flags & libc::NFT_SET_ELEM_INTERVAL_END as u32 != 0 {
         format!("{text} (end of a range)")
     } else {
         text
@@ -620,7 +621,30 @@ fn mismatch(ruleset: Option<&Ruleset>, reading: Option<&Reading>) -> Option<Stri
         (Some(_), None) => return Some("the table is missing".to_owned()),
         (Some(r), Some(k)) => (r, k),
     };
-    let expected = TableSummary::expected(ruleset);
+    // Each set's elements, computed once for the counts and the contents.
+    let mut wanted: Vec<Vec<ElementKey>> = Vec::with_capacity(ruleset.sets.len());
+    for set in &ruleset.sets {
+        match encode::element_keys(set) {
+            Ok(mut keys) => {
+                keys.sort_unstable();
+                wanted.push(keys);
+            }
+            Err(_) => return Some(format!("set {} cannot be encoded", set.name)),
+        }
+    }
+    let expected = TableSummary {
+        chains: ruleset
+            .chains
+            .iter()
+            .map(|c| (c.name.to_owned(), c.rules.len()))
+            .collect(),
+        sets: ruleset
+            .sets
+            .iter()
+            .zip(&wanted)
+            .map(|(s, keys)| (s.name.clone(), keys.len()))
+            .collect(),
+    };
     if !TableSummary::same(Some(&expected), Some(&reading.summary)) {
         return Some("its chains, rule counts, sets or element counts differ".to_owned());
     }
@@ -628,17 +652,13 @@ fn mismatch(ruleset: Option<&Ruleset>, reading: Option<&Reading>) -> Option<Stri
         return Some("the table is dormant (not filtering)".to_owned());
     }
     // Same counts; now the elements themselves.
-    for set in &ruleset.sets {
-        let Ok(mut want) = encode::element_keys(set) else {
-            return Some(format!("set {} cannot be encoded", set.name));
-        };
-        want.sort_unstable();
+    for (set, want) in ruleset.sets.iter().zip(&wanted) {
         let found = reading
             .elements
             .iter()
             .find(|(name, _)| *name == set.name)
             .map_or(&[][..], |(_, keys)| &keys[..]);
-        if want != found {
+        if want[..] != *found {
             let missing = want.iter().find(|k| found.binary_search(k).is_err());
             let extra = found.iter().find(|k| want.binary_search(k).is_err());
             return Some(format!(
