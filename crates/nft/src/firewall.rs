@@ -178,10 +178,11 @@ impl Firewall {
     }
 
     /// Whether the kernel's table matches `ruleset` (`None` = no table),
-    /// comparing chains, rule counts, sets and set element counts, and
-    /// also that the table is not dormant and each base chain still has
-    /// its hook, priority, type and drop policy (changes that leave the
-    /// counts alone but open the firewall).
+    /// comparing chains, rule counts, sets and every set element (key and
+    /// flags, so an address swapped for another is caught too), and also
+    /// that the table is not dormant and each base chain still has its
+    /// hook, priority, type and drop policy (changes that leave the counts
+    /// alone but open the firewall).
     pub fn verify(&mut self, ruleset: Option<&Ruleset>) -> Result<bool, NftError> {
         let reading = self.read()?;
         Ok(mismatch(ruleset, reading.as_ref()).is_none())
