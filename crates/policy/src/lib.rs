@@ -461,6 +461,14 @@ struct Shape {
     ports: Vec<(u16, u16)>,
 }
 
+/// What the remote address of an exclusion rule must be.
+enum Target {
+    Any,
+    Prefix(Family, IpAddr, u8),
+    /// In the named set.
+    Set(Family, String),
+}
+
 struct Group {
     shape: Shape,
     /// An exclusion of this shape names no address: every address matches,
@@ -479,8 +487,10 @@ struct Group {
 /// family it names, one rule per port range and protocol (TCP and UDP) for
 /// each of its two named sets: a plain set of the single addresses
 /// (`/32`, `/128`; a hash lookup, cheap to fill) and an interval set of the
-/// shorter prefixes, merged ([`split_prefixes`]). A group in which some
-/// exclusion names no address gets rules without an address match.
+/// shorter prefixes, merged ([`split_prefixes`]). When a family's addresses
+/// come down to one prefix, the rule matches it directly (no set). A group
+/// in which some exclusion names no address gets rules without an address
+/// match.
 fn exclusion_rules(exclusions: &[Exclusion]) -> Exclusions {
     let mut groups: Vec<Group> = Vec::new();
     let mut index: HashMap<Shape, usize> = HashMap::new();
@@ -523,12 +533,23 @@ fn exclusion_rules(exclusions: &[Exclusion]) -> Exclusions {
     for group in groups {
         let inbound = group.shape.inbound;
         // None: any address; else the family and name of the address set.
-        let mut targets: Vec<Option<(Family, String)>> = Vec::new();
+        let mut targets: Vec<Target> = Vec::new();
         if group.any_address {
-            targets.push(None);
+            targets.push(Target::Any);
         } else {
             for (family, prefixes) in [(Family::V4, &group.v4), (Family::V6, &group.v6)] {
                 let (singles, ranges) = split_prefixes(prefixes);
+                // One prefix alone is matched in the rule, as nft would:
+                // a set of one element only costs more.
+                let lone = match (&singles[..], &ranges[..]) {
+                    ([a], []) => Some((*a, address_bits(*a).0 as u8)),
+                    ([], [(start, end)]) => range_prefix(*start, *end),
+                    _ => None,
+                };
+                if let Some((addr, len)) = lone {
+                    targets.push(Target::Prefix(family, addr, len));
+                    continue;
+                }
                 for elements in [Elements::Ranges(ranges), Elements::Addresses(singles)] {
                     if elements.is_empty() {
                         continue;
@@ -547,7 +568,7 @@ fn exclusion_rules(exclusions: &[Exclusion]) -> Exclusions {
                         family,
                         elements,
                     });
-                    targets.push(Some((family, name)));
+                    targets.push(Target::Set(family, name));
                 }
             }
         }
@@ -566,18 +587,27 @@ fn exclusion_rules(exclusions: &[Exclusion]) -> Exclusions {
         for target in &targets {
             for port in &ports {
                 let mut matches = Vec::new();
-                if let Some((family, _)) = target {
-                    matches.push(Match::Family(*family));
+                match target {
+                    Target::Any => {}
+                    Target::Prefix(family, ..) | Target::Set(family, _) => {
+                        matches.push(Match::Family(*family));
+                    }
                 }
                 if let Some((protocol, _, _)) = port {
                     matches.push(Match::Protocol(*protocol));
                 }
-                if let Some((family, name)) = target {
-                    matches.push(if inbound {
+                match target {
+                    Target::Any => {}
+                    Target::Prefix(_, addr, len) => matches.push(if inbound {
+                        Match::SourcePrefix(*addr, *len)
+                    } else {
+                        Match::DestPrefix(*addr, *len)
+                    }),
+                    Target::Set(family, name) => matches.push(if inbound {
                         Match::SourceInSet(*family, name.clone())
                     } else {
                         Match::DestInSet(*family, name.clone())
-                    });
+                    }),
                 }
                 if let Some((_, first, last)) = port {
                     matches.push(Match::DestPortRange(*first, *last));
@@ -714,20 +744,25 @@ pub fn merge_prefixes(prefixes: &[(IpAddr, u8)]) -> Vec<(IpAddr, IpAddr)> {
     out
 }
 
-/// A range in nft syntax: an address, a prefix, or `first-last`.
-fn range_text(start: IpAddr, end: IpAddr) -> String {
+/// The prefix a range is, if it is one.
+fn range_prefix(start: IpAddr, end: IpAddr) -> Option<(IpAddr, u8)> {
     let (bits, s) = address_bits(start);
     let (_, e) = address_bits(end);
-    if s == e {
+    let host = e.checked_sub(s)?;
+    // A prefix: the host part is all ones and the start has none of it.
+    (start.is_ipv4() == end.is_ipv4() && host & host.wrapping_add(1) == 0 && s & host == 0)
+        .then(|| (start, (bits - host.count_ones()) as u8))
+}
+
+/// A range in nft syntax: an address, a prefix, or `first-last`.
+fn range_text(start: IpAddr, end: IpAddr) -> String {
+    if start == end {
         return start.to_string();
     }
-    let host = e - s;
-    // A prefix: the host part is all ones and the start has none of it.
-    if host & host.wrapping_add(1) == 0 && s & host == 0 {
-        let len = bits - host.count_ones();
-        return format!("{start}/{len}");
+    match range_prefix(start, end) {
+        Some((addr, len)) => format!("{addr}/{len}"),
+        None => format!("{start}-{end}"),
     }
-    format!("{start}-{end}")
 }
 
 fn family_word(family: Family) -> &'static str {
@@ -920,37 +955,18 @@ mod tests {
             lines(&rules, 0),
             [
                 "ct mark 0x434f5245 ct state established,related accept",
-                "meta nfproto ipv4 meta l4proto tcp ip saddr @excl_0_in4 th dport 8080 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv4 meta l4proto udp ip saddr @excl_0_in4 th dport 8080 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv4 meta l4proto tcp ip saddr @excl_0_in4 th dport 9000-9100 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv4 meta l4proto udp ip saddr @excl_0_in4 th dport 9000-9100 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv6 meta l4proto tcp ip6 saddr @excl_1_in6 th dport 8080 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv6 meta l4proto udp ip6 saddr @excl_1_in6 th dport 8080 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv6 meta l4proto tcp ip6 saddr @excl_1_in6 th dport 9000-9100 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv6 meta l4proto udp ip6 saddr @excl_1_in6 th dport 9000-9100 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv4 meta l4proto tcp ip saddr 198.18.0.4/32 th dport 8080 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv4 meta l4proto udp ip saddr 198.18.0.4/32 th dport 8080 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv4 meta l4proto tcp ip saddr 198.18.0.4/32 th dport 9000-9100 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv4 meta l4proto udp ip saddr 198.18.0.4/32 th dport 9000-9100 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv6 meta l4proto tcp ip6 saddr fd00::/64 th dport 8080 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv6 meta l4proto udp ip6 saddr fd00::/64 th dport 8080 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv6 meta l4proto tcp ip6 saddr fd00::/64 th dport 9000-9100 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv6 meta l4proto udp ip6 saddr fd00::/64 th dport 9000-9100 ct mark set 0x434f5245 accept",
             ]
         );
-        // Each direction and family gets its own sets: single addresses in
-        // a plain set, shorter prefixes in an interval set.
-        let sets: Vec<(&str, String)> = rules.sets[2..]
-            .iter()
-            .map(|s| (s.name.as_str(), format!("{:?}", s.elements)))
-            .collect();
-        assert_eq!(
-            sets,
-            [
-                ("excl_0_in4", "Addresses([198.18.0.4])".to_owned()),
-                (
-                    "excl_1_in6",
-                    "Ranges([(fd00::, fd00::ffff:ffff:ffff:ffff)])".to_owned()
-                ),
-                ("excl_2_out4", "Addresses([198.18.0.4])".to_owned()),
-                (
-                    "excl_3_out6",
-                    "Ranges([(fd00::, fd00::ffff:ffff:ffff:ffff)])".to_owned()
-                ),
-            ]
-        );
+        // One prefix per family: matched in the rules, no set.
+        assert_eq!(rules.sets.len(), 2, "{:?}", rules.sets);
         let out = lines(&rules, 1);
         assert_eq!(
             out[0],
@@ -1201,13 +1217,13 @@ mod tests {
         for line in [
             "  set excl_0_out4 { type ipv4_addr; flags interval; elements = { 198.18.0.0/23, 198.18.3.6/31 } }",
             "  set excl_1_out4 { type ipv4_addr; elements = { 198.18.3.5 } }",
-            "  set excl_2_out6 { type ipv6_addr; elements = { fd00::9 } }",
             "    meta nfproto ipv4 ip daddr @excl_0_out4 ct mark set 0x434f5245 accept comment \"exclusion\"",
             "    meta nfproto ipv4 ip daddr @excl_1_out4 ct mark set 0x434f5245 accept comment \"exclusion\"",
-            "    meta nfproto ipv6 ip6 daddr @excl_2_out6 ct mark set 0x434f5245 accept comment \"exclusion\"",
+            "    meta nfproto ipv6 ip6 daddr fd00::9/128 ct mark set 0x434f5245 accept comment \"exclusion\"",
         ] {
             assert!(text.lines().any(|l| l == line), "{line}\n{text}");
         }
+        assert_eq!(rules.sets.len(), 4, "{text}");
     }
 
     /// A packet as the exclusion rules see it.
@@ -1270,6 +1286,14 @@ mod tests {
                     Match::Protocol(p) => pk.protocol == Some(*p),
                     Match::SourceInSet(f, name) => pk.inbound && in_set(f, name),
                     Match::DestInSet(f, name) => !pk.inbound && in_set(f, name),
+                    Match::SourcePrefix(a, len) | Match::DestPrefix(a, len) => {
+                        pk.inbound == matches!(m, Match::SourcePrefix(..)) && {
+                            let (bits, v) = address_bits(*a);
+                            let (pbits, pv) = address_bits(pk.remote);
+                            let host = host_mask(bits, u32::from(*len));
+                            bits == pbits && (v & !host) == (pv & !host)
+                        }
+                    }
                     Match::DestPortRange(f, l) => *f <= pk.port && pk.port <= *l,
                     Match::SocketCgroup(c) => pk.cgroup == Some(*c),
                     other => panic!("unexpected match in an exclusion rule: {other:?}"),
