@@ -175,6 +175,13 @@ pub(crate) fn encode(ruleset: Option<&Ruleset>) -> Result<Encoded, NftError> {
     })
 }
 
+/// `NFT_SET_CONCAT` (linux/netfilter/nf_tables.h, not in libc): a set
+/// whose key is a concatenation of fields.
+const NFT_SET_CONCAT: u32 = 0x80;
+/// nft's type id of `inet_service` (a port); a concatenation's type is
+/// its fields' ids, 6 bits each.
+const INET_SERVICE_TYPE: u32 = 13;
+
 /// Set ids name sets within one batch (rules refer to a new set by id);
 /// they only need to be unique in the batch.
 fn set_id(index: usize) -> u32 {
@@ -196,35 +203,69 @@ pub(crate) fn distinct(elements: &[IpAddr]) -> Vec<IpAddr> {
         .collect()
 }
 
+/// Longest key Cordon's sets use: an IPv6 address and a port (padded to
+/// 4 bytes) concatenated.
+const MAX_KEY: usize = 20;
+
 /// One set element as the kernel holds it: the key's bytes (network
-/// order, at most 16 kept) and its flags (`NFT_SET_ELEM_INTERVAL_END` for
-/// the end of a range). Plain data, so thousands of them cost no
-/// allocation.
+/// order, at most 20 kept), for a range of concatenations its end key, and
+/// its flags (`NFT_SET_ELEM_INTERVAL_END` for the end of an address range).
+/// Plain data, so thousands of them cost no allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct ElementKey {
     len: u8,
-    bytes: [u8; 16],
+    bytes: [u8; MAX_KEY],
+    end_len: u8,
+    end: [u8; MAX_KEY],
     pub flags: u32,
+}
+
+/// A key's bytes, and its length (kept whole even when longer than ours,
+/// so such a key compares unequal to any of ours).
+fn key_bytes(key: &[u8]) -> ([u8; MAX_KEY], u8) {
+    let mut bytes = [0u8; MAX_KEY];
+    let n = key.len().min(MAX_KEY);
+    bytes[..n].copy_from_slice(&key[..n]);
+    (bytes, u8::try_from(key.len()).unwrap_or(u8::MAX))
 }
 
 impl ElementKey {
     pub fn new(key: &[u8], flags: u32) -> ElementKey {
-        let mut bytes = [0u8; 16];
-        let n = key.len().min(16);
-        bytes[..n].copy_from_slice(&key[..n]);
+        let (bytes, len) = key_bytes(key);
         ElementKey {
-            // A longer key (not one of ours) keeps its length, so it
-            // compares unequal to any of ours.
-            len: u8::try_from(key.len()).unwrap_or(u8::MAX),
+            len,
             bytes,
+            end_len: 0,
+            end: [0; MAX_KEY],
             flags,
         }
     }
 
-    /// The key's bytes (the first 16 of a longer key).
-    pub fn key(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len).min(16)]
+    /// The same element with an end key (`NFTA_SET_ELEM_KEY_END`).
+    pub fn with_end(mut self, end: &[u8]) -> ElementKey {
+        (self.end, self.end_len) = key_bytes(end);
+        self
     }
+
+    /// The key's bytes (the first 20 of a longer key).
+    pub fn key(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len).min(MAX_KEY)]
+    }
+
+    /// The end key's bytes, if the element has one.
+    pub fn key_end(&self) -> Option<&[u8]> {
+        (self.end_len > 0).then(|| &self.end[..usize::from(self.end_len).min(MAX_KEY)])
+    }
+}
+
+/// An address and a port as the kernel keys `address . port`: the
+/// address's bytes, then the port in network order padded to 4 bytes.
+fn address_port(address: IpAddr, port: u16) -> ([u8; MAX_KEY], usize) {
+    let (a, n) = octets(address);
+    let mut b = [0u8; MAX_KEY];
+    b[..n].copy_from_slice(&a[..n]);
+    b[n..n + 2].copy_from_slice(&port.to_be_bytes());
+    (b, n + 4)
 }
 
 fn octets(address: IpAddr) -> ([u8; 16], usize) {
@@ -269,6 +310,15 @@ pub(crate) fn element_keys(set: &policy::Set) -> Result<Vec<ElementKey>, String>
             for a in distinct(addresses) {
                 check(&a)?;
                 keys.push(key_of(a, 0));
+            }
+        }
+        Elements::AddressPorts(pairs) => {
+            for e in pairs {
+                check(&e.first)?;
+                check(&e.last)?;
+                let (start, n) = address_port(e.first, e.ports.0);
+                let (end, _) = address_port(e.last, e.ports.1);
+                keys.push(ElementKey::new(&start[..n], 0).with_end(&end[..n]));
             }
         }
         Elements::Ranges(ranges) => {
@@ -335,13 +385,48 @@ fn add_set<K: SetKey>(
         if !keys.is_empty() {
             sys::nftnl_set_set_u32(raw, sys::NFTNL_SET_DESC_SIZE as u16, keys.len() as u32);
         }
-        if matches!(set.elements, Elements::Ranges(_)) {
-            sys::nftnl_set_set_u32(
-                raw,
-                sys::NFTNL_SET_FLAGS as u16,
-                libc::NFT_SET_INTERVAL as u32,
-            );
+        match set.elements {
+            Elements::Addresses(_) => {}
+            Elements::Ranges(_) => {
+                sys::nftnl_set_set_u32(
+                    raw,
+                    sys::NFTNL_SET_FLAGS as u16,
+                    libc::NFT_SET_INTERVAL as u32,
+                );
+            }
+            Elements::AddressPorts(_) => {
+                // As nft declares `ipvN_addr . inet_service` with
+                // intervals: the two types' ids combined, 4-byte fields,
+                // and the fields' own lengths.
+                let (type_id, address_len) = match set.family {
+                    Family::V4 => (7, 4u8),
+                    Family::V6 => (8, 16u8),
+                };
+                sys::nftnl_set_set_u32(
+                    raw,
+                    sys::NFTNL_SET_KEY_TYPE as u16,
+                    (type_id << 6) | INET_SERVICE_TYPE,
+                );
+                sys::nftnl_set_set_u32(
+                    raw,
+                    sys::NFTNL_SET_KEY_LEN as u16,
+                    u32::from(address_len) + 4,
+                );
+                sys::nftnl_set_set_u32(
+                    raw,
+                    sys::NFTNL_SET_FLAGS as u16,
+                    libc::NFT_SET_INTERVAL as u32 | NFT_SET_CONCAT,
+                );
+                let fields = [address_len, 2];
+                sys::nftnl_set_set_data(
+                    raw,
+                    sys::NFTNL_SET_DESC_CONCAT as u16,
+                    fields.as_ptr().cast(),
+                    fields.len() as u32,
+                );
+            }
         }
+
         for element in &keys {
             let (key, flags) = (element.key(), &element.flags);
             let Some(elem) = NonNull::new(sys::nftnl_set_elem_alloc()) else {
@@ -353,6 +438,14 @@ fn add_set<K: SetKey>(
                 key.as_ptr().cast(),
                 key.len() as u32,
             );
+            if let Some(end) = element.key_end() {
+                sys::nftnl_set_elem_set(
+                    elem.as_ptr(),
+                    sys::NFTNL_SET_ELEM_KEY_END as u16,
+                    end.as_ptr().cast(),
+                    end.len() as u32,
+                );
+            }
             if *flags != 0 {
                 sys::nftnl_set_elem_set_u32(
                     elem.as_ptr(),
@@ -409,6 +502,34 @@ impl Expression for SetLookup {
     }
 }
 
+/// A packet field loaded into a given register (nftnl's `Payload` always
+/// loads into register 1): the fields of a concatenation go into
+/// consecutive 4-byte registers.
+struct PayloadInto {
+    base: u32,
+    offset: u32,
+    len: u32,
+    register: u32,
+}
+
+impl Expression for PayloadInto {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: as for SetLookup: a fresh expression (checked), setters
+        // that copy, ownership handed to the rule by the caller.
+        unsafe {
+            let Some(expr) = NonNull::new(sys::nftnl_expr_alloc(c"payload".as_ptr())) else {
+                std::process::abort();
+            };
+            let e = expr.as_ptr();
+            sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_PAYLOAD_DREG as u16, self.register);
+            sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_PAYLOAD_BASE as u16, self.base);
+            sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_PAYLOAD_OFFSET as u16, self.offset);
+            sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_PAYLOAD_LEN as u16, self.len);
+            expr
+        }
+    }
+}
+
 /// Transport header field at `offset`, `len` bytes (`th sport/dport`).
 fn transport(offset: u32, len: u32) -> Payload {
     // nftnl names these fields `*_bits` but passes them on unchanged as the
@@ -459,6 +580,37 @@ fn add_match(rule: &mut Rule<'_>, m: &Match, ruleset: &Ruleset) -> Result<(), St
         Match::SourceInSet(family, ref name) | Match::DestInSet(family, ref name) => {
             let source = matches!(m, Match::SourceInSet(..));
             rule.add_expr(&address(family, source));
+            let id = ruleset
+                .sets
+                .iter()
+                .position(|s| s.name == *name)
+                .map(set_id);
+            let name = CString::new(name.as_str())
+                .map_err(|_| format!("set name {name:?} contains NUL"))?;
+            rule.add_expr(&SetLookup { name, id });
+        }
+        Match::SourceAndPortInSet(family, ref name) | Match::DestAndPortInSet(family, ref name) => {
+            let source = matches!(m, Match::SourceAndPortInSet(..));
+            // `ip daddr . th dport`: the address from register 1 on, the
+            // port in the 4-byte register after it.
+            let (offset, len, port_register) = match (family, source) {
+                (Family::V4, true) => (12, 4, libc::NFT_REG32_01),
+                (Family::V4, false) => (16, 4, libc::NFT_REG32_01),
+                (Family::V6, true) => (8, 16, libc::NFT_REG32_04),
+                (Family::V6, false) => (24, 16, libc::NFT_REG32_04),
+            };
+            rule.add_expr(&PayloadInto {
+                base: libc::NFT_PAYLOAD_NETWORK_HEADER as u32,
+                offset,
+                len,
+                register: libc::NFT_REG_1 as u32,
+            });
+            rule.add_expr(&PayloadInto {
+                base: libc::NFT_PAYLOAD_TRANSPORT_HEADER as u32,
+                offset: 2,
+                len: 2,
+                register: port_register as u32,
+            });
             let id = ruleset
                 .sets
                 .iter()

@@ -57,6 +57,7 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_GEN_ID: u16 = 1;
 
@@ -527,39 +528,62 @@ fn be32(attr: Option<&[u8]>) -> Option<u32> {
 
 /// One element of a set dump: its key's bytes and its flags.
 fn element_key(elem: &[u8]) -> ElementKey {
-    let mut key: &[u8] = &[];
+    let value = |data| {
+        Attrs::nested(data)
+            .find(|(t, _)| *t == NFTA_DATA_VALUE)
+            .map(|(_, v)| v)
+    };
+    let (mut key, mut end): (&[u8], Option<&[u8]>) = (&[], None);
     let mut flags = 0;
     for (ty, data) in Attrs::nested(elem) {
         match ty {
-            NFTA_SET_ELEM_KEY => {
-                if let Some((_, value)) = Attrs::nested(data).find(|(t, _)| *t == NFTA_DATA_VALUE) {
-                    key = value;
-                }
-            }
+            NFTA_SET_ELEM_KEY => key = value(data).unwrap_or_default(),
+            NFTA_SET_ELEM_KEY_END => end = value(data),
             NFTA_SET_ELEM_FLAGS => flags = be32(Some(data)).unwrap_or(0),
             _ => {}
         }
     }
-    ElementKey::new(key, flags)
+    let element = ElementKey::new(key, flags);
+    match end {
+        Some(end) => element.with_end(end),
+        None => element,
+    }
 }
 
-/// An element key in words: an address, or its bytes in hex.
-fn describe_key(element: &ElementKey) -> String {
-    let key = element.key();
-    let text = match key.len() {
-        4 => std::net::Ipv4Addr::from([key[0], key[1], key[2], key[3]]).to_string(),
+/// A key in words: an address, an address and a port, or bytes in hex.
+fn describe_bytes(key: &[u8]) -> String {
+    let address = |b: &[u8]| match b.len() {
+        4 => Some(std::net::Ipv4Addr::from([b[0], b[1], b[2], b[3]]).to_string()),
         16 => {
-            let mut b = [0u8; 16];
-            b.copy_from_slice(key);
-            std::net::Ipv6Addr::from(b).to_string()
+            let mut a = [0u8; 16];
+            a.copy_from_slice(b);
+            Some(std::net::Ipv6Addr::from(a).to_string())
         }
-        _ => key.iter().map(|b| format!("{b:02x}")).collect(),
+        _ => None,
     };
-    if element.flags & libc::NFT_SET_ELEM_INTERVAL_END as u32 != 0 {
-        format!("{text} (end of a range)")
-    } else {
-        text
+    if let Some(text) = address(key) {
+        return text;
     }
+    // address . port (the port padded to 4 bytes)
+    if key.len() == 8 || key.len() == 20 {
+        let (a, p) = key.split_at(key.len() - 4);
+        if let Some(text) = address(a) {
+            return format!("{text} . {}", u16::from_be_bytes([p[0], p[1]]));
+        }
+    }
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An element in words.
+fn describe_key(element: &ElementKey) -> String {
+    let mut text = describe_bytes(element.key());
+    if let Some(end) = element.key_end() {
+        text = format!("{text} to {}", describe_bytes(end));
+    }
+    if element.flags & libc::NFT_SET_ELEM_INTERVAL_END as u32 != 0 {
+        text.push_str(" (end of a range)");
+    }
+    text
 }
 
 /// What one read of the table found: the public summary, and what

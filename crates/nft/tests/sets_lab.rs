@@ -188,10 +188,17 @@ fn set_based_exclusions_let_through_exactly_their_addresses() {
     );
     let second = ruleset(srv.v4.into(), &far, around(3));
     for rs in [&first, &second] {
+        // The addresses with their port are pairs in `address . port` sets.
+        assert!(
+            rs.sets
+                .iter()
+                .any(|s| matches!(s.elements, policy::Elements::AddressPorts(_))),
+            "{rs}"
+        );
         let rules: usize = rs.chains.iter().map(|c| c.rules.len()).sum();
-        // Full's 22, the 2 reply rules, and per set of addresses one rule
-        // (TCP and UDP: two when the shape has ports): 37 and 41 here,
-        // against one rule per address and port before.
+        // Full's 22, the 2 reply rules, and per set (or lone prefix) one
+        // rule, two (TCP and UDP) for addresses with ports, against one
+        // rule per address and port before.
         assert!(rules <= 41, "{rules} rules for 1,000 address rules");
         assert!(rs.sets.len() <= 11, "{:?}", rs.sets.len());
     }

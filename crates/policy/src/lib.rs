@@ -114,6 +114,11 @@ pub enum Match {
     /// Source address in a named set (of the given family).
     SourceInSet(Family, String),
     DestInSet(Family, String),
+    /// Source address and destination port, as a pair, in a named set of
+    /// `address . port` ranges (of the given family).
+    SourceAndPortInSet(Family, String),
+    /// Destination address and port, as a pair, in such a set.
+    DestAndPortInSet(Family, String),
     /// Source address within a prefix.
     SourcePrefix(IpAddr, u8),
     /// Destination address within a prefix.
@@ -177,6 +182,19 @@ pub enum Elements {
     /// adjacent, as [`merge_prefixes`] makes them (the kernel refuses
     /// overlapping intervals).
     Ranges(Vec<(IpAddr, IpAddr)>),
+    /// Address ranges each with a port range: an interval set of
+    /// `address . port` concatenations. Disjoint, as
+    /// [`disjoint_address_ports`] makes them.
+    AddressPorts(Vec<AddressPort>),
+}
+
+/// An inclusive address range and an inclusive port range: every address of
+/// the one with every port of the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressPort {
+    pub first: IpAddr,
+    pub last: IpAddr,
+    pub ports: (u16, u16),
 }
 
 impl Elements {
@@ -185,6 +203,7 @@ impl Elements {
         match self {
             Elements::Addresses(a) => a.len(),
             Elements::Ranges(r) => r.len(),
+            Elements::AddressPorts(r) => r.len(),
         }
     }
 
@@ -482,8 +501,13 @@ struct Group {
 ///
 /// Every exclusion rule has the same action (mark the connection, accept),
 /// so the rules are an OR of conditions and neither their order nor their
-/// grouping changes what they let through. Exclusions are grouped by
-/// [`Shape`] (direction, cgroup, port ranges); each group gets, per address
+/// grouping changes what they let through. Exclusions that name both
+/// addresses and ports are grouped by direction and cgroup: their address
+/// and port ranges become disjoint pairs ([`disjoint_address_ports`]) in
+/// one `address . port` interval set per family, looked up by one rule per
+/// protocol (TCP, UDP); a lone pair of a prefix and a port range is matched
+/// in the rules instead. The others are grouped by [`Shape`] (direction,
+/// cgroup, port ranges); each group gets, per address
 /// family it names, one rule per port range and protocol (TCP and UDP) for
 /// each of its two named sets: a plain set of the single addresses
 /// (`/32`, `/128`; a hash lookup, cheap to fill) and an interval set of the
@@ -530,6 +554,35 @@ fn exclusion_rules(exclusions: &[Exclusion]) -> Exclusions {
         output: Vec::new(),
         sets: Vec::new(),
     };
+    // Address rules with ports, by direction and cgroup: their address and
+    // port ranges go into `address . port` sets, whatever their ports.
+    type Rectangles = [Vec<(u128, u128, u16, u16)>; 2];
+    let mut buckets: Vec<((bool, Option<CgroupMatch>), Rectangles)> = Vec::new();
+    for group in &groups {
+        if group.any_address || group.shape.ports.is_empty() {
+            continue;
+        }
+        let key = (group.shape.inbound, group.shape.cgroup);
+        let i = match buckets.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                buckets.push((key, [Vec::new(), Vec::new()]));
+                buckets.len() - 1
+            }
+        };
+        for (f, prefixes) in [&group.v4, &group.v6].into_iter().enumerate() {
+            for &(addr, len) in prefixes {
+                let (bits, value) = address_bits(addr);
+                let host = host_mask(bits, u32::from(len));
+                for &(first, last) in &group.shape.ports {
+                    buckets[i].1[f].push((value & !host, value | host, first, last));
+                }
+            }
+        }
+    }
+    let groups = groups
+        .into_iter()
+        .filter(|g| g.any_address || g.shape.ports.is_empty());
     for group in groups {
         let inbound = group.shape.inbound;
         // None: any address; else the family and name of the address set.
@@ -628,12 +681,129 @@ fn exclusion_rules(exclusions: &[Exclusion]) -> Exclusions {
             }
         }
     }
+    for ((inbound, cgroup), rectangles) in buckets {
+        for (family, rects) in [Family::V4, Family::V6].into_iter().zip(rectangles) {
+            if rects.is_empty() {
+                continue;
+            }
+            let v4 = family == Family::V4;
+            let elements = disjoint_address_ports(v4, rects);
+            // One prefix with one port range is matched in the rule.
+            let lone = match &elements[..] {
+                [e] => range_prefix(e.first, e.last).map(|p| (p, e.ports)),
+                _ => None,
+            };
+            let name = format!(
+                "excl_{}_{}{}p",
+                out.sets.len(),
+                if inbound { "in" } else { "out" },
+                if v4 { "4" } else { "6" }
+            );
+            if lone.is_none() {
+                out.sets.push(Set {
+                    name: name.clone(),
+                    family,
+                    elements: Elements::AddressPorts(elements),
+                });
+            }
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let mut matches = vec![Match::Family(family), Match::Protocol(protocol)];
+                match lone {
+                    Some(((addr, len), (first, last))) => {
+                        matches.push(if inbound {
+                            Match::SourcePrefix(addr, len)
+                        } else {
+                            Match::DestPrefix(addr, len)
+                        });
+                        matches.push(Match::DestPortRange(first, last));
+                    }
+                    None => matches.push(if inbound {
+                        Match::SourceAndPortInSet(family, name.clone())
+                    } else {
+                        Match::DestAndPortInSet(family, name.clone())
+                    }),
+                }
+                if let Some(cgroup) = cgroup {
+                    matches.push(Match::SocketCgroup(cgroup));
+                }
+                let rule = Rule {
+                    matches,
+                    action: Action::MarkAndAccept(EXCLUDED_MARK),
+                    comment: "exclusion",
+                };
+                if inbound {
+                    out.input.push(rule);
+                } else {
+                    out.output.push(rule);
+                }
+            }
+        }
+    }
     out
+}
+
+/// Address ranges with port ranges (start, end, first port, last port, of
+/// one family) as disjoint pairs that hold exactly the same (address, port)
+/// points: the address line is cut wherever a range starts or ends, each
+/// piece gets the merged ports of the ranges over it, and touching pieces
+/// with the same ports are joined again. An interval set of concatenations
+/// refuses overlapping elements. Sorted by address, then port. An empty
+/// port range (first > last) holds no point and is dropped.
+pub fn disjoint_address_ports(
+    v4: bool,
+    mut rects: Vec<(u128, u128, u16, u16)>,
+) -> Vec<AddressPort> {
+    let max = if v4 { u128::from(u32::MAX) } else { u128::MAX };
+    rects.retain(|r| r.2 <= r.3);
+    rects.sort_unstable();
+    let mut bounds: Vec<u128> = Vec::with_capacity(rects.len() * 2);
+    for &(start, end, _, _) in &rects {
+        bounds.push(start);
+        if end < max {
+            bounds.push(end + 1);
+        }
+    }
+    bounds.sort_unstable();
+    bounds.dedup();
+    // (first address, last address, ports), touching pieces joined.
+    type Piece = (u128, u128, Vec<(u16, u16)>);
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut active: Vec<(u128, u16, u16)> = Vec::new();
+    let mut next = 0;
+    for (i, &lo) in bounds.iter().enumerate() {
+        let hi = bounds.get(i + 1).map_or(max, |b| b - 1);
+        while next < rects.len() && rects[next].0 == lo {
+            let (_, end, first, last) = rects[next];
+            active.push((end, first, last));
+            next += 1;
+        }
+        active.retain(|&(end, _, _)| end >= lo);
+        if active.is_empty() {
+            continue;
+        }
+        let ports: Vec<(u16, u16)> = active.iter().map(|&(_, f, l)| (f, l)).collect();
+        let ports = merge_ports(&ports);
+        match pieces.last_mut() {
+            Some(prev) if prev.1.checked_add(1) == Some(lo) && prev.2 == ports => prev.1 = hi,
+            _ => pieces.push((lo, hi, ports)),
+        }
+    }
+    pieces
+        .into_iter()
+        .flat_map(|(lo, hi, ports)| {
+            ports.into_iter().map(move |p| AddressPort {
+                first: address_of(v4, lo),
+                last: address_of(v4, hi),
+                ports: p,
+            })
+        })
+        .collect()
 }
 
 /// Port ranges sorted and merged where they overlap or touch; they match
 /// the same ports. An empty range (first > last) is kept as it is, so the
-/// encoder refuses it rather than it silently matching any port.
+/// encoder refuses it rather than it silently matching any port (in an
+/// `address . port` set it holds nothing, see [`disjoint_address_ports`]).
 pub fn merge_ports(ranges: &[(u16, u16)]) -> Vec<(u16, u16)> {
     let mut valid: Vec<(u16, u16)> = ranges.iter().filter(|(f, l)| f <= l).copied().collect();
     let empty = ranges.iter().filter(|(f, l)| f > l).copied();
@@ -796,6 +966,12 @@ impl fmt::Display for Match {
             ),
             Match::SourceInSet(family, set) => write!(f, "{} saddr @{set}", family_word(*family)),
             Match::DestInSet(family, set) => write!(f, "{} daddr @{set}", family_word(*family)),
+            Match::SourceAndPortInSet(family, set) => {
+                write!(f, "{} saddr . th dport @{set}", family_word(*family))
+            }
+            Match::DestAndPortInSet(family, set) => {
+                write!(f, "{} daddr . th dport @{set}", family_word(*family))
+            }
             Match::SourcePrefix(addr, len) => {
                 let word = if addr.is_ipv4() { "ip" } else { "ip6" };
                 write!(f, "{word} saddr {addr}/{len}")
@@ -848,8 +1024,24 @@ impl fmt::Display for Ruleset {
                 Family::V4 => "ipv4_addr",
                 Family::V6 => "ipv6_addr",
             };
+            let kind = match set.elements {
+                Elements::AddressPorts(_) => format!("{kind} . inet_service"),
+                _ => kind.to_owned(),
+            };
             let (flags, elements): (&str, Vec<String>) = match &set.elements {
                 Elements::Addresses(a) => ("", a.iter().map(ToString::to_string).collect()),
+                Elements::AddressPorts(r) => (
+                    " flags interval;",
+                    r.iter()
+                        .map(|e| {
+                            let ports = match e.ports {
+                                (p, q) if p == q => p.to_string(),
+                                (p, q) => format!("{p}-{q}"),
+                            };
+                            format!("{} . {ports}", range_text(e.first, e.last))
+                        })
+                        .collect(),
+                ),
                 Elements::Ranges(r) => (
                     " flags interval;",
                     r.iter().map(|&(s, e)| range_text(s, e)).collect(),
@@ -955,18 +1147,23 @@ mod tests {
             lines(&rules, 0),
             [
                 "ct mark 0x434f5245 ct state established,related accept",
-                "meta nfproto ipv4 meta l4proto tcp ip saddr 198.18.0.4/32 th dport 8080 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv4 meta l4proto udp ip saddr 198.18.0.4/32 th dport 8080 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv4 meta l4proto tcp ip saddr 198.18.0.4/32 th dport 9000-9100 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv4 meta l4proto udp ip saddr 198.18.0.4/32 th dport 9000-9100 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv6 meta l4proto tcp ip6 saddr fd00::/64 th dport 8080 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv6 meta l4proto udp ip6 saddr fd00::/64 th dport 8080 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv6 meta l4proto tcp ip6 saddr fd00::/64 th dport 9000-9100 ct mark set 0x434f5245 accept",
-                "meta nfproto ipv6 meta l4proto udp ip6 saddr fd00::/64 th dport 9000-9100 ct mark set 0x434f5245 accept",
+                "meta nfproto ipv4 meta l4proto tcp ip saddr . th dport @excl_0_in4p ct mark set 0x434f5245 accept",
+                "meta nfproto ipv4 meta l4proto udp ip saddr . th dport @excl_0_in4p ct mark set 0x434f5245 accept",
+                "meta nfproto ipv6 meta l4proto tcp ip6 saddr . th dport @excl_1_in6p ct mark set 0x434f5245 accept",
+                "meta nfproto ipv6 meta l4proto udp ip6 saddr . th dport @excl_1_in6p ct mark set 0x434f5245 accept",
             ]
         );
-        // One prefix per family: matched in the rules, no set.
-        assert_eq!(rules.sets.len(), 2, "{:?}", rules.sets);
+        // Addresses with ports: pairs of address and port ranges, per
+        // direction and family.
+        let text = rules.to_string();
+        for line in [
+            "  set excl_0_in4p { type ipv4_addr . inet_service; flags interval; elements = { 198.18.0.4 . 8080, 198.18.0.4 . 9000-9100 } }",
+            "  set excl_1_in6p { type ipv6_addr . inet_service; flags interval; elements = { fd00::/64 . 8080, fd00::/64 . 9000-9100 } }",
+            "  set excl_2_out4p { type ipv4_addr . inet_service; flags interval; elements = { 198.18.0.4 . 8080, 198.18.0.4 . 9000-9100 } }",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+        }
+        assert_eq!(rules.sets.len(), 6);
         let out = lines(&rules, 1);
         assert_eq!(
             out[0],
@@ -976,7 +1173,7 @@ mod tests {
             out[1],
             "socket cgroupv2 level 2 4242 ct mark set 0x434f5245 accept"
         );
-        assert_eq!(out.len(), 10);
+        assert_eq!(out.len(), 6);
         // The exclusions come before the final rejects.
         let output = &rules.chains[1].rules;
         assert_eq!(
@@ -1144,6 +1341,51 @@ mod tests {
     }
 
     #[test]
+    fn address_and_port_ranges_become_disjoint_pairs() {
+        let v = |s: &str| address_bits(s.parse().unwrap()).1;
+        let pairs = disjoint_address_ports(
+            true,
+            vec![
+                // 198.18.0.0/24 on 22 and 80, .128/25 of it on 22-25 too,
+                // 198.18.1.0/24 on 22 and 80 (touches the first: joined),
+                // 198.18.9.9 on 443 twice.
+                (v("198.18.0.0"), v("198.18.0.255"), 22, 22),
+                (v("198.18.0.0"), v("198.18.0.255"), 80, 80),
+                (v("198.18.0.128"), v("198.18.0.255"), 22, 25),
+                (v("198.18.1.0"), v("198.18.1.255"), 80, 80),
+                (v("198.18.1.0"), v("198.18.1.255"), 22, 22),
+                (v("198.18.9.9"), v("198.18.9.9"), 443, 443),
+                (v("198.18.9.9"), v("198.18.9.9"), 443, 443),
+                (v("255.255.255.255"), v("255.255.255.255"), 1, 2),
+            ],
+        );
+        let text: Vec<String> = pairs
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {}-{}",
+                    range_text(e.first, e.last),
+                    e.ports.0,
+                    e.ports.1
+                )
+            })
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "198.18.0.0/25 22-22",
+                "198.18.0.0/25 80-80",
+                "198.18.0.128/25 22-25",
+                "198.18.0.128/25 80-80",
+                "198.18.1.0/24 22-22",
+                "198.18.1.0/24 80-80",
+                "198.18.9.9 443-443",
+                "255.255.255.255 1-2",
+            ]
+        );
+    }
+
+    #[test]
     fn port_ranges_merge_but_empty_ones_stay_to_be_refused() {
         assert_eq!(
             merge_ports(&[(9000, 9100), (22, 22), (8080, 8999), (23, 23), (9050, 9060)]),
@@ -1186,6 +1428,39 @@ mod tests {
         assert_eq!(
             rules.rule_counts(),
             vec![("input", 10), ("output", 15), ("forward", 0)]
+        );
+    }
+
+    #[test]
+    fn a_thousand_rules_each_with_its_own_port_are_two_rules_and_one_set() {
+        let exclusions: Vec<Exclusion> = (0..1000u32)
+            .map(|i| {
+                let a = IpAddr::V4(std::net::Ipv4Addr::from(0xc612_0000 + 2 * i));
+                let mut rule = address_rule(format!("r{i}"), vec![(a, 32)]);
+                rule.ports = vec![(1000 + i as u16, 1000 + i as u16)];
+                rule
+            })
+            .collect();
+        let rules = selective(exclusions);
+        assert_eq!(
+            lines(&rules, 1)[1..],
+            [
+                "meta nfproto ipv4 meta l4proto tcp ip daddr . th dport @excl_0_out4p ct mark set 0x434f5245 accept",
+                "meta nfproto ipv4 meta l4proto udp ip daddr . th dport @excl_0_out4p ct mark set 0x434f5245 accept",
+            ]
+        );
+        assert_eq!(rules.sets.len(), 3);
+        let Elements::AddressPorts(pairs) = &rules.sets[2].elements else {
+            panic!("{:?}", rules.sets[2])
+        };
+        assert_eq!(pairs.len(), 1000);
+        assert_eq!(
+            pairs[7],
+            AddressPort {
+                first: "198.18.0.14".parse().unwrap(),
+                last: "198.18.0.14".parse().unwrap(),
+                ports: (1007, 1007),
+            }
         );
     }
 
@@ -1274,6 +1549,7 @@ mod tests {
                             && v <= address_bits(e).1
                     }),
                     Elements::Addresses(a) => a.contains(&pk.remote),
+                    Elements::AddressPorts(_) => panic!("{name} holds address . port"),
                 }
         };
         chain
@@ -1286,6 +1562,22 @@ mod tests {
                     Match::Protocol(p) => pk.protocol == Some(*p),
                     Match::SourceInSet(f, name) => pk.inbound && in_set(f, name),
                     Match::DestInSet(f, name) => !pk.inbound && in_set(f, name),
+                    Match::SourceAndPortInSet(f, name) | Match::DestAndPortInSet(f, name) => {
+                        let set = rules.sets.iter().find(|s| s.name == *name).unwrap();
+                        let Elements::AddressPorts(pairs) = &set.elements else {
+                            panic!("{name} is not a set of address . port")
+                        };
+                        let (_, v) = address_bits(pk.remote);
+                        pk.inbound == matches!(m, Match::SourceAndPortInSet(..))
+                            && *f == family
+                            && pairs.iter().any(|e| {
+                                e.first.is_ipv4() == pk.remote.is_ipv4()
+                                    && address_bits(e.first).1 <= v
+                                    && v <= address_bits(e.last).1
+                                    && e.ports.0 <= pk.port
+                                    && pk.port <= e.ports.1
+                            })
+                    }
                     Match::SourcePrefix(a, len) | Match::DestPrefix(a, len) => {
                         pk.inbound == matches!(m, Match::SourcePrefix(..)) && {
                             let (bits, v) = address_bits(*a);
