@@ -198,7 +198,7 @@ pub struct AddressPort {
 }
 
 impl Elements {
-    /// Number of addresses or ranges.
+    /// Number of addresses, ranges or pairs.
     pub fn len(&self) -> usize {
         match self {
             Elements::Addresses(a) => a.len(),
@@ -461,7 +461,8 @@ pub fn render(policy: &Policy) -> Option<Ruleset> {
 }
 
 /// What Selective isolation's exclusions add: rules for the input and output
-/// chains, and the interval sets of remote addresses those rules look up.
+/// chains, and the sets of remote addresses (or address and port pairs)
+/// those rules look up.
 struct Exclusions {
     input: Vec<Rule>,
     output: Vec<Rule>,
@@ -470,8 +471,9 @@ struct Exclusions {
 
 /// An exclusion in one direction, without its remote addresses. Exclusions
 /// of the same shape share their rules, and their addresses are merged into
-/// one interval set per family, so the number of rules depends on the number
-/// of distinct shapes, not on the number of addresses.
+/// sets per family, so the number of rules depends on the number of
+/// distinct shapes, not on the number of addresses. (Exclusions with both
+/// addresses and ports go further: see [`exclusion_rules`].)
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Shape {
     inbound: bool,
@@ -585,7 +587,7 @@ fn exclusion_rules(exclusions: &[Exclusion]) -> Exclusions {
         .filter(|g| g.any_address || g.shape.ports.is_empty());
     for group in groups {
         let inbound = group.shape.inbound;
-        // None: any address; else the family and name of the address set.
+        // Any address, one prefix, or the sets of the addresses.
         let mut targets: Vec<Target> = Vec::new();
         if group.any_address {
             targets.push(Target::Any);
