@@ -7,6 +7,14 @@
 //! the table is "add table + delete table", which succeeds whether or not
 //! the table existed.
 //!
+//! Sets, as nft makes them: plain sets of addresses (the kernel keeps them
+//! in a hash), interval sets of address ranges (each range a start element
+//! and an element flagged interval-end just after it), and interval sets of
+//! `address . port` concatenations (each element a key and a key end, the
+//! port padded to 4 bytes; the rule loads the address into register 1 and
+//! the port into the 4-byte register after it). Each set is created with its
+//! exact size, which also caps it.
+//!
 //! The mapping of each [`Match`] to nftables expressions mirrors what the
 //! `nft` tool emits for the `Display` form of the policy (checked with
 //! `nft --debug=netlink`), so `nft list table inet cordon` reads our rules
@@ -892,5 +900,29 @@ mod tests {
         assert_eq!(rules, 22 + 3);
         // 2,001 elements (start and end of each address) in a few messages.
         assert!((1..=20).contains(&element_messages), "{element_messages}");
+    }
+
+    #[test]
+    fn an_address_port_pair_is_a_key_and_a_key_end() {
+        let set = policy::Set {
+            name: "p".to_owned(),
+            family: Family::V4,
+            elements: Elements::AddressPorts(vec![policy::AddressPort {
+                first: "198.18.0.0".parse().unwrap(),
+                last: "198.18.0.255".parse().unwrap(),
+                ports: (8000, 8100),
+            }]),
+        };
+        let keys = element_keys(&set).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].key(), [198, 18, 0, 0, 0x1f, 0x40, 0, 0]);
+        assert_eq!(
+            keys[0].key_end(),
+            Some(&[198, 18, 0, 255, 0x1f, 0xa4, 0, 0][..])
+        );
+        assert_eq!(keys[0].flags, 0);
+        let mut v6 = set.clone();
+        v6.family = Family::V6;
+        assert!(element_keys(&v6).unwrap_err().contains("IPv6"));
     }
 }
