@@ -166,19 +166,29 @@ fn set_based_exclusions_let_through_exactly_their_addresses() {
         assert!(run(&lab, hosts, probe), "{probe:?} fails without isolation");
     }
 
-    // ext's addresses (.2 and ::2 of the lab) inside a prefix, then just
+    // ext's addresses (.3 and ::3 of the lab) inside a prefix, then just
     // outside prefixes on both sides of them.
     let first = ruleset(
         srv.v4.into(),
         &far,
-        vec![prefix(v4_at(ext.v4, 0), 30), prefix(v6_at(ext.v6, 0), 126)],
-    );
-    let around = |last: u8| {
         vec![
-            prefix(v4_at(ext.v4, last - 2), 31),
+            prefix(v4_at(ext.v4, 0), 30),
+            prefix(v4_at(ext.v4, 200), 32),
+            prefix(v6_at(ext.v6, 0), 126),
+            prefix(v6_at(ext.v6, 200), 128),
+        ],
+    );
+    // .0/31 and .2 touch and merge into .0-.2; .4 is next above: .3 is the
+    // one address left out.
+    let around = |last: u8| {
+        let l6 = u16::from(last);
+        vec![
+            prefix(v4_at(ext.v4, last - 3), 31),
+            prefix(v4_at(ext.v4, last - 1), 32),
             prefix(v4_at(ext.v4, last + 1), 32),
-            prefix(v6_at(ext.v6, u16::from(last) - 2), 127),
-            prefix(v6_at(ext.v6, u16::from(last) + 1), 128),
+            prefix(v6_at(ext.v6, l6 - 3), 127),
+            prefix(v6_at(ext.v6, l6 - 1), 128),
+            prefix(v6_at(ext.v6, l6 + 1), 128),
         ]
     };
     assert_eq!(
@@ -188,13 +198,14 @@ fn set_based_exclusions_let_through_exactly_their_addresses() {
     );
     let second = ruleset(srv.v4.into(), &far, around(3));
     for rs in [&first, &second] {
-        // The addresses with their port are pairs in `address . port` sets.
-        assert!(
-            rs.sets
-                .iter()
-                .any(|s| matches!(s.elements, policy::Elements::AddressPorts(_))),
-            "{rs}"
-        );
+        // The addresses with their port are pairs in `address . port` sets,
+        // in both directions and families.
+        let pairs = rs
+            .sets
+            .iter()
+            .filter(|s| matches!(s.elements, policy::Elements::AddressPorts(_)))
+            .count();
+        assert_eq!(pairs, 4, "{rs}");
         let rules: usize = rs.chains.iter().map(|c| c.rules.len()).sum();
         // Full's 22, the 2 reply rules, and per set (or lone prefix) one
         // rule, two (TCP and UDP) for addresses with ports, against one
