@@ -23,6 +23,10 @@
 //! Building needs the Debian packages libnftnl-dev, libmnl-dev and
 //! pkg-config.
 //!
+//! Selective isolation's `address . port` sets (interval sets of
+//! concatenations, the kernel's `pipapo` set) need Linux 5.6 or later and
+//! libnftnl 1.1.6 or later (element key ends, concatenation field lengths).
+//!
 //! # Safety of tests
 //!
 //! Applying Cordon's table in the root network namespace of a development
