@@ -319,3 +319,56 @@ async fn the_agents_enrollment_comes_back_when_the_server_is_busy() {
     assert!(identity.machine_id.len() == 40);
     assert_eq!(server.store().machine_count().await.unwrap(), 1);
 }
+
+/// A TLS handshake over its bound waits for a place and goes on when one
+/// is given back; one still waiting at the queue timeout is closed. The
+/// agents' handshakes wait in a line of their own, so a full line of other
+/// clients doesn't keep them out (nor the other way round).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_waits_for_its_place_in_its_own_line() {
+    let server = TestServer::start_with(|config| {
+        config.admission.tls_handshakes = 1;
+        config.admission.queue_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let agent = server.enroll("line").await;
+    let others = server.server.state.admission.tls_others.clone();
+
+    // The others' line is full: a client waits, and is closed at the deadline.
+    let held = others.enter().await.unwrap();
+    assert!(tls_from(&server, "127.0.0.2").await.is_err());
+    assert_eq!(others.stats().turned_away, 1);
+    // An agent's handshake is not in that line.
+    let session = agent.connect().await;
+    drop(session);
+    // A place given back while a client waits lets it through.
+    let waiting = tokio::spawn({
+        let url = server.server.local_addr;
+        let ca = server.ca.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(url).await?;
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            tokio_rustls::TlsConnector::from(agent::https::tls_config(&ca).unwrap())
+                .connect(name, tcp)
+                .await
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while others.stats().waiting == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(held);
+    assert!(
+        waiting.await.unwrap().is_ok(),
+        "the waiting handshake went on"
+    );
+    assert_eq!(others.stats().turned_away, 1);
+
+    // And the other way round: a full agents' line leaves API clients be.
+    let agents = server.server.state.admission.tls_agents.clone();
+    let _held = agents.enter().await.unwrap();
+    let mut api = server.api().await;
+    let reply = api.get("/api/machines").await;
+    assert_eq!(reply.status, 200);
+}
