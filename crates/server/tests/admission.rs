@@ -372,3 +372,208 @@ async fn a_tls_handshake_waits_for_its_place_in_its_own_line() {
     let reply = api.get("/api/machines").await;
     assert_eq!(reply.status, 200);
 }
+
+/// A measurement, not a check (run it on a release build): a `cordon
+/// serve` process with the default bounds, and `CORDON_BURST_AGENTS`
+/// (5,000) enrolled agents opening their sessions at the same instant,
+/// each with the agent's retry policy. Prints how long until every agent
+/// was in, and what they were told on the way. `CORDON_BURST_ARGS` adds
+/// flags to `serve` (such as `--max-session-setups-in-progress 100000` to
+/// see the burst without admission control).
+///
+/// cargo test --release -p server --test admission -- --ignored --nocapture
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_a_burst_of_sessions_against_a_release_server() {
+    let agents: usize = std::env::var("CORDON_BURST_AGENTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5_000);
+    let extra: Vec<String> = std::env::var("CORDON_BURST_ARGS")
+        .map(|a| a.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    server::conns::raise_file_limit().unwrap();
+    let dir = TempDir::new("burst");
+    // The machines, enrolled before the server starts (it then makes its CA).
+    let keys: Vec<(String, Ed25519KeyPair)> = {
+        let store = server::init_data_dir(&dir.0).unwrap();
+        let token = server::crypto::new_secret();
+        store
+            .create_enroll_token(store::EnrollToken {
+                id: server::crypto::new_guid(),
+                token_hash: server::crypto::sha256_hex(token.as_bytes()),
+                created_at: server::now_nanos(),
+                expires_at: None,
+                max_uses: None,
+            })
+            .await
+            .unwrap();
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..agents {
+            let store = store.clone();
+            let token_hash = server::crypto::sha256_hex(token.as_bytes());
+            writes.spawn(async move {
+                let pkcs8 =
+                    Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new()).unwrap();
+                let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+                let machine = store
+                    .enroll_machine(
+                        token_hash,
+                        server::crypto::new_machine_id(),
+                        key.public_key().as_ref().to_vec(),
+                        store::Facts {
+                            computer_dns_name: format!("burst-{i}"),
+                            ..Default::default()
+                        },
+                        server::now_nanos(),
+                    )
+                    .await
+                    .unwrap();
+                (machine.id, key)
+            });
+        }
+        let mut keys = Vec::new();
+        while let Some(joined) = writes.join_next().await {
+            keys.push(joined.unwrap());
+        }
+        keys
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cordon"))
+        .args(["serve", "--new-ca", "--max-connections-per-source", "0"])
+        .arg("--data-dir")
+        .arg(&dir.0)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(&extra)
+        .env("CORDON_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let ca = dir.0.join("ca.pem");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ca.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never started"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the server stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _child = Kill(child);
+    let tls = agent::https::tls_config(&ca).unwrap();
+    let url = format!("https://localhost:{port}");
+
+    #[derive(Default)]
+    struct Tally {
+        refusals: usize,
+        hints: Vec<u64>,
+        other_errors: usize,
+        other_examples: Vec<String>,
+        in_after: Vec<Duration>,
+        attempts: Vec<usize>,
+    }
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let all_in = Arc::new(Barrier::new(agents + 1));
+    let start = Arc::new(Barrier::new(agents + 1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (machine_id, key) in keys {
+        let identity = Identity {
+            machine_id,
+            server: url.clone(),
+            name: None,
+            key,
+            tls: tls.clone(),
+            state_dir: dir.0.clone(),
+        };
+        let (tally, all_in, start) = (tally.clone(), all_in.clone(), start.clone());
+        tasks.spawn(async move {
+            let policy = RetryPolicy::default();
+            start.wait().await;
+            let began = std::time::Instant::now();
+            let (mut attempt, mut tries) = (0, 0);
+            let session = loop {
+                tries += 1;
+                let opened = Session::open(
+                    &identity,
+                    agent::host_facts(Some("burst")),
+                    Enforced::NotIsolated,
+                )
+                .await;
+                let error = match opened {
+                    Ok(session) => break session,
+                    Err(e) => e,
+                };
+                let hint = error.downcast_ref::<Refused>().and_then(|r| r.retry_after);
+                {
+                    let mut tally = tally.lock().unwrap();
+                    match hint {
+                        Some(hint) => {
+                            tally.refusals += 1;
+                            tally.hints.push(hint.as_secs());
+                        }
+                        None => {
+                            tally.other_errors += 1;
+                            if tally.other_examples.len() < 5 {
+                                tally.other_examples.push(format!("{error:#}"));
+                            }
+                        }
+                    }
+                }
+                let wait = policy.next_wait(attempt, hint);
+                if hint.is_none() {
+                    attempt += 1;
+                }
+                tokio::time::sleep(wait).await;
+            };
+            {
+                let mut tally = tally.lock().unwrap();
+                tally.in_after.push(began.elapsed());
+                tally.attempts.push(tries);
+            }
+            all_in.wait().await;
+            drop(session);
+        });
+    }
+    start.wait().await;
+    let began = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(600), all_in.wait())
+        .await
+        .expect("every agent in within ten minutes");
+    let everyone = began.elapsed();
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let mut tally = tally.lock().unwrap();
+    tally.in_after.sort();
+    tally.attempts.sort();
+    tally.hints.sort();
+    let pct = |v: &Vec<Duration>, p: usize| v[(v.len() - 1) * p / 100].as_secs_f64();
+    let median_hint = tally.hints.get(tally.hints.len() / 2).copied();
+    println!(
+        "burst: {agents} agents, all in after {:.1} s (median {:.1} s, p90 {:.1} s); \
+         {} refusals with a time to come back (median {:?} s, max {:?} s), {} other errors \
+         {:?}; attempts: median {}, max {}; extra flags {extra:?}",
+        everyone.as_secs_f64(),
+        pct(&tally.in_after, 50),
+        pct(&tally.in_after, 90),
+        tally.refusals,
+        median_hint,
+        tally.hints.last(),
+        tally.other_errors,
+        tally.other_examples,
+        tally.attempts[tally.attempts.len() / 2],
+        tally.attempts.last().unwrap(),
+    );
+}
