@@ -10,7 +10,8 @@
 //! expected under load: it doesn't count as a failed attempt (the backoff
 //! doesn't grow), and the agent never gives up over it.
 //!
-//! `cordon-bench`'s simulated agents use this same policy.
+//! Public so that simulated agents (a fleet benchmark's) follow the same
+//! policy as the real one.
 
 use std::time::Duration;
 

@@ -55,7 +55,7 @@ impl Settings {
     pub fn for_cores(cores: usize) -> Settings {
         let cores = cores.max(1);
         Settings {
-            tls_handshakes: 8 * cores,
+            tls_handshakes: 64 * cores,
             session_setups: 64 * cores,
             enrollments: 16 * cores,
             queue_timeout: Duration::from_secs(5),
@@ -232,6 +232,7 @@ impl Gate {
             retry_after: self.pacer().retry_after(
                 Instant::now(),
                 waiting,
+                self.wait,
                 self.max_retry_after,
                 jitter,
             ),
@@ -313,14 +314,24 @@ impl Pacer {
     }
 
     /// Seconds until the next return on the schedule (1 to `max`), which
-    /// it then moves on: the callers waiting in line go first, and returns
+    /// it then moves on: the callers waiting in line go first (for as long
+    /// as they may wait, `queue_timeout`: those still waiting then are
+    /// turned away and get places on the schedule themselves), and returns
     /// are spaced at [`RETURN_SHARE`] of the measured rate. Beyond `max`
     /// the caller gets a random time in its second half and the schedule
     /// stays (it will be turned away again and placed then). `jitter` is a
     /// random number in [0, 1): up to a second more.
-    fn retry_after(&mut self, now: Instant, waiting: usize, max: Duration, jitter: f64) -> u64 {
+    fn retry_after(
+        &mut self,
+        now: Instant,
+        waiting: usize,
+        queue_timeout: Duration,
+        max: Duration,
+        jitter: f64,
+    ) -> u64 {
         let rate = self.rate(now).max(MIN_RATE);
-        let queue_clears = now + Duration::from_secs_f64(waiting as f64 / rate);
+        let line = Duration::from_secs_f64(waiting as f64 / rate).min(queue_timeout);
+        let queue_clears = now + line;
         let slot = self.next_return.max(queue_clears);
         let ahead = slot.saturating_duration_since(now);
         let max_secs = max.as_secs().max(1);
@@ -337,6 +348,9 @@ impl Pacer {
 mod tests {
     use super::*;
 
+    /// The queue timeout of these tests.
+    const WAIT: Duration = Duration::from_secs(5);
+
     #[test]
     fn a_crowd_turned_away_is_spread_at_the_admission_rate() {
         let start = Instant::now();
@@ -351,7 +365,7 @@ mod tests {
         // 10,000 turned away at once come back over about 13 s (at 3/4 of
         // the rate), no second getting more than its share.
         let hints: Vec<u64> = (0..10_000)
-            .map(|i| pacer.retry_after(now, 0, MAX_RETRY_AFTER, (i % 10) as f64 / 10.0))
+            .map(|i| pacer.retry_after(now, 0, WAIT, MAX_RETRY_AFTER, (i % 10) as f64 / 10.0))
             .collect();
         assert!(hints.iter().all(|h| (1..=30).contains(h)), "in range");
         let latest = *hints.iter().max().unwrap();
@@ -362,12 +376,20 @@ mod tests {
         }
         assert!(per_second.iter().all(|n| *n <= 800), "{per_second:?}");
         // The queue still waiting goes first: with 2,000 in line (2 s of
-        // work), the first hint after a fresh schedule is beyond them.
-        let mut fresh = Pacer::new(start);
-        for ms in 0..5_000u64 {
-            fresh.record(start + Duration::from_millis(ms));
-        }
-        assert!(fresh.retry_after(now, 2_000, MAX_RETRY_AFTER, 0.0) >= 2);
+        // work), the first hint after a fresh schedule is beyond them…
+        let fresh = || {
+            let mut pacer = Pacer::new(start);
+            for ms in 0..5_000u64 {
+                pacer.record(start + Duration::from_millis(ms));
+            }
+            pacer
+        };
+        let first = fresh().retry_after(now, 2_000, WAIT, MAX_RETRY_AFTER, 0.0);
+        assert_eq!(first, 2);
+        // …but only for as long as they may wait: 20,000 in line are not
+        // all served from it (most will be turned away and scheduled then).
+        let first = fresh().retry_after(now, 20_000, WAIT, MAX_RETRY_AFTER, 0.0);
+        assert_eq!(first, 5);
     }
 
     #[test]
@@ -376,7 +398,7 @@ mod tests {
         let mut pacer = Pacer::new(start);
         // Nothing admitted: the minimum rate, one a second.
         let hints: Vec<u64> = (0..200)
-            .map(|i| pacer.retry_after(start, 0, MAX_RETRY_AFTER, (i % 100) as f64 / 100.0))
+            .map(|i| pacer.retry_after(start, 0, WAIT, MAX_RETRY_AFTER, (i % 100) as f64 / 100.0))
             .collect();
         assert!(hints.iter().all(|h| (1..=30).contains(h)), "{hints:?}");
         let late = &hints[40..];
@@ -384,7 +406,7 @@ mod tests {
         assert!(late.iter().any(|h| *h != late[0]), "jittered");
         // Once time passes, the schedule is near again.
         let later = start + Duration::from_secs(60);
-        assert!(pacer.retry_after(later, 0, MAX_RETRY_AFTER, 0.0) <= 1);
+        assert!(pacer.retry_after(later, 0, WAIT, MAX_RETRY_AFTER, 0.0) <= 1);
     }
 
     #[tokio::test]

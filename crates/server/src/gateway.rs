@@ -583,8 +583,9 @@ async fn send_refusal<W: AsyncWrite + Unpin>(
     let _ = writer.shutdown().await;
 }
 
-/// Refuses a session with `Unavailable` and a time to come back; logged by
-/// the caller, rate-limited, since a crowd gets these.
+/// Refuses a session with `Unavailable` and a time to come back. Not
+/// logged here: a crowd gets these, and the gate (or the caller) logs them
+/// rate-limited.
 async fn refuse_busy<W: AsyncWrite + Unpin>(
     writer: &mut W,
     reason: &str,
