@@ -199,7 +199,7 @@ struct ServeArgs {
     #[arg(long, env = "CORDON_MAX_HANDSHAKES", default_value_t = 1_024)]
     max_handshakes: usize,
     /// TLS handshakes in progress at once, at most, for agents' connections
-    /// and as many again for the others (default: 8 per core); the rest
+    /// and as many again for the others (default: 64 per core); the rest
     /// wait up to --admission-queue-timeout for a place, then are closed.
     #[arg(
         long,
