@@ -72,6 +72,69 @@ impl RetryPolicy {
     }
 }
 
+/// What a failed attempt to open a session means for the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// The server no longer accepts this machine (revoked, or unknown):
+    /// trying again is pointless.
+    GiveUp,
+    /// The server is busy and said when to come back: no failure of the
+    /// agent's, the backoff doesn't grow.
+    Busy(Duration),
+    /// Anything else (unreachable, TLS, a refusal without a time): the
+    /// backoff grows.
+    Failed,
+}
+
+impl AfterFailure {
+    /// Reads the error [`crate::Session::open`] returned.
+    pub fn of(error: &anyhow::Error) -> AfterFailure {
+        match error.downcast_ref::<crate::session::Refused>() {
+            Some(refused) if refused.is_final() => AfterFailure::GiveUp,
+            Some(crate::session::Refused {
+                retry_after: Some(wait),
+                ..
+            }) => AfterFailure::Busy(*wait),
+            _ => AfterFailure::Failed,
+        }
+    }
+}
+
+/// An agent's reconnection state: the failed attempts in a row, and the
+/// policy that turns them (and the server's hints) into waits.
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    pub policy: RetryPolicy,
+    attempt: u32,
+}
+
+impl Reconnect {
+    pub fn new(policy: RetryPolicy) -> Reconnect {
+        Reconnect { policy, attempt: 0 }
+    }
+
+    /// Failed attempts in a row so far (refusals of a busy server excepted).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// A session opened: the next failure starts from the shortest backoff.
+    pub fn connected(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// How long to wait after an attempt that ended with `server_hint`
+    /// (`Some`: the server was busy and said when to come back, which
+    /// doesn't grow the backoff; `None`: a failure, which does).
+    pub fn next_wait(&mut self, server_hint: Option<Duration>) -> Duration {
+        let wait = self.policy.next_wait(self.attempt, server_hint);
+        if server_hint.is_none() {
+            self.attempt = self.attempt.saturating_add(1);
+        }
+        wait
+    }
+}
+
 /// [`RetryPolicy::next_wait`] of the default policy.
 pub fn next_wait(attempt: u32, server_hint: Option<Duration>) -> Duration {
     RetryPolicy::default().next_wait(attempt, server_hint)
@@ -141,6 +204,56 @@ mod tests {
         // No hint: the plain backoff.
         assert!(policy.next_wait(0, None) <= BASE);
         assert!(next_wait(0, Some(Duration::ZERO)) <= BASE);
+    }
+
+    #[test]
+    fn a_busy_server_never_grows_the_backoff_nor_makes_the_agent_give_up() {
+        use crate::session::Refused;
+        let refusal = |code: &str, retry_after: Option<u64>| {
+            anyhow::Error::from(Refused {
+                code: code.into(),
+                reason: "r".into(),
+                retry_after: retry_after.map(Duration::from_secs),
+            })
+            .context("cannot open a session")
+        };
+        assert_eq!(
+            AfterFailure::of(&refusal("Unavailable", Some(4))),
+            AfterFailure::Busy(Duration::from_secs(4))
+        );
+        assert_eq!(
+            AfterFailure::of(&refusal("Revoked", None)),
+            AfterFailure::GiveUp
+        );
+        assert_eq!(
+            AfterFailure::of(&refusal("UnknownMachine", None)),
+            AfterFailure::GiveUp
+        );
+        assert_eq!(
+            AfterFailure::of(&refusal("InvalidProof", None)),
+            AfterFailure::Failed
+        );
+        assert_eq!(
+            AfterFailure::of(&anyhow::anyhow!("TLS handshake failed")),
+            AfterFailure::Failed
+        );
+
+        let mut reconnect = Reconnect::new(RetryPolicy::new(Duration::from_secs(60)));
+        for _ in 0..3 {
+            reconnect.next_wait(None);
+        }
+        assert_eq!(reconnect.attempt(), 3);
+        // A hundred refusals of a busy server: each wait at least the hint,
+        // and the failures counted stay where they were.
+        for _ in 0..100 {
+            let wait = reconnect.next_wait(Some(Duration::from_secs(2)));
+            assert!(wait >= Duration::from_secs(2), "{wait:?}");
+            assert!(wait <= Duration::from_secs(4), "{wait:?}");
+        }
+        assert_eq!(reconnect.attempt(), 3);
+        reconnect.connected();
+        assert_eq!(reconnect.attempt(), 0);
+        assert!(reconnect.next_wait(None) <= BASE);
     }
 
     #[test]

@@ -16,8 +16,8 @@ use crate::enforce::Enforcer;
 use crate::exclusions::{self, Placer};
 use crate::https::{HttpsClient, parse_server};
 use crate::identity::Identity;
-use crate::retry::RetryPolicy;
-use crate::session::{Refused, Session};
+use crate::retry::{AfterFailure, Reconnect, RetryPolicy};
+use crate::session::Session;
 use crate::state::{Loaded, StateFile, empty_state, remember};
 
 /// The group id the agent's sockets carry unless told otherwise; only
@@ -465,8 +465,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut agent = Agent::start(options)?;
     let mut tamper = spawn_tamper_watch(agent.enforcer.port_id());
     let mut pending_reports: Vec<AgentMessage> = Vec::new();
-    let policy = RetryPolicy::new(agent.options.max_backoff);
-    let mut attempt = 0u32;
+    let mut reconnect = Reconnect::new(RetryPolicy::new(agent.options.max_backoff));
     loop {
         let facts = agent.identity.host_facts(agent.options.name.as_deref());
         // When the server asked to come back later (it is busy): not a
@@ -474,7 +473,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         let mut server_hint = None;
         match Session::open(&agent.identity, facts, agent.state.enforced).await {
             Ok(mut session) => {
-                attempt = 0;
+                reconnect.connected();
                 tracing::info!(server = %agent.identity.server, "session open");
                 for report in pending_reports.drain(..) {
                     let _ = session.send(&report).await;
@@ -484,27 +483,25 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "session ended"),
                 }
             }
-            Err(e) => {
-                let refused = e.downcast_ref::<Refused>();
-                if refused.is_some_and(Refused::is_final) {
+            Err(e) => match AfterFailure::of(&e) {
+                AfterFailure::GiveUp => {
                     tracing::warn!(error = %format!("{e:#}"), "cannot open a session");
                     return Err(e.context("the server no longer accepts this machine"));
                 }
-                server_hint = refused.and_then(|r| r.retry_after);
-                match server_hint {
-                    Some(hint) => tracing::info!(
+                AfterFailure::Busy(hint) => {
+                    server_hint = Some(hint);
+                    tracing::info!(
                         reason = %format!("{e:#}"),
                         retry_after_s = hint.as_secs(),
                         "the server is busy; trying again when it asked"
-                    ),
-                    None => tracing::warn!(error = %format!("{e:#}"), "cannot open a session"),
+                    );
                 }
-            }
+                AfterFailure::Failed => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot open a session")
+                }
+            },
         }
-        let wait = policy.next_wait(attempt, server_hint);
-        if server_hint.is_none() {
-            attempt = attempt.saturating_add(1);
-        }
+        let wait = reconnect.next_wait(server_hint);
         // Keep restoring the table while disconnected.
         let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
