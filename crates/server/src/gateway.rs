@@ -265,6 +265,27 @@ fn agent_error(status: StatusCode, code: &str, reason: impl Into<String>) -> Res
         .into_response()
 }
 
+/// An enrollment turned away for the work in progress: 503 with
+/// `Retry-After` and `ServerBusy` (logged by the gate, rate-limited).
+fn server_busy(busy: crate::admission::Busy) -> Response {
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(AgentError {
+            code: proto::agent::SERVER_BUSY.to_owned(),
+            reason: format!(
+                "the server has as many enrollments in progress as it takes; \
+                 try again in {} seconds",
+                busy.retry_after
+            ),
+        }),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(busy.retry_after));
+    response
+}
+
 fn enforced_scope(enforced: Enforced) -> Option<String> {
     match enforced {
         Enforced::NotIsolated => None,
@@ -404,6 +425,12 @@ async fn enroll(
     let facts = match facts_from(request.facts) {
         Ok(f) => f,
         Err(reason) => return agent_error(StatusCode::BAD_REQUEST, "InvalidFacts", reason),
+    };
+    // The store's write, at most so many at once; the rest wait their turn
+    // or are asked to come back.
+    let _place = match state.admission.enrollments.enter().await {
+        Ok(place) => place,
+        Err(busy) => return server_busy(busy),
     };
     let machine_id = crypto::new_machine_id();
     match state
@@ -548,15 +575,43 @@ async fn send_line<W: AsyncWrite + Unpin>(writer: &mut W, line: &[u8]) -> std::i
 
 async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, code: &str, reason: &str) {
     tracing::info!(code, reason, "session refused");
+    send_refusal(writer, code, reason, None).await;
+}
+
+async fn send_refusal<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    code: &str,
+    reason: &str,
+    retry_after_seconds: Option<u64>,
+) {
     let _ = send(
         writer,
         &ServerMessage::Refused {
             code: code.into(),
             reason: reason.into(),
+            retry_after_seconds,
         },
     )
     .await;
     let _ = writer.shutdown().await;
+}
+
+/// Refuses a session with `Unavailable` and a time to come back. Not
+/// logged here: a crowd gets these, and the gate (or the caller) logs them
+/// rate-limited.
+async fn refuse_busy<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    reason: &str,
+    busy: crate::admission::Busy,
+) {
+    let reason = format!("{reason}; try again in {} seconds", busy.retry_after);
+    send_refusal(
+        writer,
+        proto::agent::UNAVAILABLE,
+        &reason,
+        Some(busy.retry_after),
+    )
+    .await;
 }
 
 /// `slot` is the connection's place among the open connections: it moves
@@ -620,6 +675,20 @@ async fn run_session<IO>(
         )
         .await;
     }
+    // From here to the pending actions sent, the set-up holds a place
+    // among the few in progress; the rest wait their turn or are asked to
+    // come back (the gate logs it, rate-limited).
+    let setup = match state.admission.sessions.enter().await {
+        Ok(place) => place,
+        Err(busy) => {
+            return refuse_busy(
+                &mut writer,
+                "the server has as many sessions being set up as it takes",
+                busy,
+            )
+            .await;
+        }
+    };
     let machine = match state.store.get_machine(&machine_id).await {
         Ok(Some(m)) if m.id == machine_id => m,
         Ok(_) => {
@@ -632,7 +701,8 @@ async fn run_session<IO>(
         }
         Err(e) => {
             tracing::error!(error = %e, "session: store error");
-            return refuse(&mut writer, "Unavailable", "try again later").await;
+            let busy = state.admission.sessions.retry_hint();
+            return refuse_busy(&mut writer, "the server cannot read its store", busy).await;
         }
     };
     let message = proto::agent::session_proof_message(&machine_id, &nonce, &exporter);
@@ -658,10 +728,11 @@ async fn run_session<IO>(
         if let Some(suppressed) = state.connections.log.allow(refusal.as_str()) {
             tracing::warn!(%machine_id, reason = refusal.as_str(), suppressed, "session refused");
         }
-        return refuse(
+        let busy = state.admission.sessions.retry_hint();
+        return refuse_busy(
             &mut writer,
-            "Unavailable",
-            "the server is at its cap of agent sessions; try again later",
+            "the server is at its cap of agent sessions",
+            busy,
         )
         .await;
     }
@@ -678,6 +749,7 @@ async fn run_session<IO>(
             enforced,
             reader,
             writer,
+            setup,
         ),
         span,
     )
@@ -722,6 +794,9 @@ impl Reported {
     }
 }
 
+/// `setup` is the session's place among the set-ups in progress, given
+/// back once its pending actions are sent.
+#[allow(clippy::too_many_arguments)]
 async fn serve_session<R, W>(
     state: Arc<AppState>,
     machine_id: String,
@@ -730,6 +805,7 @@ async fn serve_session<R, W>(
     enforced: Enforced,
     mut reader: BufReader<R>,
     mut writer: W,
+    setup: crate::admission::Place,
 ) -> std::io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -772,13 +848,16 @@ where
             }
             Err(e) => {
                 tracing::error!(error = %e, "session: cannot read the exclusion rules");
-                refuse(&mut writer, "Unavailable", "try again later").await;
+                let busy = state.admission.sessions.retry_hint();
+                refuse_busy(&mut writer, "the server cannot read its store", busy).await;
                 return Ok(());
             }
         };
         for action in state.store.undelivered_actions(&machine_id).await.unwrap_or_default() {
             send(&mut writer, &ServerMessage::Action(order(&action))).await?;
         }
+        // Set up: the place goes to the next in line.
+        drop(setup);
         let idle_limit = state.config.heartbeat_interval * 3 + Duration::from_secs(5);
         let mut line = Vec::new();
         loop {

@@ -4,6 +4,7 @@
 //! `main.rs` is a thin command-line front; [`start`] is what tests call to
 //! run the real server on a free port.
 
+pub mod admission;
 pub mod api;
 pub mod audit;
 pub mod auth;
@@ -87,6 +88,9 @@ pub struct Config {
     pub enroll_per_minute: u32,
     /// Caps on connections, in all and per source address.
     pub connections: conns::Limits,
+    /// Bounds on the TLS handshakes, session set-ups and enrollments in
+    /// progress, and how long work over them waits.
+    pub admission: admission::Settings,
     /// How long a connection may take to send a request's head, counted
     /// from its opening or its previous response (the keep-alive idle time).
     pub idle_timeout: Duration,
@@ -133,6 +137,7 @@ impl Config {
             enroll_per_source_per_minute: 30,
             enroll_per_minute: 300,
             connections: conns::Limits::default(),
+            admission: admission::Settings::default(),
             idle_timeout: Duration::from_secs(30),
             max_connection_lifetime: Duration::from_secs(10 * 60),
             handshake_timeout: Duration::from_secs(30),
@@ -176,6 +181,8 @@ pub struct AppState {
     pub oidc: oidc::Verifier,
     /// The connections open now, within their caps.
     pub connections: Arc<conns::Connections>,
+    /// The expensive work in progress, within its bounds.
+    pub admission: admission::Admission,
     /// Repeated refusals counted before they are recorded.
     pub audit_folds: audit::Folding,
     /// The Prometheus metrics (also the store's observer).
@@ -606,6 +613,14 @@ pub async fn start_with(
         "connection caps"
     );
     let connections = conns::Connections::new(limits);
+    let admission = admission::Admission::new(&config.admission);
+    tracing::info!(
+        tls_handshakes = config.admission.tls_handshakes,
+        session_setups = config.admission.session_setups,
+        enrollments = config.admission.enrollments,
+        queue_timeout_ms = config.admission.queue_timeout.as_millis() as u64,
+        "work in progress at most"
+    );
     let audit_folds = audit::Folding::new(config.audit_fold_window);
     let state = Arc::new(AppState {
         audit_folds,
@@ -629,6 +644,7 @@ pub async fn start_with(
         slow_hashes: Arc::new(tokio::sync::Semaphore::new(4)),
         oidc,
         connections,
+        admission,
         metrics: metrics.clone(),
     });
     let mut tasks = vec![
@@ -805,6 +821,7 @@ async fn accept_loop(
         let lifetime = state.config.max_connection_lifetime;
         let handshake_timeout = state.config.handshake_timeout;
         let connections = state.connections.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let handshake = async {
                 let start =
@@ -827,9 +844,22 @@ async fn accept_loop(
                     }
                     _ => {}
                 }
+                // The handshake's cryptography waits for its place; past
+                // the queue timeout the connection is closed.
+                let gate = if announced {
+                    &state.admission.tls_agents
+                } else {
+                    &state.admission.tls_others
+                };
+                let _place = gate
+                    .enter()
+                    .await
+                    .map_err(|_| std::io::Error::other("too many TLS handshakes in progress"))?;
                 start.into_stream(acceptor.config().clone()).await
             };
-            let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+            // Ten seconds for the handshake, besides its wait for a place.
+            let tls_deadline = Duration::from_secs(10) + state.config.admission.queue_timeout;
+            let tls = match tokio::time::timeout(tls_deadline, handshake).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");

@@ -199,6 +199,45 @@ struct ServeArgs {
     /// an agent's proof of its key) at once, at most.
     #[arg(long, env = "CORDON_MAX_HANDSHAKES", default_value_t = 1_024)]
     max_handshakes: usize,
+    /// TLS handshakes in progress at once, at most, for agents' connections
+    /// and as many again for the others (default: 64 per core); the rest
+    /// wait up to --admission-queue-timeout for a place, then are closed.
+    #[arg(
+        long,
+        env = "CORDON_MAX_TLS_HANDSHAKES_IN_PROGRESS",
+        default_value_t = server::admission::Settings::default().tls_handshakes as u32,
+        value_parser = clap::value_parser!(u32).range(1..=100_000)
+    )]
+    max_tls_handshakes_in_progress: u32,
+    /// Agent session set-ups in progress at once, at most (from the agent's
+    /// hello to its pending actions sent; default: 64 per core); the rest
+    /// wait up to --admission-queue-timeout, then are refused with
+    /// `Unavailable` and a time to come back.
+    #[arg(
+        long,
+        env = "CORDON_MAX_SESSION_SETUPS_IN_PROGRESS",
+        default_value_t = server::admission::Settings::default().session_setups as u32,
+        value_parser = clap::value_parser!(u32).range(1..=100_000)
+    )]
+    max_session_setups_in_progress: u32,
+    /// Agent enrollments in progress at once, at most (default: 16 per
+    /// core); the rest wait up to --admission-queue-timeout, then are
+    /// answered 503 `ServerBusy` with `Retry-After`.
+    #[arg(
+        long,
+        env = "CORDON_MAX_ENROLLMENTS_IN_PROGRESS",
+        default_value_t = server::admission::Settings::default().enrollments as u32,
+        value_parser = clap::value_parser!(u32).range(1..=100_000)
+    )]
+    max_enrollments_in_progress: u32,
+    /// How long a TLS handshake, session set-up or enrollment over its
+    /// bound waits for a place (10ms to 30s).
+    #[arg(long, env = "CORDON_ADMISSION_QUEUE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    admission_queue_timeout: Duration,
+    /// The longest time to come back the server hands to agents it turns
+    /// away (1s to 5m, whole seconds); the times are spread up to it.
+    #[arg(long, env = "CORDON_ADMISSION_MAX_RETRY_AFTER", default_value = "30s", value_parser = parse_duration)]
+    admission_max_retry_after: Duration,
     /// Connections from one source address (an IPv6 /64), agent sessions
     /// excepted; further ones are closed at once (0: no cap).
     #[arg(long, env = "CORDON_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 64)]
@@ -410,6 +449,22 @@ fn check_duration_ranges(args: &ServeArgs) -> anyhow::Result<()> {
     const HOUR: Duration = Duration::from_secs(3600);
     const DAY: Duration = Duration::from_secs(86_400);
     let checks = [
+        (
+            "--admission-queue-timeout",
+            Some(args.admission_queue_timeout),
+            Duration::from_millis(10),
+            30 * SECOND,
+            "10ms",
+            "30s",
+        ),
+        (
+            "--admission-max-retry-after",
+            Some(args.admission_max_retry_after),
+            SECOND,
+            300 * SECOND,
+            "1s",
+            "5m",
+        ),
         (
             "--audit-retention",
             args.audit_retention,
@@ -710,6 +765,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api: args.max_api_connections,
         handshakes: args.max_handshakes,
         per_source: args.max_connections_per_source,
+    };
+    config.admission = server::admission::Settings {
+        tls_handshakes: args.max_tls_handshakes_in_progress as usize,
+        session_setups: args.max_session_setups_in_progress as usize,
+        enrollments: args.max_enrollments_in_progress as usize,
+        queue_timeout: args.admission_queue_timeout,
+        max_retry_after: Duration::from_secs(args.admission_max_retry_after.as_secs()),
     };
     for (flag, value) in [
         ("--max-agent-connections", args.max_agent_connections),
