@@ -16,6 +16,11 @@ use proto::agent::{
 use crate::https::{HttpsClient, tls_config};
 
 const KEY_FILE: &str = "agent.key";
+/// Attempts an enrollment makes at most while the server answers that it
+/// is busy (503) or rate-limited (429) with a `Retry-After`.
+pub const ENROLL_ATTEMPTS: u32 = 8;
+/// How long an enrollment keeps trying a busy server at most.
+pub const ENROLL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(180);
 const IDENTITY_FILE: &str = "identity.json";
 const CA_FILE: &str = "ca.pem";
 
@@ -284,20 +289,58 @@ pub async fn enroll(
         facts: host_facts(name),
     };
     let mut client = HttpsClient::new(tls.clone(), &server)?;
-    let reply = client
-        .request(
-            http::Method::POST,
-            proto::agent::ENROLL_PATH,
-            &[("content-type", "application/json")],
-            serde_json::to_vec(&request)?,
-        )
-        .await?;
-    if !reply.status.is_success() {
-        match serde_json::from_slice::<AgentError>(&reply.body) {
-            Ok(error) => bail!("enrollment refused: {} ({})", error.reason, error.code),
-            Err(_) => bail!("enrollment refused with HTTP {}", reply.status),
+    let body = bytes::Bytes::from(serde_json::to_vec(&request)?);
+    let started = std::time::Instant::now();
+    let mut attempt = 0u32;
+    let reply = loop {
+        let reply = client
+            .request(
+                http::Method::POST,
+                proto::agent::ENROLL_PATH,
+                &[("content-type", "application/json")],
+                body.clone(),
+            )
+            .await?;
+        if reply.status.is_success() {
+            break reply;
         }
-    }
+        let (code, reason) = match serde_json::from_slice::<AgentError>(&reply.body) {
+            Ok(error) => (error.code, error.reason),
+            Err(_) => bail!("enrollment refused with HTTP {}", reply.status),
+        };
+        // Busy (503) or rate-limited (429), with a time to come back:
+        // nothing was stored, so the same request is sent again, a few
+        // times at most.
+        let hint = reply
+            .header("retry-after")
+            .and_then(crate::retry::parse_retry_after)
+            .filter(|_| {
+                matches!(
+                    reply.status,
+                    http::StatusCode::SERVICE_UNAVAILABLE | http::StatusCode::TOO_MANY_REQUESTS
+                )
+            });
+        attempt += 1;
+        let Some(hint) = hint else {
+            bail!("enrollment refused: {reason} ({code})");
+        };
+        let wait = crate::retry::next_wait(attempt, Some(hint));
+        if attempt >= ENROLL_ATTEMPTS || started.elapsed() + wait > ENROLL_PATIENCE {
+            bail!(
+                "enrollment refused: {reason} ({code}); the server was still busy after \
+                 {attempt} attempts over {} s: try again later",
+                started.elapsed().as_secs()
+            );
+        }
+        tracing::info!(
+            %code,
+            %reason,
+            attempt,
+            wait_ms = wait.as_millis() as u64,
+            "the server is busy; enrolling again when it asked"
+        );
+        tokio::time::sleep(wait).await;
+    };
     let response: EnrollResponse =
         serde_json::from_slice(&reply.body).context("the server's enrollment answer is invalid")?;
     write_atomic(&state_dir.join(KEY_FILE), pkcs8.as_ref(), 0o600)?;

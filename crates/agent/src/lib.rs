@@ -7,6 +7,7 @@ pub mod enforce;
 pub mod exclusions;
 pub mod https;
 pub mod identity;
+pub mod retry;
 pub mod runner;
 pub mod session;
 pub mod state;

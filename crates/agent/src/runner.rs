@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use proto::agent::{
     ActionOrder, ActionOutcome, AgentMessage, Enforced, ExclusionSpec, SavedState, ServerMessage,
 };
@@ -17,6 +16,7 @@ use crate::enforce::Enforcer;
 use crate::exclusions::{self, Placer};
 use crate::https::{HttpsClient, parse_server};
 use crate::identity::Identity;
+use crate::retry::{AfterFailure, Reconnect, RetryPolicy};
 use crate::session::Session;
 use crate::state::{Loaded, StateFile, empty_state, remember};
 
@@ -427,16 +427,6 @@ fn now_nanos() -> i64 {
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
-/// Exponential backoff with full jitter: a random wait in [0, min(cap, base·2^n)].
-fn backoff(attempt: u32, cap: Duration) -> Duration {
-    let base = Duration::from_millis(500);
-    let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
-    let mut bytes = [0u8; 8];
-    let _ = SystemRandom::new().fill(&mut bytes);
-    let fraction = u64::from_le_bytes(bytes) as f64 / u64::MAX as f64;
-    ceiling.mul_f64(fraction)
-}
-
 /// Watches nftables notifications on a thread of its own and tells the
 /// agent when its table may have been touched by someone else.
 fn spawn_tamper_watch(own_port: u32) -> mpsc::UnboundedReceiver<()> {
@@ -475,12 +465,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut agent = Agent::start(options)?;
     let mut tamper = spawn_tamper_watch(agent.enforcer.port_id());
     let mut pending_reports: Vec<AgentMessage> = Vec::new();
-    let mut attempt = 0u32;
+    let mut reconnect = Reconnect::new(RetryPolicy::new(agent.options.max_backoff));
     loop {
         let facts = agent.identity.host_facts(agent.options.name.as_deref());
+        // When the server asked to come back later (it is busy): not a
+        // failure, the backoff doesn't grow.
+        let mut server_hint = None;
         match Session::open(&agent.identity, facts, agent.state.enforced).await {
             Ok(mut session) => {
-                attempt = 0;
+                reconnect.connected();
                 tracing::info!(server = %agent.identity.server, "session open");
                 for report in pending_reports.drain(..) {
                     let _ = session.send(&report).await;
@@ -490,16 +483,25 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "session ended"),
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot open a session");
-                if e.to_string().contains("(Revoked)") || e.to_string().contains("(UnknownMachine)")
-                {
+            Err(e) => match AfterFailure::of(&e) {
+                AfterFailure::GiveUp => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot open a session");
                     return Err(e.context("the server no longer accepts this machine"));
                 }
-            }
+                AfterFailure::Busy(hint) => {
+                    server_hint = Some(hint);
+                    tracing::info!(
+                        reason = %format!("{e:#}"),
+                        retry_after_s = hint.as_secs(),
+                        "the server is busy; trying again when it asked"
+                    );
+                }
+                AfterFailure::Failed => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot open a session")
+                }
+            },
         }
-        let wait = backoff(attempt, agent.options.max_backoff);
-        attempt = attempt.saturating_add(1);
+        let wait = reconnect.next_wait(server_hint);
         // Keep restoring the table while disconnected.
         let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
@@ -562,7 +564,7 @@ async fn serve(
                                     tracing::info!(%action_id, %status, "action withdrawn by the server");
                                     break;
                                 }
-                                ServerMessage::Refused { code, reason } => {
+                                ServerMessage::Refused { code, reason, .. } => {
                                     bail!("the server ended the session: {reason} ({code})")
                                 }
                                 other => tracing::debug!(?other, "skipped while waiting for the go-ahead"),
@@ -574,7 +576,7 @@ async fn serve(
                             session.send(&report).await?;
                         }
                     }
-                    ServerMessage::Refused { code, reason } => bail!("the server ended the session: {reason} ({code})"),
+                    ServerMessage::Refused { code, reason, .. } => bail!("the server ended the session: {reason} ({code})"),
                     other => tracing::debug!(?other, "ignored message"),
                 }
             }
@@ -687,18 +689,5 @@ mod tests {
             ),
             Screened::Replay(done.clone())
         );
-    }
-
-    #[test]
-    fn backoff_has_full_jitter_under_an_exponential_cap() {
-        let cap = Duration::from_secs(60);
-        for attempt in 0..20 {
-            let ceiling = Duration::from_millis(500)
-                .saturating_mul(1u32 << attempt.min(16))
-                .min(cap);
-            let waits: Vec<Duration> = (0..50).map(|_| backoff(attempt, cap)).collect();
-            assert!(waits.iter().all(|w| *w <= ceiling), "attempt {attempt}");
-            assert!(waits.iter().any(|w| *w != waits[0]), "jittered");
-        }
     }
 }

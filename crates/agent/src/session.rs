@@ -15,6 +15,41 @@ use crate::identity::Identity;
 
 type Io = TokioIo<hyper::upgrade::Upgraded>;
 
+/// The server refused the session, in its HTTP answer or its `refused`
+/// message. The error [`Session::open`] returns then carries it: find it
+/// with `error.downcast_ref::<Refused>()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Such as `Unavailable`, `InvalidProof`, `Revoked` (or `HTTP 503` when
+    /// the answer had no error body).
+    pub code: String,
+    pub reason: String,
+    /// When to come back, if the server said (`retryAfterSeconds`, or the
+    /// HTTP answer's `Retry-After`): it is busy, and this is no failure of
+    /// the agent's ([`crate::retry`]).
+    pub retry_after: Option<std::time::Duration>,
+}
+
+impl Refused {
+    /// Whether the server no longer accepts this machine at all (revoked,
+    /// or not enrolled): trying again is pointless.
+    pub fn is_final(&self) -> bool {
+        matches!(self.code.as_str(), "Revoked" | "UnknownMachine")
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "session refused: {} ({})", self.reason, self.code)?;
+        if let Some(wait) = self.retry_after {
+            write!(f, "; the server asks to try again in {} s", wait.as_secs())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// An open, authenticated session.
 pub struct Session {
     reader: BufReader<ReadHalf<Io>>,
@@ -60,11 +95,26 @@ impl Session {
         let response = sender.send_request(request).await?;
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::retry::parse_retry_after);
             let body = response.into_body().collect().await?.to_bytes();
-            match serde_json::from_slice::<AgentError>(&body) {
-                Ok(e) => bail!("session refused: {} ({})", e.reason, e.code),
-                Err(_) => bail!("session refused with HTTP {status}"),
+            let (code, reason) = match serde_json::from_slice::<AgentError>(&body) {
+                Ok(e) => (e.code, e.reason),
+                // Such as the API's error body of a full connection share.
+                Err(_) => (
+                    format!("HTTP {}", status.as_u16()),
+                    format!("the server answered {status}"),
+                ),
+            };
+            return Err(Refused {
+                code,
+                reason,
+                retry_after,
             }
+            .into());
         }
         let upgraded = hyper::upgrade::on(response).await?;
         let (read, writer) = tokio::io::split(TokioIo::new(upgraded));
@@ -99,7 +149,16 @@ impl Session {
                 session.heartbeat_seconds = heartbeat_seconds;
                 Ok(session)
             }
-            ServerMessage::Refused { code, reason } => bail!("session refused: {reason} ({code})"),
+            ServerMessage::Refused {
+                code,
+                reason,
+                retry_after_seconds,
+            } => Err(Refused {
+                code,
+                reason,
+                retry_after: retry_after_seconds.map(std::time::Duration::from_secs),
+            }
+            .into()),
             other => bail!("expected a welcome, got {other:?}"),
         }
     }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use policy::Ruleset;
 
-use crate::encode::{self, Encoded};
+use crate::encode::{self, ElementKey, Encoded};
 use crate::netlink::{self, Attrs, Message, NFPROTO_INET, Request};
 use crate::{NftError, TableSummary};
 
@@ -55,6 +55,10 @@ const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
+const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_GEN_ID: u16 = 1;
 
 fn io_error(action: &'static str) -> impl FnOnce(io::Error) -> NftError {
@@ -175,10 +179,11 @@ impl Firewall {
     }
 
     /// Whether the kernel's table matches `ruleset` (`None` = no table),
-    /// comparing chains, rule counts, sets and set element counts, and
-    /// also that the table is not dormant and each base chain still has
-    /// its hook, priority, type and drop policy (changes that leave the
-    /// counts alone but open the firewall).
+    /// comparing chains, rule counts, sets and every set element (key and
+    /// flags, so an address swapped for another is caught too), and also
+    /// that the table is not dormant and each base chain still has its
+    /// hook, priority, type and drop policy (changes that leave the counts
+    /// alone but open the firewall).
     pub fn verify(&mut self, ruleset: Option<&Ruleset>) -> Result<bool, NftError> {
         let reading = self.read()?;
         Ok(mismatch(ruleset, reading.as_ref()).is_none())
@@ -473,6 +478,7 @@ impl Firewall {
             }
         })?;
 
+        let mut elements: Vec<(String, Vec<ElementKey>)> = Vec::with_capacity(sets.len());
         for (name, count) in &mut sets {
             let (seq, request) = self.dump_request(libc::NFT_MSG_GETSETELEM);
             let request = request
@@ -480,14 +486,16 @@ impl Firewall {
                 .str_attr(NFTA_SET_ELEM_LIST_SET, name)
                 .finish();
             let what = format!("list the elements of set {name}");
-            let mut n = 0;
+            let mut keys: Vec<ElementKey> = Vec::new();
             let result = self.request(&what, seq, &request, |m| {
                 if ours(m, libc::NFT_MSG_NEWSETELEM, NFTA_SET_ELEM_LIST_TABLE)
                     && let Some(list) = m.attr(NFTA_SET_ELEM_LIST_ELEMENTS)
                 {
-                    n += Attrs::nested(list)
-                        .filter(|(ty, _)| *ty == NFTA_LIST_ELEM)
-                        .count();
+                    keys.extend(
+                        Attrs::nested(list)
+                            .filter(|(ty, _)| *ty == NFTA_LIST_ELEM)
+                            .map(|(_, elem)| element_key(elem)),
+                    );
                 }
             });
             match result {
@@ -499,12 +507,15 @@ impl Firewall {
                 }) => interrupted = true,
                 Err(e) => return Err(e),
             }
-            *count = n;
+            *count = keys.len();
+            keys.sort_unstable();
+            elements.push((name.clone(), keys));
         }
         let reading = Reading {
             summary: TableSummary { chains, sets },
             dormant,
             shapes,
+            elements,
         };
         Ok((Some(reading), interrupted))
     }
@@ -515,12 +526,74 @@ fn be32(attr: Option<&[u8]>) -> Option<u32> {
     Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
+/// One element of a set dump: its key's bytes and its flags.
+fn element_key(elem: &[u8]) -> ElementKey {
+    let value = |data| {
+        Attrs::nested(data)
+            .find(|(t, _)| *t == NFTA_DATA_VALUE)
+            .map(|(_, v)| v)
+    };
+    let (mut key, mut end): (&[u8], Option<&[u8]>) = (&[], None);
+    let mut flags = 0;
+    for (ty, data) in Attrs::nested(elem) {
+        match ty {
+            NFTA_SET_ELEM_KEY => key = value(data).unwrap_or_default(),
+            NFTA_SET_ELEM_KEY_END => end = value(data),
+            NFTA_SET_ELEM_FLAGS => flags = be32(Some(data)).unwrap_or(0),
+            _ => {}
+        }
+    }
+    let element = ElementKey::new(key, flags);
+    match end {
+        Some(end) => element.with_end(end),
+        None => element,
+    }
+}
+
+/// A key in words: an address, an address and a port, or bytes in hex.
+fn describe_bytes(key: &[u8]) -> String {
+    let address = |b: &[u8]| match b.len() {
+        4 => Some(std::net::Ipv4Addr::from([b[0], b[1], b[2], b[3]]).to_string()),
+        16 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(b);
+            Some(std::net::Ipv6Addr::from(a).to_string())
+        }
+        _ => None,
+    };
+    if let Some(text) = address(key) {
+        return text;
+    }
+    // address . port (the port padded to 4 bytes)
+    if key.len() == 8 || key.len() == 20 {
+        let (a, p) = key.split_at(key.len() - 4);
+        if let Some(text) = address(a) {
+            return format!("{text} . {}", u16::from_be_bytes([p[0], p[1]]));
+        }
+    }
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An element in words.
+fn describe_key(element: &ElementKey) -> String {
+    let mut text = describe_bytes(element.key());
+    if let Some(end) = element.key_end() {
+        text = format!("{text} to {}", describe_bytes(end));
+    }
+    if element.flags & libc::NFT_SET_ELEM_INTERVAL_END as u32 != 0 {
+        text.push_str(" (end of a range)");
+    }
+    text
+}
+
 /// What one read of the table found: the public summary, and what
 /// [`Firewall::verify`] also checks.
 struct Reading {
     summary: TableSummary,
     dormant: bool,
     shapes: Vec<ChainShape>,
+    /// Each set's elements, sorted.
+    elements: Vec<(String, Vec<ElementKey>)>,
 }
 
 /// How a chain is hooked in: the part of a chain that rule counts miss.
@@ -573,12 +646,56 @@ fn mismatch(ruleset: Option<&Ruleset>, reading: Option<&Reading>) -> Option<Stri
         (Some(_), None) => return Some("the table is missing".to_owned()),
         (Some(r), Some(k)) => (r, k),
     };
-    let expected = TableSummary::expected(ruleset);
+    // Each set's elements, computed once for the counts and the contents.
+    let mut wanted: Vec<Vec<ElementKey>> = Vec::with_capacity(ruleset.sets.len());
+    for set in &ruleset.sets {
+        match encode::element_keys(set) {
+            Ok(mut keys) => {
+                keys.sort_unstable();
+                wanted.push(keys);
+            }
+            Err(_) => return Some(format!("set {} cannot be encoded", set.name)),
+        }
+    }
+    let expected = TableSummary {
+        chains: ruleset
+            .chains
+            .iter()
+            .map(|c| (c.name.to_owned(), c.rules.len()))
+            .collect(),
+        sets: ruleset
+            .sets
+            .iter()
+            .zip(&wanted)
+            .map(|(s, keys)| (s.name.clone(), keys.len()))
+            .collect(),
+    };
     if !TableSummary::same(Some(&expected), Some(&reading.summary)) {
         return Some("its chains, rule counts, sets or element counts differ".to_owned());
     }
     if reading.dormant {
         return Some("the table is dormant (not filtering)".to_owned());
+    }
+    // Same counts; now the elements themselves.
+    for (set, want) in ruleset.sets.iter().zip(&wanted) {
+        let found = reading
+            .elements
+            .iter()
+            .find(|(name, _)| *name == set.name)
+            .map_or(&[][..], |(_, keys)| &keys[..]);
+        if want[..] != *found {
+            let missing = want.iter().find(|k| found.binary_search(k).is_err());
+            let extra = found.iter().find(|k| want.binary_search(k).is_err());
+            return Some(format!(
+                "set {} holds other elements than applied ({})",
+                set.name,
+                match (missing, extra) {
+                    (Some(k), _) => format!("{} is missing", describe_key(k)),
+                    (None, Some(k)) => format!("{} is extra", describe_key(k)),
+                    (None, None) => "duplicates differ".to_owned(),
+                }
+            ));
+        }
     }
     for chain in &ruleset.chains {
         let want = ChainShape::expected(chain);

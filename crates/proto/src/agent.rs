@@ -57,6 +57,15 @@ pub struct EnrollResponse {
     pub machine_id: String,
 }
 
+/// `code` of an [`AgentError`] (enrollment answered 503, with
+/// `Retry-After`) and of a `refused` session message (`Unavailable`) when
+/// the server has as much set-up work in progress as it takes and turns
+/// the caller away for a while.
+pub const SERVER_BUSY: &str = "ServerBusy";
+/// `code` of a `refused` session message that asks the agent to come back
+/// later (overload, a full share of sessions, a store error).
+pub const UNAVAILABLE: &str = "Unavailable";
+
 /// Error body of the agent endpoints (enrollment and a refused upgrade).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -122,7 +131,16 @@ pub enum ServerMessage {
         heartbeat_seconds: u64,
     },
     /// The session is refused or ended; the connection closes after it.
-    Refused { code: String, reason: String },
+    #[serde(rename_all = "camelCase")]
+    Refused {
+        code: String,
+        reason: String,
+        /// With `Unavailable`: seconds to wait before trying again, which
+        /// the server spreads over the crowd it turns away. Absent in other
+        /// refusals (and from older servers).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_seconds: Option<u64>,
+    },
     /// An action to execute. Delivery is at-least-once.
     Action(ActionOrder),
     /// Answer to `Ack`: go ahead and apply.
@@ -301,4 +319,62 @@ pub struct ExclusionSpec {
 pub struct PortRange {
     pub first: u16,
     pub last: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ServerMessage` as agents before `retryAfterSeconds` know it.
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(tag = "type", rename_all = "camelCase")]
+    enum OlderServerMessage {
+        Challenge { nonce: String },
+        Refused { code: String, reason: String },
+    }
+
+    #[test]
+    fn a_refusal_parses_with_and_without_retry_after_on_both_sides() {
+        let busy = ServerMessage::Refused {
+            code: UNAVAILABLE.into(),
+            reason: "busy".into(),
+            retry_after_seconds: Some(7),
+        };
+        let line = serde_json::to_string(&busy).unwrap();
+        assert_eq!(
+            line,
+            r#"{"type":"refused","code":"Unavailable","reason":"busy","retryAfterSeconds":7}"#
+        );
+        assert_eq!(serde_json::from_str::<ServerMessage>(&line).unwrap(), busy);
+        // An older agent reads the new message, ignoring the hint.
+        assert_eq!(
+            serde_json::from_str::<OlderServerMessage>(&line).unwrap(),
+            OlderServerMessage::Refused {
+                code: "Unavailable".into(),
+                reason: "busy".into()
+            }
+        );
+        // Without a hint the field is left out, as older servers sent it,
+        // and such a message still parses.
+        let plain = ServerMessage::Refused {
+            code: "Revoked".into(),
+            reason: "revoked".into(),
+            retry_after_seconds: None,
+        };
+        let line = serde_json::to_string(&plain).unwrap();
+        assert_eq!(
+            line,
+            r#"{"type":"refused","code":"Revoked","reason":"revoked"}"#
+        );
+        assert_eq!(serde_json::from_str::<ServerMessage>(&line).unwrap(), plain);
+        assert!(serde_json::from_str::<OlderServerMessage>(&line).is_ok());
+        // A null hint (a hand-written peer) means none.
+        assert_eq!(
+            serde_json::from_str::<ServerMessage>(
+                r#"{"type":"refused","code":"Revoked","reason":"revoked","retryAfterSeconds":null}"#
+            )
+            .unwrap(),
+            plain
+        );
+    }
 }

@@ -270,7 +270,6 @@ async fn create(
         Err(StoreError::ActiveExists(active)) => return Err(ApiError::active_request(active)),
         Err(e) => return Err(e.into()),
     };
-    tracing::info!(action_id = %action.id, machine_id = %action.machine_id, action_type = %action.action_type, "action created");
     state.gateway.push(&action);
     Ok(entity_response(
         StatusCode::CREATED,
@@ -380,7 +379,6 @@ async fn cancel(
         }
         Err(e) => return Err(e.into()),
     };
-    tracing::info!(action_id = %action.id, "action cancelled");
     Ok(entity_response(
         StatusCode::OK,
         &context_url(&headers, &state, "MachineActions/$entity"),

@@ -6,10 +6,11 @@
 //! the contract's format with the request id as `target`, so an error never
 //! needs to know which request it belongs to.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -18,7 +19,8 @@ use http_body_util::BodyExt;
 use proto::api::{ErrorBody, ErrorDetail};
 use tracing::Instrument;
 
-use crate::crypto;
+use crate::monitoring::UNMATCHED;
+use crate::{AppState, crypto};
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -175,16 +177,29 @@ pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     response
 }
 
-/// The middleware just inside the audit layer (`audit::record`): request id, tracing span, access log, the error
-/// body, panic containment and the body size limit.
-pub async fn request_context(mut request: Request, next: Next) -> Response {
+/// The middleware just inside the audit layer (`audit::record`): request
+/// id, tracing span, access log, request metrics, the error body, panic
+/// containment and the body size limit.
+///
+/// Requests are known by their route template (`/api/machines/{id}`, or
+/// `unmatched`), never by their path or query: those may hold ids and
+/// secrets, and would make the metrics' labels unbounded.
+pub async fn request_context(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let request_id = crypto::new_guid();
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| UNMATCHED.to_owned(), |p| p.as_str().to_owned());
     // Under a target of its own (not this module's), so that `CORDON_LOG`
     // can select the access log: `cordon::request=info`.
-    let span = tracing::info_span!(target: "cordon::request", "request", request_id = %request_id, %method, %path);
+    let span = tracing::info_span!(target: "cordon::request", "request", request_id = %request_id, %method, %route);
     request
         .extensions_mut()
         .insert(RequestId(request_id.clone()));
@@ -214,13 +229,17 @@ pub async fn request_context(mut request: Request, next: Next) -> Response {
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("request-id", value);
     }
+    let elapsed = started.elapsed();
     let _entered = span.enter();
     tracing::info!(
         target: "cordon::request",
         status = response.status().as_u16(),
-        elapsed_us = started.elapsed().as_micros() as u64,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
         "served"
     );
+    state
+        .metrics
+        .observe_request(&method, &route, response.status(), elapsed);
     response
 }
 

@@ -73,6 +73,8 @@ struct SessionHandle {
 #[derive(Default)]
 pub struct Gateway {
     sessions: Mutex<HashMap<String, SessionHandle>>,
+    /// The number of live sessions, for the metrics.
+    live: prometheus_client::metrics::gauge::Gauge,
     seen: Mutex<HashMap<String, i64>>,
     flushed_seen: Mutex<HashMap<String, i64>>,
     next_conn_id: AtomicU64,
@@ -81,6 +83,14 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// A gateway that keeps `live` at its number of sessions.
+    pub fn new(live: prometheus_client::metrics::gauge::Gauge) -> Gateway {
+        Gateway {
+            live,
+            ..Gateway::default()
+        }
+    }
+
     /// Sends a new action to its machine's live session, if there is one.
     /// Delivery is at-least-once: a session that opens later gets every
     /// undelivered action from the store.
@@ -150,11 +160,13 @@ impl Gateway {
     fn register(&self, machine_id: &str) -> (u64, mpsc::UnboundedReceiver<Outbound>) {
         let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::unbounded_channel();
-        let previous = self
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .insert(machine_id.to_owned(), SessionHandle { conn_id, sender });
+        let previous = {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            let previous =
+                sessions.insert(machine_id.to_owned(), SessionHandle { conn_id, sender });
+            self.live.set(sessions.len() as i64);
+            previous
+        };
         if let Some(previous) = previous {
             let _ = previous.sender.send(Outbound::Close {
                 code: "Replaced",
@@ -171,6 +183,7 @@ impl Gateway {
             .is_some_and(|s| s.conn_id == conn_id)
         {
             sessions.remove(machine_id);
+            self.live.set(sessions.len() as i64);
         }
     }
 
@@ -246,6 +259,27 @@ fn agent_error(status: StatusCode, code: &str, reason: impl Into<String>) -> Res
         }),
     )
         .into_response()
+}
+
+/// An enrollment turned away for the work in progress: 503 with
+/// `Retry-After` and `ServerBusy` (logged by the gate, rate-limited).
+fn server_busy(busy: crate::admission::Busy) -> Response {
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(AgentError {
+            code: proto::agent::SERVER_BUSY.to_owned(),
+            reason: format!(
+                "the server has as many enrollments in progress as it takes; \
+                 try again in {} seconds",
+                busy.retry_after
+            ),
+        }),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(busy.retry_after));
+    response
 }
 
 fn enforced_scope(enforced: Enforced) -> Option<String> {
@@ -387,6 +421,12 @@ async fn enroll(
     let facts = match facts_from(request.facts) {
         Ok(f) => f,
         Err(reason) => return agent_error(StatusCode::BAD_REQUEST, "InvalidFacts", reason),
+    };
+    // The store's write, at most so many at once; the rest wait their turn
+    // or are asked to come back.
+    let _place = match state.admission.enrollments.enter().await {
+        Ok(place) => place,
+        Err(busy) => return server_busy(busy),
     };
     let machine_id = crypto::new_machine_id();
     match state
@@ -531,15 +571,43 @@ async fn send_line<W: AsyncWrite + Unpin>(writer: &mut W, line: &[u8]) -> std::i
 
 async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, code: &str, reason: &str) {
     tracing::info!(code, reason, "session refused");
+    send_refusal(writer, code, reason, None).await;
+}
+
+async fn send_refusal<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    code: &str,
+    reason: &str,
+    retry_after_seconds: Option<u64>,
+) {
     let _ = send(
         writer,
         &ServerMessage::Refused {
             code: code.into(),
             reason: reason.into(),
+            retry_after_seconds,
         },
     )
     .await;
     let _ = writer.shutdown().await;
+}
+
+/// Refuses a session with `Unavailable` and a time to come back. Not
+/// logged here: a crowd gets these, and the gate (or the caller) logs them
+/// rate-limited.
+async fn refuse_busy<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    reason: &str,
+    busy: crate::admission::Busy,
+) {
+    let reason = format!("{reason}; try again in {} seconds", busy.retry_after);
+    send_refusal(
+        writer,
+        proto::agent::UNAVAILABLE,
+        &reason,
+        Some(busy.retry_after),
+    )
+    .await;
 }
 
 /// `slot` is the connection's place among the open connections: it moves
@@ -603,6 +671,20 @@ async fn run_session<IO>(
         )
         .await;
     }
+    // From here to the pending actions sent, the set-up holds a place
+    // among the few in progress; the rest wait their turn or are asked to
+    // come back (the gate logs it, rate-limited).
+    let setup = match state.admission.sessions.enter().await {
+        Ok(place) => place,
+        Err(busy) => {
+            return refuse_busy(
+                &mut writer,
+                "the server has as many sessions being set up as it takes",
+                busy,
+            )
+            .await;
+        }
+    };
     let machine = match state.store.get_machine(&machine_id).await {
         Ok(Some(m)) if m.id == machine_id => m,
         Ok(_) => {
@@ -615,7 +697,8 @@ async fn run_session<IO>(
         }
         Err(e) => {
             tracing::error!(error = %e, "session: store error");
-            return refuse(&mut writer, "Unavailable", "try again later").await;
+            let busy = state.admission.sessions.retry_hint();
+            return refuse_busy(&mut writer, "the server cannot read its store", busy).await;
         }
     };
     let message = proto::agent::session_proof_message(&machine_id, &nonce, &exporter);
@@ -641,10 +724,11 @@ async fn run_session<IO>(
         if let Some(suppressed) = state.connections.log.allow(refusal.as_str()) {
             tracing::warn!(%machine_id, reason = refusal.as_str(), suppressed, "session refused");
         }
-        return refuse(
+        let busy = state.admission.sessions.retry_hint();
+        return refuse_busy(
             &mut writer,
-            "Unavailable",
-            "the server is at its cap of agent sessions; try again later",
+            "the server is at its cap of agent sessions",
+            busy,
         )
         .await;
     }
@@ -661,6 +745,7 @@ async fn run_session<IO>(
             enforced,
             reader,
             writer,
+            setup,
         ),
         span,
     )
@@ -705,6 +790,9 @@ impl Reported {
     }
 }
 
+/// `setup` is the session's place among the set-ups in progress, given
+/// back once its pending actions are sent.
+#[allow(clippy::too_many_arguments)]
 async fn serve_session<R, W>(
     state: Arc<AppState>,
     machine_id: String,
@@ -713,6 +801,7 @@ async fn serve_session<R, W>(
     enforced: Enforced,
     mut reader: BufReader<R>,
     mut writer: W,
+    setup: crate::admission::Place,
 ) -> std::io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -755,13 +844,16 @@ where
             }
             Err(e) => {
                 tracing::error!(error = %e, "session: cannot read the exclusion rules");
-                refuse(&mut writer, "Unavailable", "try again later").await;
+                let busy = state.admission.sessions.retry_hint();
+                refuse_busy(&mut writer, "the server cannot read its store", busy).await;
                 return Ok(());
             }
         };
         for action in state.store.undelivered_actions(&machine_id).await.unwrap_or_default() {
             send(&mut writer, &ServerMessage::Action(order(&action))).await?;
         }
+        // Set up: the place goes to the next in line.
+        drop(setup);
         let idle_limit = state.config.heartbeat_interval * 3 + Duration::from_secs(5);
         let mut line = Vec::new();
         loop {
@@ -909,8 +1001,8 @@ async fn handle(
         }
         AgentMessage::Ack { action_id } => {
             match state.store.start_action(machine_id, &action_id, now).await {
+                // The store's observer logs the change (monitoring.rs).
                 Ok(action) if action.status == "InProgress" => {
-                    tracing::info!(%action_id, "action in progress");
                     Some(ServerMessage::Proceed { action_id })
                 }
                 Ok(action) => Some(ServerMessage::Withdrawn {
@@ -961,8 +1053,8 @@ async fn handle(
                 .finish_action(machine_id, &action_id, outcome, now)
                 .await
             {
-                Ok(action) => {
-                    tracing::info!(%action_id, status = %action.status, "action finished");
+                // The store's observer logs the change (monitoring.rs).
+                Ok(_) => {
                     // finish_action recorded the scope itself.
                     reported.scope = enforced.clone();
                     if enforced.as_deref() != Some("Selective") {

@@ -4,6 +4,7 @@
 //! `main.rs` is a thin command-line front; [`start`] is what tests call to
 //! run the real server on a free port.
 
+pub mod admission;
 pub mod api;
 pub mod audit;
 pub mod auth;
@@ -16,6 +17,7 @@ pub mod gateway;
 pub mod json;
 pub mod jwt;
 pub mod listen;
+pub mod monitoring;
 pub mod odata;
 pub mod oidc;
 pub mod ratelimit;
@@ -86,6 +88,9 @@ pub struct Config {
     pub enroll_per_minute: u32,
     /// Caps on connections, in all and per source address.
     pub connections: conns::Limits,
+    /// Bounds on the TLS handshakes, session set-ups and enrollments in
+    /// progress, and how long work over them waits.
+    pub admission: admission::Settings,
     /// How long a connection may take to send a request's head, counted
     /// from its opening or its previous response (the keep-alive idle time).
     pub idle_timeout: Duration,
@@ -104,6 +109,8 @@ pub struct Config {
     /// machines are enrolled (they trust the missing CA and must all enroll
     /// again). Without it, such a start is refused.
     pub new_ca: bool,
+    /// Where `GET /metrics` is served (plain HTTP), if anywhere.
+    pub metrics_listen: monitoring::MetricsListen,
 }
 
 impl Config {
@@ -130,12 +137,14 @@ impl Config {
             enroll_per_source_per_minute: 30,
             enroll_per_minute: 300,
             connections: conns::Limits::default(),
+            admission: admission::Settings::default(),
             idle_timeout: Duration::from_secs(30),
             max_connection_lifetime: Duration::from_secs(10 * 60),
             handshake_timeout: Duration::from_secs(30),
             audit_retention: None,
             audit_fold_window: Duration::from_secs(60),
             new_ca: false,
+            metrics_listen: monitoring::MetricsListen::default_address(),
         }
     }
 }
@@ -172,8 +181,12 @@ pub struct AppState {
     pub oidc: oidc::Verifier,
     /// The connections open now, within their caps.
     pub connections: Arc<conns::Connections>,
+    /// The expensive work in progress, within its bounds.
+    pub admission: admission::Admission,
     /// Repeated refusals counted before they are recorded.
     pub audit_folds: audit::Folding,
+    /// The Prometheus metrics (also the store's observer).
+    pub metrics: Arc<monitoring::Metrics>,
 }
 
 impl AppState {
@@ -252,11 +265,15 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(authority::routes())
         .merge(signin::routes())
         .merge(gateway::routes())
+        .merge(monitoring::routes())
         .fallback(|| async {
             ApiError::not_found("The requested resource was not found.").into_response()
         })
         .layer(axum::middleware::from_fn(conns::classify))
-        .layer(axum::middleware::from_fn(error::request_context))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            error::request_context,
+        ))
         // Outermost, so that it sees every response as sent, request id included.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -275,6 +292,8 @@ pub struct RunningServer {
     pub tls_names: Vec<String>,
     pub tenant_id: String,
     pub public_url: String,
+    /// Where `GET /metrics` is served (`None`: nowhere).
+    pub metrics_addr: Option<SocketAddr>,
     /// Where the generated CA certificate is (self-signed mode).
     pub ca_path: Option<PathBuf>,
     pub state: Arc<AppState>,
@@ -498,7 +517,23 @@ pub async fn start_with(
 ) -> anyhow::Result<RunningServer> {
     create_private_dir(&config.data_dir)?;
     let lock = DataDirLock::acquire(&config.data_dir)?;
+    let metrics_listener = monitoring::bind(&config.metrics_listen)?;
     let store = init_data_dir(&config.data_dir)?;
+    let metrics = Arc::new(monitoring::Metrics::new());
+    store.set_observer(metrics.clone());
+    // Counted once, before anything can change an action: from now on
+    // every change adjusts the counts.
+    let counting = std::time::Instant::now();
+    let counts = store
+        .action_counts()
+        .await
+        .context("cannot count the actions")?;
+    metrics.set_action_counts(&counts);
+    tracing::info!(
+        actions = counts.iter().map(|c| c.2).sum::<u64>(),
+        elapsed_ms = counting.elapsed().as_millis() as u64,
+        "actions counted for the metrics"
+    );
     for change in secure_data_dir(&config.data_dir)? {
         tracing::warn!(%change, "the data directory or a file in it was open to other users; made private");
     }
@@ -578,6 +613,14 @@ pub async fn start_with(
         "connection caps"
     );
     let connections = conns::Connections::new(limits);
+    let admission = admission::Admission::new(&config.admission);
+    tracing::info!(
+        tls_handshakes = config.admission.tls_handshakes,
+        session_setups = config.admission.session_setups,
+        enrollments = config.admission.enrollments,
+        queue_timeout_ms = config.admission.queue_timeout.as_millis() as u64,
+        "work in progress at most"
+    );
     let audit_folds = audit::Folding::new(config.audit_fold_window);
     let state = Arc::new(AppState {
         audit_folds,
@@ -593,7 +636,7 @@ pub async fn start_with(
         public_url: public_url.clone(),
         issuer,
         signing_key: Arc::new(signing_key),
-        gateway: gateway::Gateway::default(),
+        gateway: gateway::Gateway::new(metrics.agent_sessions.clone()),
         dummy_hash: crypto::hash_secret("not a secret"),
         throttle: throttle::Throttle::new(config_signin.0, config_signin.1),
         codes: signin::Codes::default(),
@@ -601,6 +644,8 @@ pub async fn start_with(
         slow_hashes: Arc::new(tokio::sync::Semaphore::new(4)),
         oidc,
         connections,
+        admission,
+        metrics: metrics.clone(),
     });
     let mut tasks = vec![
         tokio::spawn(expire_actions(state.clone())),
@@ -608,6 +653,17 @@ pub async fn start_with(
         tokio::spawn(watch_exclusions(state.clone())),
         tokio::spawn(audit_upkeep(state.clone())),
     ];
+    let metrics_addr = match metrics_listener {
+        Some(listener) => {
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let address = listener.local_addr()?;
+            tracing::info!(%address, "metrics at http://{address}/metrics");
+            tasks.push(tokio::spawn(monitoring::serve(listener, metrics)));
+            Some(address)
+        }
+        None => None,
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
     let router = app(state.clone());
     // The accept loops come last: `wait` waits for the last task.
@@ -627,6 +683,7 @@ pub async fn start_with(
         tls_names,
         tenant_id,
         public_url,
+        metrics_addr,
         ca_path: material.ca_path.clone(),
         state,
         tasks,
@@ -649,11 +706,8 @@ async fn expire_actions(state: Arc<AppState>) {
             .expire_actions(pending_before, in_progress_before, now)
             .await
         {
-            Ok(expired) => {
-                for action in expired {
-                    tracing::info!(action_id = %action.id, machine_id = %action.machine_id, "action timed out");
-                }
-            }
+            // The store's observer logs each one (monitoring.rs).
+            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not expire actions"),
         }
     }
@@ -767,6 +821,7 @@ async fn accept_loop(
         let lifetime = state.config.max_connection_lifetime;
         let handshake_timeout = state.config.handshake_timeout;
         let connections = state.connections.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let handshake = async {
                 let start =
@@ -789,9 +844,22 @@ async fn accept_loop(
                     }
                     _ => {}
                 }
+                // The handshake's cryptography waits for its place; past
+                // the queue timeout the connection is closed.
+                let gate = if announced {
+                    &state.admission.tls_agents
+                } else {
+                    &state.admission.tls_others
+                };
+                let _place = gate
+                    .enter()
+                    .await
+                    .map_err(|_| std::io::Error::other("too many TLS handshakes in progress"))?;
                 start.into_stream(acceptor.config().clone()).await
             };
-            let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+            // Ten seconds for the handshake, besides its wait for a place.
+            let tls_deadline = Duration::from_secs(10) + state.config.admission.queue_timeout;
+            let tls = match tokio::time::timeout(tls_deadline, handshake).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");

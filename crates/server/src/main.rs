@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use server::listen::ListenArg;
+use server::monitoring::MetricsListen;
 use server::{Config, TlsSource, crypto};
 
 #[derive(Parser)]
@@ -198,6 +199,45 @@ struct ServeArgs {
     /// an agent's proof of its key) at once, at most.
     #[arg(long, env = "CORDON_MAX_HANDSHAKES", default_value_t = 1_024)]
     max_handshakes: usize,
+    /// TLS handshakes in progress at once, at most, for agents' connections
+    /// and as many again for the others (default: 64 per core); the rest
+    /// wait up to --admission-queue-timeout for a place, then are closed.
+    #[arg(
+        long,
+        env = "CORDON_MAX_TLS_HANDSHAKES_IN_PROGRESS",
+        default_value_t = server::admission::Settings::default().tls_handshakes as u32,
+        value_parser = clap::value_parser!(u32).range(1..=100_000)
+    )]
+    max_tls_handshakes_in_progress: u32,
+    /// Agent session set-ups in progress at once, at most (from the agent's
+    /// hello to its pending actions sent; default: 64 per core); the rest
+    /// wait up to --admission-queue-timeout, then are refused with
+    /// `Unavailable` and a time to come back.
+    #[arg(
+        long,
+        env = "CORDON_MAX_SESSION_SETUPS_IN_PROGRESS",
+        default_value_t = server::admission::Settings::default().session_setups as u32,
+        value_parser = clap::value_parser!(u32).range(1..=100_000)
+    )]
+    max_session_setups_in_progress: u32,
+    /// Agent enrollments in progress at once, at most (default: 16 per
+    /// core); the rest wait up to --admission-queue-timeout, then are
+    /// answered 503 `ServerBusy` with `Retry-After`.
+    #[arg(
+        long,
+        env = "CORDON_MAX_ENROLLMENTS_IN_PROGRESS",
+        default_value_t = server::admission::Settings::default().enrollments as u32,
+        value_parser = clap::value_parser!(u32).range(1..=100_000)
+    )]
+    max_enrollments_in_progress: u32,
+    /// How long a TLS handshake, session set-up or enrollment over its
+    /// bound waits for a place (10ms to 30s).
+    #[arg(long, env = "CORDON_ADMISSION_QUEUE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    admission_queue_timeout: Duration,
+    /// The longest time to come back the server hands to agents it turns
+    /// away (1s to 5m, whole seconds); the times are spread up to it.
+    #[arg(long, env = "CORDON_ADMISSION_MAX_RETRY_AFTER", default_value = "30s", value_parser = parse_duration)]
+    admission_max_retry_after: Duration,
     /// Connections from one source address (an IPv6 /64), agent sessions
     /// excepted; further ones are closed at once (0: no cap).
     #[arg(long, env = "CORDON_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 64)]
@@ -250,6 +290,22 @@ struct ServeArgs {
     /// (besides the system's).
     #[arg(long, env = "CORDON_OIDC_CA_FILE")]
     oidc_ca_file: Option<PathBuf>,
+    /// Where to serve the Prometheus metrics (plain HTTP, GET /metrics):
+    /// IP:PORT, or off. Default: 127.0.0.1:9464, skipped with a warning when
+    /// another process holds it; an address given here that cannot be
+    /// bound stops the server.
+    #[arg(long, env = "CORDON_METRICS_LISTEN", value_parser = MetricsListen::parse)]
+    metrics_listen: Option<MetricsListen>,
+    /// Log format on standard error: text (for people) or json (one JSON
+    /// object per line, for log collectors).
+    #[arg(long, env = "CORDON_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -393,6 +449,22 @@ fn check_duration_ranges(args: &ServeArgs) -> anyhow::Result<()> {
     const HOUR: Duration = Duration::from_secs(3600);
     const DAY: Duration = Duration::from_secs(86_400);
     let checks = [
+        (
+            "--admission-queue-timeout",
+            Some(args.admission_queue_timeout),
+            Duration::from_millis(10),
+            30 * SECOND,
+            "10ms",
+            "30s",
+        ),
+        (
+            "--admission-max-retry-after",
+            Some(args.admission_max_retry_after),
+            SECOND,
+            300 * SECOND,
+            "1s",
+            "5m",
+        ),
         (
             "--audit-retention",
             args.audit_retention,
@@ -641,24 +713,31 @@ async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = std::env::var("CORDON_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let json = format == LogFormat::Json;
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        // One object per line: the event's fields at the top level, the
+        // request's or session's span (request id, route) under `span`.
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
     } else {
         builder.init();
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging();
+    init_logging(args.log_format);
     check_duration_ranges(&args)?;
     let mut config = Config::new(args.data.data_dir);
     config.new_ca = args.new_ca;
@@ -687,6 +766,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         handshakes: args.max_handshakes,
         per_source: args.max_connections_per_source,
     };
+    config.admission = server::admission::Settings {
+        tls_handshakes: args.max_tls_handshakes_in_progress as usize,
+        session_setups: args.max_session_setups_in_progress as usize,
+        enrollments: args.max_enrollments_in_progress as usize,
+        queue_timeout: args.admission_queue_timeout,
+        max_retry_after: Duration::from_secs(args.admission_max_retry_after.as_secs()),
+    };
     for (flag, value) in [
         ("--max-agent-connections", args.max_agent_connections),
         ("--max-api-connections", args.max_api_connections),
@@ -704,6 +790,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.idle_timeout = args.connection_idle_timeout;
     config.max_connection_lifetime = args.connection_max_lifetime;
     config.audit_retention = args.audit_retention.filter(|r| !r.is_zero());
+    if let Some(metrics_listen) = args.metrics_listen {
+        config.metrics_listen = metrics_listen;
+    }
     if args.oidc_issuers.len() != args.oidc_audiences.len() {
         bail!("give one --oidc-audience for each --oidc-issuer, in the same order");
     }
@@ -766,6 +855,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "  Authority: {}/{}",
         running.public_url, running.tenant_id
     )?;
+    if let Some(address) = running.metrics_addr {
+        writeln!(out, "  Metrics:   http://{address}/metrics")?;
+    }
     if let Some(ca) = &running.ca_path {
         writeln!(out, "  CA file:   {}", ca.display())?;
     }

@@ -1029,6 +1029,11 @@ async fn connection_flags_reach_the_server() {
         "CORDON_MAX_CONNECTIONS_PER_SOURCE",
         "CORDON_CONNECTION_IDLE_TIMEOUT",
         "CORDON_CONNECTION_MAX_LIFETIME",
+        "CORDON_MAX_TLS_HANDSHAKES_IN_PROGRESS",
+        "CORDON_MAX_SESSION_SETUPS_IN_PROGRESS",
+        "CORDON_MAX_ENROLLMENTS_IN_PROGRESS",
+        "CORDON_ADMISSION_QUEUE_TIMEOUT",
+        "CORDON_ADMISSION_MAX_RETRY_AFTER",
     ] {
         assert!(help.contains(var), "{var} missing from:\n{help}");
     }
@@ -1050,6 +1055,26 @@ async fn connection_flags_reach_the_server() {
             "--connection-max-lifetime",
         ),
         (vec!["--max-handshakes", "many"], None, "invalid value"),
+        (
+            vec!["--max-session-setups-in-progress", "0"],
+            None,
+            "invalid value '0' for '--max-session-setups-in-progress",
+        ),
+        (
+            vec![],
+            Some(("CORDON_MAX_TLS_HANDSHAKES_IN_PROGRESS", "100001")),
+            "invalid value '100001'",
+        ),
+        (
+            vec![],
+            Some(("CORDON_ADMISSION_QUEUE_TIMEOUT", "31s")),
+            "--admission-queue-timeout must be between 10ms and 30s",
+        ),
+        (
+            vec!["--admission-max-retry-after", "10m"],
+            None,
+            "--admission-max-retry-after must be between 1s and 5m",
+        ),
     ] {
         let mut command = cordon();
         command
@@ -1067,7 +1092,24 @@ async fn connection_flags_reach_the_server() {
 
     let dir = TempDir::new("cli-caps");
     let port = free_port();
-    let served = serve_with(&dir.0, port, &["--max-connections-per-source", "2"]);
+    let served = serve_with(
+        &dir.0,
+        port,
+        &[
+            "--max-connections-per-source",
+            "2",
+            "--max-tls-handshakes-in-progress",
+            "4",
+            "--max-session-setups-in-progress",
+            "8",
+            "--max-enrollments-in-progress",
+            "2",
+            "--admission-queue-timeout",
+            "2s",
+            "--admission-max-retry-after",
+            "10s",
+        ],
+    );
     let ca = dir.0.join("ca.pem");
     let mut held = Vec::new();
     for _ in 0..2 {

@@ -162,6 +162,17 @@ async fn api_clients_and_agents_cannot_starve_each_other() {
     .err()
     .expect("the second session is refused");
     assert!(refused.to_string().contains("Unavailable"), "{refused}");
+    // …with a time to come back, which its run loop honours.
+    let refusal = refused
+        .downcast_ref::<agent::session::Refused>()
+        .expect("a refusal from the server");
+    assert_eq!(refusal.code, "Unavailable");
+    assert!(
+        refusal
+            .retry_after
+            .is_some_and(|wait| (1..=30).contains(&wait.as_secs())),
+        "{refusal:?}"
+    );
     // …while API clients holding their connections are served.
     assert_eq!(discovery(&server, &mut held[0]).await.unwrap().status, 200);
     // Once the first session ends, the second agent gets its place.

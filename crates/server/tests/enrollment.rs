@@ -283,8 +283,14 @@ async fn a_result_without_proceed_is_a_protocol_error_and_changes_nothing() {
     assert_eq!(action_id_of(&next(&mut session).await), id);
     report(&mut session, &id, true, Enforced::Full).await;
     match next(&mut session).await {
-        ServerMessage::Refused { code, reason } => {
+        ServerMessage::Refused {
+            code,
+            reason,
+            retry_after_seconds,
+        } => {
             assert_eq!(code, "ProtocolError");
+            // Not a refusal to come back from later.
+            assert_eq!(retry_after_seconds, None);
             assert!(reason.contains("proceed"), "{reason}");
         }
         other => panic!("expected the session to be refused, got {other:?}"),

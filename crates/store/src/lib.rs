@@ -19,7 +19,8 @@ mod query;
 mod records;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
@@ -65,6 +66,29 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// What the store tells the process that opened it, for its metrics and
+/// logs: it keeps the store free of any metrics library. Calls come from
+/// the writer thread, after the commit they belong to, so they must be
+/// quick and never block.
+pub trait StoreObserver: Send + Sync {
+    /// A write transaction (a group of writes) committed in `elapsed`.
+    fn committed(&self, _elapsed: Duration) {}
+    /// An action was created or changed status; called once per change,
+    /// only once it is durable, whether or not its caller still waits.
+    fn action_changed(&self, _change: &ActionChange) {}
+}
+
+/// An action's change of status, as committed.
+#[derive(Debug, Clone)]
+pub struct ActionChange {
+    /// The action as it is now.
+    pub action: ActionRecord,
+    /// Its status before (`None`: it was just created).
+    pub from: Option<String>,
+}
+
+type Observer = Arc<OnceLock<Arc<dyn StoreObserver>>>;
+
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
 
@@ -78,6 +102,7 @@ struct Inner {
     path: PathBuf,
     writer: Mutex<mpsc::Sender<Job>>,
     readers: Mutex<Vec<Connection>>,
+    observer: Observer,
 }
 
 impl Drop for Inner {
@@ -174,17 +199,26 @@ impl Store {
         let mut conn = open_connection(path)?;
         migrate(&mut conn, version)?;
         let (sender, receiver) = mpsc::channel::<Job>();
+        let observer = Observer::default();
+        let writer_observer = observer.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, receiver))
+            .spawn(move || writer_loop(conn, receiver, writer_observer))
             .map_err(|e| StoreError::Commit(e.to_string()))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 writer: Mutex::new(sender),
                 readers: Mutex::new(Vec::new()),
+                observer,
             }),
         })
+    }
+
+    /// Sets the observer told of every commit and action change from now
+    /// on; `false` (and nothing changed) when one is set already.
+    pub fn set_observer(&self, observer: Arc<dyn StoreObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
     }
 
     /// Runs `f` in the next group commit; resolves once it is durable.
@@ -192,6 +226,39 @@ impl Store {
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.write_then(f, |value| value).await
+    }
+
+    /// Like [`Store::write`] for a write that changes actions: `f` also
+    /// returns the changes, which the observer is told of once they are
+    /// committed (from the writer thread, so even when the caller stopped
+    /// waiting).
+    pub(crate) async fn write_actions<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<(T, Vec<ActionChange>)> + Send + 'static,
+    {
+        let observer = self.inner.observer.clone();
+        self.write_then(f, move |(value, changes)| {
+            if let Some(observer) = observer.get() {
+                for change in &changes {
+                    observer.action_changed(change);
+                }
+            }
+            value
+        })
+        .await
+    }
+
+    /// Runs `f` in the next group commit, then `committed` on its value in
+    /// the writer thread once the commit succeeded.
+    async fn write_then<U, T, F, C>(&self, f: F, committed: C) -> Result<T>
+    where
+        U: Send + 'static,
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<U> + Send + 'static,
+        C: FnOnce(U) -> T + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
@@ -212,7 +279,7 @@ impl Store {
             };
             Box::new(move |commit: Result<(), String>| {
                 let _ = tx.send(match commit {
-                    Ok(()) => outcome,
+                    Ok(()) => outcome.map(committed),
                     Err(e) => Err(StoreError::Commit(e)),
                 });
             })
@@ -332,7 +399,7 @@ impl Drop for InterruptOnDrop {
     }
 }
 
-fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>) {
+fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>, observer: Observer) {
     const MAX_GROUP: usize = 512;
     while let Ok(first) = receiver.recv() {
         let mut jobs = vec![first];
@@ -349,10 +416,18 @@ fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>) {
             continue;
         }
         let replies: Vec<Reply> = jobs.into_iter().map(|job| job(&conn)).collect();
+        let commit_started = Instant::now();
         let committed = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
-        if let Err(e) = &committed {
-            tracing::error!(error = %e, "store: group commit failed");
-            let _ = conn.execute_batch("ROLLBACK");
+        match &committed {
+            Ok(()) => {
+                if let Some(observer) = observer.get() {
+                    observer.committed(commit_started.elapsed());
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store: group commit failed");
+                let _ = conn.execute_batch("ROLLBACK");
+            }
         }
         for reply in replies {
             reply(committed.clone());

@@ -3,7 +3,7 @@
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::query::{self, FieldSql, Kind, Page, Query, SqlContext};
-use crate::{Result, Store, StoreError};
+use crate::{ActionChange, Result, Store, StoreError};
 
 /// An application that obtains tokens with the client-credentials grant.
 #[derive(Debug, Clone, PartialEq)]
@@ -1017,7 +1017,7 @@ impl Store {
     /// Records a new action durably. Fails with `NotFound` for an unknown
     /// machine and `ActiveExists` when one is already in flight.
     pub async fn create_action(&self, new: NewAction) -> Result<ActionRecord> {
-        self.write(move |conn| {
+        self.write_actions(move |conn| {
             let name: Option<String> = conn
                 .prepare_cached("SELECT computer_dns_name FROM machines WHERE id = ?1")?
                 .query_row([&new.machine_id], |r| r.get(0))
@@ -1048,7 +1048,8 @@ impl Store {
                 new.request_source,
             ])?;
             refresh_isolation_state(conn, &new.machine_id)?;
-            get_action(conn, &new.id)?.ok_or(StoreError::NotFound)
+            let action = get_action(conn, &new.id)?.ok_or(StoreError::NotFound)?;
+            Ok(changed(action, None))
         })
         .await
     }
@@ -1076,7 +1077,7 @@ impl Store {
         now: i64,
     ) -> Result<ActionRecord> {
         let id = id.to_owned();
-        self.write(move |conn| {
+        self.write_actions(move |conn| {
             let action = get_action(conn, &id)?.ok_or(StoreError::NotFound)?;
             if action.status != "Pending" {
                 return Err(StoreError::WrongStatus(action.status));
@@ -1084,7 +1085,8 @@ impl Store {
             conn.prepare_cached(CANCEL_ACTION)?
                 .execute(params![id, now, requestor, comment])?;
             refresh_isolation_state(conn, &action.machine_id)?;
-            get_action(conn, &id)?.ok_or(StoreError::NotFound)
+            let after = get_action(conn, &id)?.ok_or(StoreError::NotFound)?;
+            Ok(changed(after, Some(action.status)))
         })
         .await
     }
@@ -1113,7 +1115,7 @@ impl Store {
         now: i64,
     ) -> Result<ActionRecord> {
         let (machine_id, action_id) = (machine_id.to_owned(), action_id.to_owned());
-        self.write(move |conn| {
+        self.write_actions(move |conn| {
             let action = get_action(conn, &action_id)?
                 .filter(|a| a.machine_id == machine_id)
                 .ok_or(StoreError::NotFound)?;
@@ -1122,9 +1124,10 @@ impl Store {
                     "UPDATE actions SET status = 'InProgress', updated_at = ?2 WHERE id = ?1",
                 )?
                 .execute(params![action_id, now])?;
-                return get_action(conn, &action_id)?.ok_or(StoreError::NotFound);
+                let after = get_action(conn, &action_id)?.ok_or(StoreError::NotFound)?;
+                return Ok(changed(after, Some(action.status)));
             }
-            Ok(action)
+            Ok((action, Vec::new()))
         })
         .await
     }
@@ -1144,7 +1147,7 @@ impl Store {
         now: i64,
     ) -> Result<ActionRecord> {
         let (machine_id, action_id) = (machine_id.to_owned(), action_id.to_owned());
-        self.write(move |conn| {
+        self.write_actions(move |conn| {
             let action = get_action(conn, &action_id)?
                 .filter(|a| a.machine_id == machine_id)
                 .ok_or(StoreError::NotFound)?;
@@ -1167,7 +1170,29 @@ impl Store {
             conn.prepare_cached("UPDATE machines SET isolation_scope = ?2, last_seen = MAX(last_seen, ?3) WHERE id = ?1")?
                 .execute(params![machine_id, outcome.enforced_scope, now])?;
             refresh_isolation_state(conn, &machine_id)?;
-            get_action(conn, &action_id)?.ok_or(StoreError::NotFound)
+            let after = get_action(conn, &action_id)?.ok_or(StoreError::NotFound)?;
+            if after.status == action.status {
+                return Ok((after, Vec::new()));
+            }
+            Ok(changed(after, Some(action.status)))
+        })
+        .await
+    }
+
+    /// How many actions there are of each type and status, in one grouped
+    /// read (a scan of the actions: for a process that then keeps the
+    /// counts up to date from [`crate::StoreObserver::action_changed`]).
+    pub async fn action_counts(&self) -> Result<ActionCounts> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT action_type, status, count(*) FROM actions \
+                     GROUP BY action_type, status",
+                )?
+                .query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+                })?
+                .collect::<rusqlite::Result<_>>()?)
         })
         .await
     }
@@ -1191,8 +1216,9 @@ impl Store {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        self.write(move |conn| {
+        self.write_actions(move |conn| {
             let mut changed = Vec::new();
+            let mut changes = Vec::new();
             for id in candidates {
                 let Some(action) = get_action(conn, &id)? else { continue };
                 let info = match action.status.as_str() {
@@ -1210,15 +1236,32 @@ impl Store {
                 )?
                 .execute(params![id, now, info])?;
                 refresh_isolation_state(conn, &action.machine_id)?;
-                if let Some(action) = get_action(conn, &id)? {
-                    changed.push(action);
+                if let Some(after) = get_action(conn, &id)? {
+                    changed.push(after.clone());
+                    changes.push(ActionChange {
+                        action: after,
+                        from: Some(action.status),
+                    });
                 }
             }
-            Ok(changed)
+            Ok((changed, changes))
         })
         .await
     }
 }
+
+/// An action as it is after a change, with that change for the observer.
+fn changed(action: ActionRecord, from: Option<String>) -> (ActionRecord, Vec<ActionChange>) {
+    let change = ActionChange {
+        action: action.clone(),
+        from,
+    };
+    (action, vec![change])
+}
+
+/// How many actions there are of each type and status:
+/// `(type, status, count)`.
+pub type ActionCounts = Vec<(String, String, u64)>;
 
 fn app_from_row(row: &Row<'_>) -> rusqlite::Result<App> {
     let permissions: String = row.get(3)?;

@@ -45,7 +45,8 @@ pub struct TestServer {
     pub client_secret: String,
 }
 
-/// Rate limits (enrollment's too) off unless a test turns them on.
+/// Rate limits (enrollment's too) and the metrics listener off unless a
+/// test turns them on.
 pub fn test_config(dir: &Path) -> Config {
     let mut config = Config::new(dir.to_owned());
     config.listen = "127.0.0.1:0".parse().unwrap();
@@ -53,6 +54,9 @@ pub fn test_config(dir: &Path) -> Config {
     config.rate_limit_per_hour = 0;
     config.enroll_per_source_per_minute = 0;
     config.enroll_per_minute = 0;
+    // Never the default metrics port (tests run side by side); a test
+    // that reads the metrics asks for 127.0.0.1:0.
+    config.metrics_listen = server::monitoring::MetricsListen::Off;
     config
 }
 
