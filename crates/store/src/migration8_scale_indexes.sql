@@ -18,3 +18,8 @@ CREATE INDEX machines_name_nocase ON machines (computer_dns_name COLLATE NOCASE,
 
 -- The revoked machines, which the server polls to close their sessions.
 CREATE INDEX machines_revoked ON machines (id) WHERE revoked = 1;
+
+-- Actions counted by type and status (the server's per-type, per-status
+-- gauge, counted once at start): read from this index alone, never from
+-- the table, so a restart over millions of actions is not held up by it.
+CREATE INDEX actions_type_status ON actions (action_type, status);

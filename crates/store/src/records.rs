@@ -262,6 +262,10 @@ pub(crate) fn machine_by_name(in_groups: &str) -> String {
 /// The revoked machines: the partial index `machines_revoked` alone.
 pub(crate) const REVOKED_MACHINES: &str = "SELECT id FROM machines WHERE revoked = 1";
 
+/// Every action counted by type and status: one pass over a covering index.
+pub(crate) const ACTION_COUNTS: &str =
+    "SELECT action_type, status, count(*) FROM actions GROUP BY action_type, status";
+
 /// The in-flight actions past a deadline (`?1`: created before, for
 /// Pending; `?2`: updated before, for InProgress). The `status IN` term
 /// lets SQLite read only the actions in flight (through `actions_status_seq`
@@ -1185,10 +1189,7 @@ impl Store {
     pub async fn action_counts(&self) -> Result<ActionCounts> {
         self.read(|conn| {
             Ok(conn
-                .prepare_cached(
-                    "SELECT action_type, status, count(*) FROM actions \
-                     GROUP BY action_type, status",
-                )?
+                .prepare_cached(ACTION_COUNTS)?
                 .query_map([], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
                 })?
