@@ -204,6 +204,12 @@ pub struct Report {
     pub server_rss_bytes: u64,
     /// The server's resident memory, up and idle, before any agent.
     pub server_rss_idle_bytes: u64,
+    /// The server's resident memory once every agent is enrolled, before
+    /// any session (what the enrolled machines cost, apart from sessions).
+    pub server_rss_enrolled_bytes: u64,
+    /// (server_rss_bytes − server_rss_enrolled_bytes) ÷ agents connected:
+    /// the sessions alone.
+    pub rss_per_session_after_enrollment_bytes: u64,
     /// The server's resident memory at the end.
     pub server_rss_end_bytes: u64,
     /// The server's CPU time (user + system) at the end.
@@ -1114,7 +1120,12 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         task.await??;
     }
     let enroll_seconds = enroll_started.elapsed().as_secs_f64();
-    say(format!("{n} agents enrolled in {enroll_seconds:.1} s"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_enrolled = server.pid.map_or(0, rss_bytes);
+    say(format!(
+        "{n} agents enrolled in {enroll_seconds:.1} s; server {} MiB resident",
+        rss_enrolled >> 20
+    ));
     let enrolled: Vec<(String, Ed25519KeyPair)> =
         std::mem::take(&mut *results.lock().expect("lock"))
             .into_iter()
@@ -1274,6 +1285,9 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         server_pid: pid_end,
         server_rss_bytes: rss_sessions,
         server_rss_idle_bytes: rss_idle,
+        server_rss_enrolled_bytes: rss_enrolled,
+        rss_per_session_after_enrollment_bytes: rss_sessions.saturating_sub(rss_enrolled)
+            / agents_connected.max(1) as u64,
         server_rss_end_bytes: server.pid.map_or(0, rss_bytes),
         server_cpu_seconds: server.pid.map_or(0.0, cpu_seconds),
         rss_per_session_bytes: rss_per_session,
@@ -1684,11 +1698,13 @@ pub fn print(report: &Report) {
         report.p50_ms, report.p90_ms, report.p99_ms, report.max_ms
     );
     println!(
-        "  server pid {}: {:.1} MiB idle, {:.1} MiB with the sessions ({} bytes a session), {:.1} s CPU",
+        "  server pid {}: {:.1} MiB idle, {:.1} MiB enrolled, {:.1} MiB with the sessions ({} bytes a session; {} after enrollment), {:.1} s CPU",
         report.server_pid,
         report.server_rss_idle_bytes as f64 / 1048576.0,
+        report.server_rss_enrolled_bytes as f64 / 1048576.0,
         report.server_rss_bytes as f64 / 1048576.0,
         report.rss_per_session_bytes,
+        report.rss_per_session_after_enrollment_bytes,
         report.server_cpu_seconds
     );
     println!(
