@@ -48,8 +48,9 @@ pub const MIN_ADDRESSES: usize = 16;
 /// Enrollments and session openings in flight at once while the fleet
 /// comes up (the server's handshake share is 1,024 by default).
 const RAMP_CONCURRENCY: usize = 256;
-/// HTTPS connections the API driver keeps open at most.
-const API_POOL: usize = 16;
+/// HTTPS connections the API driver has open at most (the server caps
+/// connections from one source address at 64 by default).
+const API_POOL: usize = 24;
 /// Polls of action status in flight at once.
 const POLL_CONCURRENCY: usize = 64;
 /// The longest an action may take before the tool counts it as an error.
@@ -577,6 +578,7 @@ async fn prepare_store(store: &store::Store) -> anyhow::Result<(String, String, 
 
 fn spawn_cordon(exe: &Path, data: &Path, port: u16, small_caps: bool) -> anyhow::Result<Child> {
     let mut command = Command::new(exe);
+    command.arg("serve");
     if small_caps {
         // The open-file limit is too low for the default caps: leave the
         // descriptors to the agents' share (see check_file_limit).
@@ -589,7 +591,6 @@ fn spawn_cordon(exe: &Path, data: &Path, port: u16, small_caps: bool) -> anyhow:
     }
     command
         .args([
-            "serve",
             "--listen",
             &format!("127.0.0.1:{port}"),
             // The benchmark's own enrollments come from a few addresses at
@@ -616,9 +617,17 @@ fn spawn_cordon(exe: &Path, data: &Path, port: u16, small_caps: bool) -> anyhow:
         })
 }
 
-async fn wait_for_port(port: u16, ca: &Path, limit: Duration) -> anyhow::Result<()> {
+async fn wait_for_port(
+    port: u16,
+    ca: &Path,
+    limit: Duration,
+    child: &mut Child,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            bail!("the server stopped: {status}");
+        }
         if ca.exists()
             && tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -669,7 +678,7 @@ async fn start_target(target: &Target, small_caps: bool) -> anyhow::Result<Serve
             let child = spawn_cordon(exe, &data.0, port, small_caps)?;
             let ca = data.0.join("ca.pem");
             let pid = child.id();
-            let server = ServerUnderTest {
+            let mut server = ServerUnderTest {
                 url: format!("https://localhost:{port}"),
                 ca: ca.clone(),
                 tenant,
@@ -682,7 +691,8 @@ async fn start_target(target: &Target, small_caps: bool) -> anyhow::Result<Serve
                 in_process: None,
                 _data: Some(data),
             };
-            wait_for_port(port, &ca, Duration::from_secs(30)).await?;
+            let child = server.child.as_mut().expect("just started");
+            wait_for_port(port, &ca, Duration::from_secs(30), child).await?;
             Ok(server)
         }
         Target::InProcess => {
@@ -735,10 +745,12 @@ impl ServerUnderTest {
             child.kill()?;
             child.wait()?;
         }
-        self.child = Some(spawn_cordon(&exe, &data, port, small_caps)?);
-        self.pid = self.child.as_ref().map(Child::id);
+        let child = self
+            .child
+            .insert(spawn_cordon(&exe, &data, port, small_caps)?);
+        self.pid = Some(child.id());
         // The CA file stays; wait until the port answers.
-        wait_for_port(port, &self.ca, Duration::from_secs(60)).await?;
+        wait_for_port(port, &self.ca, Duration::from_secs(60), child).await?;
         Ok(killed.elapsed())
     }
 }
@@ -748,6 +760,8 @@ struct Api {
     tls: Arc<rustls::ClientConfig>,
     url: String,
     pool: Mutex<Vec<HttpsClient>>,
+    /// A permit for each connection: requests wait for one.
+    connections: Semaphore,
     auth: Mutex<String>,
 }
 
@@ -758,6 +772,7 @@ impl Api {
         path: &str,
         body: &'static str,
     ) -> anyhow::Result<Reply> {
+        let _permit = self.connections.acquire().await.expect("never closed");
         let client = self.pool.lock().expect("lock").pop();
         let mut client = match client {
             Some(c) => c,
@@ -775,10 +790,7 @@ impl Api {
                 body,
             )
             .await?;
-        let mut pool = self.pool.lock().expect("lock");
-        if pool.len() < API_POOL {
-            pool.push(client);
-        }
+        self.pool.lock().expect("lock").push(client);
         Ok(reply)
     }
 
@@ -1080,6 +1092,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         tls: tls.clone(),
         url: server.url.clone(),
         pool: Mutex::new(Vec::new()),
+        connections: Semaphore::new(API_POOL),
         auth: Mutex::new(String::new()),
     });
     api.sign_in(&server).await?;
@@ -1221,7 +1234,10 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         }
         tokio::time::sleep_until(at).await;
         let Some(index) = pick(&fleet, &mut rng) else {
-            fleet.stats.error("no idle connected machine to call on");
+            // Right after a restart few agents may be back yet.
+            if !RESTARTING.load(Ordering::Acquire) {
+                fleet.stats.error("no idle connected machine to call on");
+            }
             continue;
         };
         calls.push(tokio::spawn(call(
@@ -1238,6 +1254,17 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     for task in calls {
         let _ = task.await;
     }
+    let restart = match restart {
+        Some(task) => {
+            let report = task.await?;
+            say(format!(
+                "agents back {:?} s after the kill; the burst's {} actions succeeded {:?} s after it",
+                report.agents_back_s, report.actions_before_kill, report.actions_succeeded_s
+            ));
+            Some(report)
+        }
+        None => None,
+    };
     let calls_done = started.elapsed();
     say(format!(
         "{} calls in {:.1} s",
@@ -1474,7 +1501,8 @@ impl Api {
 static RESTARTING: AtomicBool = AtomicBool::new(false);
 
 /// `--restart-after`: a burst of calls, `kill -9` once they are answered,
-/// restart, then wait for the agents and the burst's actions.
+/// and a restart; returns once the new server answers, with a task that
+/// waits for the agents and the burst's actions (the calls go on meanwhile).
 #[allow(clippy::too_many_arguments)]
 async fn restart_server(
     server: &mut ServerUnderTest,
@@ -1487,7 +1515,7 @@ async fn restart_server(
     rng: &mut Rng,
     after: Duration,
     say: &impl Fn(String),
-) -> anyhow::Result<RestartReport> {
+) -> anyhow::Result<tokio::task::JoinHandle<RestartReport>> {
     let n = fleet.slots.len();
     let burst = (n / 100).clamp(1, 1_000);
     let barrier = Arc::new(tokio::sync::Barrier::new(burst + 1));
@@ -1540,47 +1568,46 @@ async fn restart_server(
         server.pid.unwrap_or(0),
         server_up.as_secs_f64()
     ));
-    // The agents notice the kill (their connections reset) and come back.
-    let limit = Duration::from_secs(120);
-    let mut agents_back = None;
-    while killed.elapsed() < limit {
-        if fleet.stats.connected.load(Ordering::Acquire) >= n {
-            agents_back = Some(killed.elapsed());
-            break;
+    let fleet = fleet.clone();
+    let pid_after = server.pid.unwrap_or(0);
+    Ok(tokio::spawn(async move {
+        // The agents notice the kill (their connections reset) and come back.
+        let limit = Duration::from_secs(120);
+        let mut agents_back = None;
+        while killed.elapsed() < limit {
+            if fleet.stats.connected.load(Ordering::Acquire) >= n {
+                agents_back = Some(killed.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut finished = Vec::new();
-    for task in tasks {
-        finished.push(task.await.ok().flatten());
-    }
-    let all_succeeded = finished.iter().filter(|f| f.is_some()).count() == picked;
-    let actions_succeeded = all_succeeded.then(|| {
-        finished
-            .iter()
-            .flatten()
-            .map(|at| at.saturating_duration_since(killed))
-            .max()
-            .unwrap_or_default()
-            .as_secs_f64()
-    });
-    RESTARTING.store(false, Ordering::Release);
-    fleet.stats.counting.store(true, Ordering::Release);
-    say(format!(
-        "agents back {:?} s after the kill; the burst's {picked} actions succeeded {:?} s after it",
-        agents_back.map(|d| d.as_secs_f64()),
-        actions_succeeded
-    ));
-    Ok(RestartReport {
-        killed_after_s: after.as_secs_f64(),
-        agents_at_kill,
-        server_up_s: server_up.as_secs_f64(),
-        agents_back_s: agents_back.map(|d| d.as_secs_f64()),
-        actions_before_kill: picked,
-        actions_unfinished_at_kill: unfinished,
-        actions_succeeded_s: actions_succeeded,
-        pid_after: server.pid.unwrap_or(0),
-    })
+        let mut finished = Vec::new();
+        for task in tasks {
+            finished.push(task.await.ok().flatten());
+        }
+        let all_succeeded = finished.iter().filter(|f| f.is_some()).count() == picked;
+        let actions_succeeded = all_succeeded.then(|| {
+            finished
+                .iter()
+                .flatten()
+                .map(|at| at.saturating_duration_since(killed))
+                .max()
+                .unwrap_or_default()
+                .as_secs_f64()
+        });
+        RESTARTING.store(false, Ordering::Release);
+        fleet.stats.counting.store(true, Ordering::Release);
+        RestartReport {
+            killed_after_s: after.as_secs_f64(),
+            agents_at_kill,
+            server_up_s: server_up.as_secs_f64(),
+            agents_back_s: agents_back.map(|d| d.as_secs_f64()),
+            actions_before_kill: picked,
+            actions_unfinished_at_kill: unfinished,
+            actions_succeeded_s: actions_succeeded,
+            pid_after,
+        }
+    }))
 }
 
 /// `--offline-probes`: K agents go away, are isolated while away, and come
