@@ -676,6 +676,7 @@ async fn run_session<IO>(
                 scope: machine.isolation_scope,
                 exclusion_version: machine.exclusion_version,
             },
+            machine.facts,
             facts,
             enforced,
             reader,
@@ -728,6 +729,7 @@ async fn serve_session<R, W>(
     state: Arc<AppState>,
     machine_id: String,
     mut reported: Reported,
+    known_facts: Facts,
     facts: HostFacts,
     enforced: Enforced,
     mut reader: BufReader<R>,
@@ -740,6 +742,10 @@ where
     // Boxed, like `handle` below: done once, not kept in an idle session.
     Box::pin(async {
         match facts_from(facts) {
+            // A reconnecting agent usually reports what is stored: no
+            // write then (a fleet reconnecting after a restart would make
+            // one durable write per agent for nothing).
+            Ok(facts) if facts == known_facts => {}
             Ok(facts) => {
                 if let Err(e) = state.store.update_facts(&machine_id, facts).await {
                     tracing::warn!(error = %e, "could not record host facts");
