@@ -3,11 +3,11 @@
 //!
 //! Each simulated agent is the agent library's own session client
 //! ([`agent::Session`]) with a key of its own, enrolled through the real
-//! enrollment endpoint and connected over real TLS from an address in
-//! 127.0.0.0/8 (at most 1,000 agents an address and at least 16
-//! addresses, so more sessions fit than one address has ports, and the
-//! server's cap of connections in handshake per source address is not
-//! what limits how fast the fleet connects). It answers pushed actions as `cordon-agent` does
+//! enrollment endpoint and connected over real TLS from an address of its
+//! own in 127.0.0.0/8 (127.0.0.2 and up), as each machine of a fleet has
+//! its own: so any number of sessions fits (one address has only some
+//! 28,000 ports), and the server's caps per source address see what they
+//! would see from a real fleet. It answers pushed actions as `cordon-agent` does
 //! (ack, wait for proceed, result) except that nothing is applied to the
 //! kernel: the result reports success at once. It sends heartbeats at the
 //! server's interval, jittered, and reconnects with jittered exponential
@@ -41,10 +41,6 @@ use proto::agent::{
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore};
 
-/// Most simulated agents that share one loopback source address.
-pub const AGENTS_PER_ADDRESS: usize = 1_000;
-/// Fewest loopback source addresses the agents are spread over.
-pub const MIN_ADDRESSES: usize = 16;
 /// Enrollments and session openings in flight at once while the fleet
 /// comes up (the server's handshake share is 1,024 by default).
 const RAMP_CONCURRENCY: usize = 256;
@@ -322,11 +318,10 @@ pub fn backoff(rng: &mut Rng, attempt: u32, hint: Option<Duration>) -> Duration 
     }
 }
 
-/// The loopback address simulated agent `index` of `agents` connects
-/// from: 127.0.0.2 and up, in turn.
-pub fn source_address(index: usize, agents: usize) -> IpAddr {
-    let addresses = agents.div_ceil(AGENTS_PER_ADDRESS).max(MIN_ADDRESSES);
-    let n = 2 + (index % addresses) as u32;
+/// The loopback address simulated agent `index` connects from:
+/// 127.0.0.2 and up (127.0.0.1 is the API driver's).
+pub fn source_address(index: usize) -> IpAddr {
+    let n = 2 + (index as u32 % 0x00ff_fff0);
     IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 0)) + n))
 }
 
@@ -850,7 +845,6 @@ async fn enroll_one(
     client: &mut HttpsClient,
     token: &str,
     index: usize,
-    agents: usize,
     rng: &mut Rng,
 ) -> anyhow::Result<(String, Ed25519KeyPair)> {
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
@@ -866,7 +860,7 @@ async fn enroll_one(
         token: token.to_owned(),
         public_key,
         proof,
-        facts: facts(index, source_address(index, agents)),
+        facts: facts(index, source_address(index)),
     })?;
     let mut attempt = 0;
     loop {
@@ -909,7 +903,7 @@ enum Ended {
 
 /// Runs one simulated agent until its task is aborted.
 async fn run_agent(fleet: Arc<Fleet>, index: usize, identity: Identity, ramp: Arc<Semaphore>) {
-    let local = source_address(index, fleet.slots.len());
+    let local = source_address(index);
     let slot = &fleet.slots[index];
     let stats = &fleet.stats;
     let mut rng = Rng::new();
@@ -1124,7 +1118,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
                 if index >= n {
                     return anyhow::Ok(());
                 }
-                let enrolled = enroll_one(&mut client, &token, index, n, &mut rng).await?;
+                let enrolled = enroll_one(&mut client, &token, index, &mut rng).await?;
                 results.lock().expect("lock")[index] = Some(enrolled);
             }
         }));
