@@ -280,7 +280,7 @@ impl Rng {
         Rng(u64::from_le_bytes(seed) | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         // xorshift64*
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -290,11 +290,11 @@ impl Rng {
 
     /// A number in [0, 1).
     pub fn fraction(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.next_u64() % n as u64) as usize
     }
 }
 
@@ -694,7 +694,7 @@ async fn start_target(target: &Target, small_caps: bool) -> anyhow::Result<Serve
             let data = std::env::temp_dir().join(format!(
                 "cordon-fleet-{}-{}",
                 std::process::id(),
-                Rng::new().next() % 1_000_000
+                Rng::new().next_u64() % 1_000_000
             ));
             let _ = std::fs::remove_dir_all(&data);
             let data = DataDir(data);
@@ -838,6 +838,9 @@ fn facts(index: usize, local: IpAddr) -> HostFacts {
         ..Default::default()
     }
 }
+
+/// An enrolled agent: its machine id and key.
+type Enrolled = (String, Ed25519KeyPair);
 
 /// Enrolls one simulated agent through the enrollment endpoint; retries
 /// "come back later" answers (429, 503) with backoff.
@@ -1103,7 +1106,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     // Enroll, through the endpoint, with a few keep-alive connections.
     let enroll_started = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
-    let results: Arc<Mutex<Vec<Option<(String, Ed25519KeyPair)>>>> =
+    let results: Arc<Mutex<Vec<Option<Enrolled>>>> =
         Arc::new(Mutex::new((0..n).map(|_| None).collect()));
     let mut tasks = Vec::new();
     for _ in 0..32.min(n) {

@@ -257,7 +257,7 @@ enum Benchmark {
     /// Simulated agents held by one server while the API isolates and
     /// releases random machines: 201 -> Succeeded latency, server memory a
     /// session, restarts, offline agents.
-    Fleet(bench::fleet::FleetArgs),
+    Fleet(Box<bench::fleet::FleetArgs>),
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -266,7 +266,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         None => api(cli.machines).await,
         Some(Benchmark::Api { machines }) => api(machines).await,
-        Some(Benchmark::Fleet(args)) => fleet(args).await,
+        Some(Benchmark::Fleet(args)) => fleet(*args).await,
     }
 }
 

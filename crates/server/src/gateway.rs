@@ -676,8 +676,13 @@ async fn run_session<IO>(
                 scope: machine.isolation_scope,
                 exclusion_version: machine.exclusion_version,
             },
-            machine.facts,
-            facts,
+            // A reconnecting agent usually reports what is stored: nothing
+            // to write then (a fleet reconnecting after a restart would make
+            // one durable write per agent for nothing).
+            match facts_from(facts) {
+                Ok(facts) if facts == machine.facts => None,
+                reported => Some(reported),
+            },
             enforced,
             reader,
             writer,
@@ -729,8 +734,7 @@ async fn serve_session<R, W>(
     state: Arc<AppState>,
     machine_id: String,
     mut reported: Reported,
-    known_facts: Facts,
-    facts: HostFacts,
+    facts: Option<Result<Facts, String>>,
     enforced: Enforced,
     mut reader: BufReader<R>,
     mut writer: W,
@@ -741,17 +745,14 @@ where
 {
     // Boxed, like `handle` below: done once, not kept in an idle session.
     Box::pin(async {
-        match facts_from(facts) {
-            // A reconnecting agent usually reports what is stored: no
-            // write then (a fleet reconnecting after a restart would make
-            // one durable write per agent for nothing).
-            Ok(facts) if facts == known_facts => {}
-            Ok(facts) => {
+        match facts {
+            None => {}
+            Some(Ok(facts)) => {
                 if let Err(e) = state.store.update_facts(&machine_id, facts).await {
                     tracing::warn!(error = %e, "could not record host facts");
                 }
             }
-            Err(reason) => tracing::info!(%reason, "host facts ignored"),
+            Some(Err(reason)) => tracing::info!(%reason, "host facts ignored"),
         }
         reported
             .record_scope(&state, &machine_id, enforced_scope(enforced))
