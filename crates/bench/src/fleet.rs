@@ -47,6 +47,8 @@ const RAMP_CONCURRENCY: usize = 256;
 /// HTTPS connections the API driver has open at most (the server caps
 /// connections from one source address at 64 by default).
 const API_POOL: usize = 24;
+/// Tries of one API request refused with "come back later".
+const API_ATTEMPTS: u32 = 6;
 /// Polls of action status in flight at once.
 const POLL_CONCURRENCY: usize = 64;
 /// The longest an action may take before the tool counts it as an error.
@@ -228,6 +230,8 @@ pub struct Report {
     pub session_failures: u64,
     /// Agents that stopped trying (`Revoked`, `UnknownMachine`).
     pub agents_gave_up: u64,
+    /// API requests sent again after a 503 or a refused connection.
+    pub api_retries: u64,
     /// Some message for each kind of error, with its count.
     pub error_kinds: HashMap<String, u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -757,6 +761,8 @@ struct Api {
     pool: Mutex<Vec<HttpsClient>>,
     /// A permit for each connection: requests wait for one.
     connections: Semaphore,
+    /// Requests sent again after a "come back later".
+    retries: AtomicU64,
     auth: Mutex<String>,
 }
 
@@ -768,25 +774,51 @@ impl Api {
         body: &'static str,
     ) -> anyhow::Result<Reply> {
         let _permit = self.connections.acquire().await.expect("never closed");
-        let client = self.pool.lock().expect("lock").pop();
-        let mut client = match client {
-            Some(c) => c,
-            None => HttpsClient::new(self.tls.clone(), &self.url)?,
-        };
-        let auth = self.auth.lock().expect("lock").clone();
-        let reply = client
-            .request(
-                method,
-                path,
-                &[
-                    ("authorization", &auth),
-                    ("content-type", "application/json"),
-                ],
-                body,
-            )
-            .await?;
-        self.pool.lock().expect("lock").push(client);
-        Ok(reply)
+        let mut rng = Rng::new();
+        let mut attempt = 0;
+        loop {
+            let client = self.pool.lock().expect("lock").pop();
+            let mut client = match client {
+                Some(c) => c,
+                None => HttpsClient::new(self.tls.clone(), &self.url)?,
+            };
+            let auth = self.auth.lock().expect("lock").clone();
+            let reply = client
+                .request(
+                    method.clone(),
+                    path,
+                    &[
+                        ("authorization", &auth),
+                        ("content-type", "application/json"),
+                    ],
+                    body,
+                )
+                .await;
+            // "Come back later": a 503 (the server's connection caps), or a
+            // new connection refused before any request was sent (its
+            // handshake share full, as while a fleet reconnects). Retried
+            // like a client would, a few times; counted in `api_retries`.
+            let hint = match reply {
+                Ok(reply) if reply.status == 503 && attempt < API_ATTEMPTS => retry_after(&reply),
+                Ok(reply) => {
+                    self.pool.lock().expect("lock").push(client);
+                    return Ok(reply);
+                }
+                Err(e) => {
+                    let text = format!("{e:#}");
+                    let unsent =
+                        text.contains("TLS handshake with") || text.contains("cannot connect to");
+                    if !unsent || attempt >= API_ATTEMPTS {
+                        return Err(e);
+                    }
+                    None
+                }
+            };
+            self.retries.fetch_add(1, Ordering::Relaxed);
+            let wait = backoff(&mut rng, attempt, hint).min(Duration::from_secs(5));
+            tokio::time::sleep(wait.max(Duration::from_millis(20))).await;
+            attempt += 1;
+        }
     }
 
     async fn sign_in(&self, server: &ServerUnderTest) -> anyhow::Result<()> {
@@ -1090,6 +1122,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         url: server.url.clone(),
         pool: Mutex::new(Vec::new()),
         connections: Semaphore::new(API_POOL),
+        retries: AtomicU64::new(0),
         auth: Mutex::new(String::new()),
     });
     api.sign_in(&server).await?;
@@ -1322,6 +1355,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         sessions_dropped: fleet.stats.sessions_dropped.load(Ordering::Relaxed),
         session_failures: fleet.stats.session_failures.load(Ordering::Relaxed),
         agents_gave_up: fleet.stats.gave_up.load(Ordering::Relaxed),
+        api_retries: api.retries.load(Ordering::Relaxed),
         error_kinds: fleet.stats.error_kinds.lock().expect("lock").clone(),
         restart,
         offline,
@@ -1732,12 +1766,13 @@ pub fn print(report: &Report) {
         report.server_cpu_seconds
     );
     println!(
-        "  enrolled in {:.1} s, connected in {:.1} s; sessions dropped {}, failed attempts {}, agents gave up {}",
+        "  enrolled in {:.1} s, connected in {:.1} s; sessions dropped {}, failed attempts {}, agents gave up {}, API retries {}",
         report.enroll_seconds,
         report.connect_seconds,
         report.sessions_dropped,
         report.session_failures,
-        report.agents_gave_up
+        report.agents_gave_up,
+        report.api_retries
     );
     if let Some(r) = &report.restart {
         println!(
