@@ -60,15 +60,61 @@ pub async fn connect_tls(
     host: &str,
     port: u16,
 ) -> anyhow::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect((host, port))
-        .await
-        .with_context(|| format!("cannot connect to {host}:{port}"))?;
+    connect_tls_from(config, host, port, None).await
+}
+
+/// Opens a TLS connection to `host:port` from the local address `local`
+/// (any port), or from the address the system picks when `None`. The fleet
+/// benchmark spreads its simulated agents over many loopback addresses so
+/// that more sessions fit than one address has ports.
+pub async fn connect_tls_from(
+    config: Arc<rustls::ClientConfig>,
+    host: &str,
+    port: u16,
+    local: Option<std::net::IpAddr>,
+) -> anyhow::Result<TlsStream<TcpStream>> {
+    let tcp = match local {
+        None => TcpStream::connect((host, port)).await,
+        Some(local) => connect_from(local, host, port).await,
+    }
+    .with_context(|| format!("cannot connect to {host}:{port}"))?;
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(host.to_owned()).context("bad server name")?;
     tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
         .with_context(|| format!("TLS handshake with {host}:{port} failed"))
+}
+
+/// Connects to the first address of `host:port` of the same family as
+/// `local`, bound to `local` first.
+async fn connect_from(
+    local: std::net::IpAddr,
+    host: &str,
+    port: u16,
+) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        if addr.is_ipv4() != local.is_ipv4() {
+            continue;
+        }
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(std::net::SocketAddr::new(local, 0))?;
+        match socket.connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{host} has no address of the family of {local}"),
+        )
+    }))
 }
 
 /// A response: status, headers and the whole body.

@@ -10,7 +10,7 @@ use hyper_util::rt::TokioIo;
 use proto::agent::{AgentError, AgentMessage, Enforced, HostFacts, MAX_LINE, ServerMessage};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 
-use crate::https::{connect_tls, parse_server};
+use crate::https::{connect_tls_from, parse_server};
 use crate::identity::Identity;
 
 type Io = TokioIo<hyper::upgrade::Upgraded>;
@@ -67,12 +67,23 @@ impl Session {
         facts: HostFacts,
         enforced: Enforced,
     ) -> anyhow::Result<Session> {
+        Session::open_from(identity, facts, enforced, None).await
+    }
+
+    /// Like [`Session::open`], from the local address `local` (see
+    /// [`crate::https::connect_tls_from`]).
+    pub async fn open_from(
+        identity: &Identity,
+        facts: HostFacts,
+        enforced: Enforced,
+        local: Option<std::net::IpAddr>,
+    ) -> anyhow::Result<Session> {
         let (host, port) = parse_server(&identity.server)?;
         // Announced as an agent's session connection: the server counts it
         // in the agents' share, not the API clients'.
         let mut tls_config = (*identity.tls).clone();
         tls_config.alpn_protocols = vec![proto::agent::SESSION_ALPN.to_vec(), b"http/1.1".to_vec()];
-        let tls = connect_tls(std::sync::Arc::new(tls_config), &host, port).await?;
+        let tls = connect_tls_from(std::sync::Arc::new(tls_config), &host, port, local).await?;
         let peer = tls.get_ref().0.peer_addr()?;
         let exporter = tls
             .get_ref()
@@ -119,7 +130,9 @@ impl Session {
         let upgraded = hyper::upgrade::on(response).await?;
         let (read, writer) = tokio::io::split(TokioIo::new(upgraded));
         let mut session = Session {
-            reader: BufReader::new(read),
+            // Small: the server sends short lines (a longer one is read in
+            // parts), and a fleet of simulated agents holds many sessions.
+            reader: BufReader::with_capacity(2048, read),
             writer,
             heartbeat_seconds: 30,
             peer,

@@ -236,23 +236,58 @@ fn report(label: &str, rates: &mut [f64], p50s: &mut [f64], p99s: &mut [f64]) {
 
 /// Measures a release `cordon serve` on loopback, as BENCHMARKS.md reports
 /// it: build with `cargo build --release` first (it runs the `cordon` binary
-/// beside this one). Takes a few minutes.
+/// beside this one). Without a subcommand it runs the API benchmark (`api`).
 #[derive(clap::Parser)]
-#[command(name = "cordon-bench", version)]
+#[command(name = "cordon-bench", version, args_conflicts_with_subcommands = true)]
 struct Cli {
-    /// How many enrolled machines to prepare.
+    #[command(subcommand)]
+    command: Option<Benchmark>,
+    /// How many enrolled machines to prepare (the API benchmark).
     #[arg(default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
     machines: u32,
 }
 
+#[derive(clap::Subcommand)]
+enum Benchmark {
+    /// The API benchmark: isolate/unisolate, GET one action, scoped lists,
+    /// sign-in timing and push latency (the default; takes a few minutes).
+    Api {
+        /// How many enrolled machines to prepare.
+        #[arg(default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+        machines: u32,
+    },
+    /// Simulated agents held by one server while the API isolates and
+    /// releases random machines: 201 -> Succeeded latency, server memory a
+    /// session, restarts, offline agents.
+    Fleet(Box<bench::fleet::FleetArgs>),
+    /// A store of millions of actions (5 million over 100,000 machines by
+    /// default), filled directly, then the lists on it through the API.
+    Store(Box<store_scale::StoreCli>),
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    // `cordon-bench store …`: the big-store benchmark (store_scale.rs).
-    if std::env::args().nth(1).as_deref() == Some("store") {
-        return store_scale::main(std::env::args().skip(1)).await;
-    }
     let cli = <Cli as clap::Parser>::parse();
-    let machines = cli.machines as usize;
+    match cli.command {
+        None => api(cli.machines).await,
+        Some(Benchmark::Api { machines }) => api(machines).await,
+        Some(Benchmark::Fleet(args)) => fleet(*args).await,
+        Some(Benchmark::Store(args)) => store_scale::main(*args).await,
+    }
+}
+
+async fn fleet(args: bench::fleet::FleetArgs) -> anyhow::Result<()> {
+    let report = bench::fleet::run(args.options()?).await?;
+    bench::fleet::print(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn api(machines: u32) -> anyhow::Result<()> {
+    let machines = machines as usize;
     let data = std::env::temp_dir().join(format!("cordon-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data)?;

@@ -32,8 +32,7 @@ const CONNECTIONS: usize = 8;
 const PHASE_LIMIT: Duration = Duration::from_secs(6);
 
 /// `cordon-bench store`: fills a big store and measures the lists on it.
-#[derive(clap::Parser)]
-#[command(name = "cordon-bench store", version)]
+#[derive(clap::Args)]
 pub struct StoreCli {
     /// How many actions to write.
     #[arg(long, default_value_t = 5_000_000)]
@@ -692,8 +691,7 @@ fn figures_json(figures: &[(String, Figure)]) -> serde_json::Value {
         .into()
 }
 
-pub async fn main(args: impl Iterator<Item = String>) -> anyhow::Result<()> {
-    let cli = <StoreCli as clap::Parser>::parse_from(args);
+pub async fn main(cli: StoreCli) -> anyhow::Result<()> {
     let data = cli
         .dir
         .clone()

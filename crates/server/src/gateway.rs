@@ -51,8 +51,11 @@ async fn health() -> Response {
     (StatusCode::OK, "ok").into_response()
 }
 
+/// What is sent to a session's task. Kept small: a session's channel
+/// allocates room for a block of these when it is made, and a fleet holds
+/// one channel a session.
 enum Outbound {
-    Message(ServerMessage),
+    Message(Box<ServerMessage>),
     /// An `exclusions` message, serialized once for every session.
     Exclusions {
         version: i64,
@@ -60,9 +63,17 @@ enum Outbound {
     },
     Close {
         code: &'static str,
-        reason: String,
+        reason: &'static str,
     },
 }
+
+/// The read buffer of a session: the agent sends short lines (a hello of
+/// about 1 KiB at most with its addresses, then heartbeats, acks and
+/// results of a few hundred bytes); a longer one is read in parts. A fleet
+/// holds one per session, so it is small.
+const SESSION_READ_BUFFER: usize = 1024;
+/// A session's line buffer shrinks back to this after a longer message.
+const SESSION_LINE_KEPT: usize = 1024;
 
 struct SessionHandle {
     conn_id: u64,
@@ -99,7 +110,9 @@ impl Gateway {
         if let Some(session) = sessions.get(&action.machine_id) {
             let _ = session
                 .sender
-                .send(Outbound::Message(ServerMessage::Action(order(action))));
+                .send(Outbound::Message(Box::new(ServerMessage::Action(order(
+                    action,
+                )))));
         }
     }
 
@@ -170,7 +183,7 @@ impl Gateway {
         if let Some(previous) = previous {
             let _ = previous.sender.send(Outbound::Close {
                 code: "Replaced",
-                reason: "a newer session of this machine replaced this one".into(),
+                reason: "a newer session of this machine replaced this one",
             });
         }
         (conn_id, receiver)
@@ -228,7 +241,7 @@ impl Gateway {
                     if let Some(session) = sessions.get(&id) {
                         let _ = session.sender.send(Outbound::Close {
                             code: "Revoked",
-                            reason: "this machine's enrollment was revoked".into(),
+                            reason: "this machine's enrollment was revoked",
                         });
                     }
                 }
@@ -622,7 +635,7 @@ async fn run_session<IO>(
     IO: tokio::io::AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (read_half, mut writer) = tokio::io::split(io);
-    let mut reader = BufReader::new(read_half);
+    let mut reader = BufReader::with_capacity(SESSION_READ_BUFFER, read_half);
     let mut line = Vec::new();
     let nonce = STANDARD.encode(crypto::random_bytes::<32>());
     if send(
@@ -649,6 +662,8 @@ async fn run_session<IO>(
             .await;
         }
     };
+    // The hello's buffer is not needed again: the session reads into its own.
+    drop(line);
     let Ok(AgentMessage::Hello {
         machine_id,
         proof,
@@ -741,7 +756,13 @@ async fn run_session<IO>(
                 scope: machine.isolation_scope,
                 exclusion_version: machine.exclusion_version,
             },
-            facts,
+            // A reconnecting agent usually reports what is stored: nothing
+            // to write then (a fleet reconnecting after a restart would make
+            // one durable write per agent for nothing).
+            match facts_from(facts) {
+                Ok(facts) if facts == machine.facts => None,
+                reported => Some(reported),
+            },
             enforced,
             reader,
             writer,
@@ -797,7 +818,7 @@ async fn serve_session<R, W>(
     state: Arc<AppState>,
     machine_id: String,
     mut reported: Reported,
-    facts: HostFacts,
+    facts: Option<Result<Facts, String>>,
     enforced: Enforced,
     mut reader: BufReader<R>,
     mut writer: W,
@@ -807,22 +828,27 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    match facts_from(facts) {
-        Ok(facts) => {
-            if let Err(e) = state.store.update_facts(&machine_id, facts).await {
-                tracing::warn!(error = %e, "could not record host facts");
+    // Boxed, like `handle` below: done once, not kept in an idle session.
+    Box::pin(async {
+        match facts {
+            None => {}
+            Some(Ok(facts)) => {
+                if let Err(e) = state.store.update_facts(&machine_id, facts).await {
+                    tracing::warn!(error = %e, "could not record host facts");
+                }
             }
+            Some(Err(reason)) => tracing::info!(%reason, "host facts ignored"),
         }
-        Err(reason) => tracing::info!(%reason, "host facts ignored"),
-    }
-    reported
-        .record_scope(&state, &machine_id, enforced_scope(enforced))
-        .await;
-    if reported.scope.as_deref() != Some("Selective") {
         reported
-            .record_exclusion_version(&state, &machine_id, None)
+            .record_scope(&state, &machine_id, enforced_scope(enforced))
             .await;
-    }
+        if reported.scope.as_deref() != Some("Selective") {
+            reported
+                .record_exclusion_version(&state, &machine_id, None)
+                .await;
+        }
+    })
+    .await;
     let (conn_id, mut outbound) = state.gateway.register(&machine_id);
     state.gateway.touch(&machine_id);
     tracing::info!("session opened");
@@ -874,6 +900,9 @@ where
                     state.gateway.touch(&machine_id);
                     let parsed = crate::json::from_slice::<AgentMessage>(&line);
                     line.clear();
+                    if line.capacity() > SESSION_LINE_KEPT {
+                        line.shrink_to(SESSION_LINE_KEPT);
+                    }
                     let message = match parsed {
                         Ok(m) => m,
                         Err(e) => {
@@ -881,7 +910,9 @@ where
                             return Ok(());
                         }
                     };
-                    match handle(&state, &machine_id, &mut reported, exclusions_sent, message).await {
+                    // Boxed: the store calls' state lives only while a
+                    // message is handled, not in every idle session.
+                    match Box::pin(handle(&state, &machine_id, &mut reported, exclusions_sent, message)).await {
                         Ok(Some(reply)) => send(&mut writer, &reply).await?,
                         Ok(None) => {}
                         Err(violation) => {
@@ -900,7 +931,7 @@ where
                         }
                     }
                     Some(Outbound::Close { code, reason }) => {
-                        refuse(&mut writer, code, &reason).await;
+                        refuse(&mut writer, code, reason).await;
                         return Ok(());
                     }
                     None => return Ok(()),

@@ -1,0 +1,57 @@
+//! A small run of `cordon-bench fleet` as a correctness check: a thousand
+//! simulated agents enroll, connect over TLS from many loopback addresses
+//! and answer pushed actions while the API isolates and releases random
+//! machines, with the server in this process. No timing is asserted.
+
+use std::time::Duration;
+
+use bench::fleet::{Options, Target, run};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_agents_answer_every_action() {
+    let report = run(Options {
+        agents: 1_000,
+        rate: 40.0,
+        duration: Duration::from_secs(3),
+        restart_after: None,
+        offline_probes: 3,
+        target: Target::InProcess,
+        verbose: false,
+    })
+    .await
+    .expect("the fleet runs");
+    assert_eq!(report.agents_connected, 1_000, "{report:#?}");
+    assert_eq!(report.agents_connected_at_end, 1_000, "{report:#?}");
+    assert_eq!(report.errors, 0, "{report:#?}");
+    assert_eq!(report.agents_gave_up, 0, "{report:#?}");
+    // 120 calls, and the three offline probes.
+    assert!(report.actions >= 100, "{report:#?}");
+    assert_eq!(report.succeeded, report.actions, "{report:#?}");
+    assert!(report.p50_ms > 0.0 && report.p50_ms <= report.p99_ms);
+    assert!(report.p99_ms <= report.max_ms);
+    let offline = report.offline.as_ref().expect("offline probes ran");
+    assert_eq!((offline.probes, offline.received), (3, 3), "{report:#?}");
+    assert!(report.server_rss_bytes > 0 && report.server_cpu_seconds > 0.0);
+    assert_eq!(report.server_pid, std::process::id());
+
+    // What --json writes has every field the issue asks for.
+    let json = serde_json::to_value(&report).expect("serializes");
+    for field in [
+        "agents_connected",
+        "actions",
+        "succeeded",
+        "errors",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "max_ms",
+        "server_pid",
+        "server_rss_bytes",
+        "server_cpu_seconds",
+        "rss_per_session_bytes",
+        "agents_gave_up",
+        "offline",
+    ] {
+        assert!(json.get(field).is_some(), "{field} missing from {json}");
+    }
+}
