@@ -460,6 +460,26 @@ fn spawn_tamper_watch(own_port: u32) -> mpsc::UnboundedReceiver<()> {
     receiver
 }
 
+/// How long a session must have lasted for its end to start the backoff
+/// afresh.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+
+/// A `refused` the server sent during a session, as the error that ends
+/// it: its time to come back, if any, is honoured like a refusal at the
+/// session's start ([`AfterFailure::of`]).
+fn ended_by_server(
+    code: String,
+    reason: String,
+    retry_after_seconds: Option<u64>,
+) -> anyhow::Error {
+    anyhow::Error::new(crate::session::Refused {
+        code,
+        reason,
+        retry_after: retry_after_seconds.map(Duration::from_secs),
+    })
+    .context("the server ended the session")
+}
+
 /// Runs the agent until it is stopped. Stopping never lifts isolation.
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut agent = Agent::start(options)?;
@@ -473,14 +493,27 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         let mut server_hint = None;
         match Session::open(&agent.identity, facts, agent.state.enforced).await {
             Ok(mut session) => {
-                reconnect.connected();
+                let opened = std::time::Instant::now();
                 tracing::info!(server = %agent.identity.server, "session open");
                 for report in pending_reports.drain(..) {
                     let _ = session.send(&report).await;
                 }
-                match serve(&mut agent, &mut session, &mut tamper, &mut pending_reports).await {
+                let ended =
+                    serve(&mut agent, &mut session, &mut tamper, &mut pending_reports).await;
+                // Only a session that held for a while resets the backoff:
+                // one the server ends at once, again and again, makes the
+                // agent wait longer each time, as a failure to connect does.
+                if opened.elapsed() >= STABLE_SESSION {
+                    reconnect.connected();
+                }
+                match ended {
                     Ok(()) => tracing::info!("session ended"),
-                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "session ended"),
+                    Err(e) => {
+                        if let AfterFailure::Busy(hint) = AfterFailure::of(&e) {
+                            server_hint = Some(hint);
+                        }
+                        tracing::warn!(error = %format!("{e:#}"), "session ended")
+                    }
                 }
             }
             Err(e) => match AfterFailure::of(&e) {
@@ -564,8 +597,8 @@ async fn serve(
                                     tracing::info!(%action_id, %status, "action withdrawn by the server");
                                     break;
                                 }
-                                ServerMessage::Refused { code, reason, .. } => {
-                                    bail!("the server ended the session: {reason} ({code})")
+                                ServerMessage::Refused { code, reason, retry_after_seconds } => {
+                                    return Err(ended_by_server(code, reason, retry_after_seconds));
                                 }
                                 other => tracing::debug!(?other, "skipped while waiting for the go-ahead"),
                             }
@@ -576,7 +609,9 @@ async fn serve(
                             session.send(&report).await?;
                         }
                     }
-                    ServerMessage::Refused { code, reason, .. } => bail!("the server ended the session: {reason} ({code})"),
+                    ServerMessage::Refused { code, reason, retry_after_seconds } => {
+                        return Err(ended_by_server(code, reason, retry_after_seconds));
+                    }
                     other => tracing::debug!(?other, "ignored message"),
                 }
             }
@@ -638,6 +673,19 @@ fn result_message(outcome: &ActionOutcome) -> AgentMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_that_ends_a_session_keeps_its_time_to_come_back() {
+        let busy = ended_by_server("Unavailable".into(), "busy".into(), Some(7));
+        assert_eq!(
+            AfterFailure::of(&busy),
+            AfterFailure::Busy(Duration::from_secs(7))
+        );
+        let revoked = ended_by_server("Revoked".into(), "revoked".into(), None);
+        assert_eq!(AfterFailure::of(&revoked), AfterFailure::GiveUp);
+        let replaced = ended_by_server("Replaced".into(), "newer".into(), None);
+        assert_eq!(AfterFailure::of(&replaced), AfterFailure::Failed);
+    }
 
     fn order(machine: &str, kind: &str, scope: Option<&str>) -> ActionOrder {
         ActionOrder {

@@ -57,10 +57,10 @@ pub struct EnrollResponse {
     pub machine_id: String,
 }
 
-/// `code` of an [`AgentError`] (enrollment answered 503, with
-/// `Retry-After`) and of a `refused` session message (`Unavailable`) when
-/// the server has as much set-up work in progress as it takes and turns
-/// the caller away for a while.
+/// `code` of an [`AgentError`] when an enrollment is answered 503 (with
+/// `Retry-After`): the server has as many enrollments in progress as it
+/// takes and turns the caller away for a while. (A session is refused
+/// with [`UNAVAILABLE`] instead.)
 pub const SERVER_BUSY: &str = "ServerBusy";
 /// `code` of a `refused` session message that asks the agent to come back
 /// later (overload, a full share of sessions, a store error).

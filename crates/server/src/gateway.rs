@@ -623,6 +623,10 @@ async fn refuse_busy<W: AsyncWrite + Unpin>(
     .await;
 }
 
+/// How long a session's set-up (welcome, exclusion rules, pending actions)
+/// may take to be written to the agent.
+const SET_UP_DEADLINE: Duration = Duration::from_secs(10);
+
 /// `slot` is the connection's place among the open connections: it moves
 /// to the agents' share once the agent proved its key, and is held until
 /// the session ends.
@@ -853,31 +857,45 @@ where
     state.gateway.touch(&machine_id);
     tracing::info!("session opened");
     let result = async {
-        send(
-            &mut writer,
-            &ServerMessage::Welcome {
-                machine_id: machine_id.clone(),
-                heartbeat_seconds: state.config.heartbeat_interval.as_secs().max(1),
-            },
-        )
-        .await?;
-        // Registered first, then read: a change committed after this read
-        // is pushed to this session too.
-        let mut exclusions_sent = match state.store.exclusion_rule_set().await {
-            Ok(set) => {
-                send(&mut writer, &crate::exclusions::message(&set)).await?;
-                set.version
+        // The set-up's writes have a deadline: an agent that reads nothing
+        // can't keep its place among the set-ups in progress.
+        let set_up = async {
+            // Registered first, then read: a change committed after this
+            // read is pushed to this session too. Read before `welcome`,
+            // so that a store that can't answer is a refusal the agent
+            // sees at its session's start, with its time to come back.
+            let set = match state.store.exclusion_rule_set().await {
+                Ok(set) => set,
+                Err(e) => {
+                    tracing::error!(error = %e, "session: cannot read the exclusion rules");
+                    let busy = state.admission.sessions.retry_hint();
+                    refuse_busy(&mut writer, "the server cannot read its store", busy).await;
+                    return Ok(None);
+                }
+            };
+            send(
+                &mut writer,
+                &ServerMessage::Welcome {
+                    machine_id: machine_id.clone(),
+                    heartbeat_seconds: state.config.heartbeat_interval.as_secs().max(1),
+                },
+            )
+            .await?;
+            send(&mut writer, &crate::exclusions::message(&set)).await?;
+            for action in state.store.undelivered_actions(&machine_id).await.unwrap_or_default() {
+                send(&mut writer, &ServerMessage::Action(order(&action))).await?;
             }
-            Err(e) => {
-                tracing::error!(error = %e, "session: cannot read the exclusion rules");
-                let busy = state.admission.sessions.retry_hint();
-                refuse_busy(&mut writer, "the server cannot read its store", busy).await;
+            std::io::Result::Ok(Some(set.version))
+        };
+        let mut exclusions_sent = match tokio::time::timeout(SET_UP_DEADLINE, set_up).await {
+            Ok(Ok(Some(version))) => version,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                tracing::info!("session closed: its set-up was not read within the deadline");
                 return Ok(());
             }
         };
-        for action in state.store.undelivered_actions(&machine_id).await.unwrap_or_default() {
-            send(&mut writer, &ServerMessage::Action(order(&action))).await?;
-        }
         // Set up: the place goes to the next in line.
         drop(setup);
         let idle_limit = state.config.heartbeat_interval * 3 + Duration::from_secs(5);

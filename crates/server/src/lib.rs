@@ -780,6 +780,11 @@ async fn watch_exclusions(state: Arc<AppState>) {
 /// finish the request it is serving.
 const CLOSING_GRACE: Duration = Duration::from_secs(30);
 
+/// How long a TLS handshake keeps its place among those in progress
+/// (admission): its cryptography is done within milliseconds; the rest is
+/// the client's round trip.
+const HANDSHAKE_PLACE_HOLD: Duration = Duration::from_secs(1);
+
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
@@ -851,11 +856,23 @@ async fn accept_loop(
                 } else {
                     &state.admission.tls_others
                 };
-                let _place = gate
+                let place = gate
                     .enter()
                     .await
                     .map_err(|_| std::io::Error::other("too many TLS handshakes in progress"))?;
-                start.into_stream(acceptor.config().clone()).await
+                // The server's cryptography runs as the handshake starts
+                // (on the ClientHello already read); then it waits for the
+                // client's answer. The place is held for at most
+                // HANDSHAKE_PLACE_HOLD, so a client that stalls can't keep it.
+                let accept = start.into_stream(acceptor.config().clone());
+                tokio::pin!(accept);
+                tokio::select! {
+                    done = &mut accept => done,
+                    _ = tokio::time::sleep(HANDSHAKE_PLACE_HOLD) => {
+                        drop(place);
+                        accept.await
+                    }
+                }
             };
             // Ten seconds for the handshake, besides its wait for a place.
             let tls_deadline = Duration::from_secs(10) + state.config.admission.queue_timeout;

@@ -385,6 +385,87 @@ async fn a_tls_handshake_waits_for_its_place_in_its_own_line() {
     assert_eq!(reply.status, 200);
 }
 
+/// A client that sends its ClientHello and then nothing more keeps its
+/// handshake place for a second at most: another client in line gets it
+/// well within the queue timeout (before, the stalled one held it for its
+/// whole ten-second handshake deadline and the other was turned away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_its_handshake_gives_its_place_up() {
+    let server = TestServer::start_with(|config| {
+        config.admission.tls_handshakes = 1;
+        config.admission.queue_timeout = Duration::from_secs(4);
+    })
+    .await;
+    let others = server.server.state.admission.tls_others.clone();
+    // The ClientHello, written by a real TLS client; then silence.
+    let mut client = rustls::ClientConnection::new(
+        agent::https::tls_config(&server.ca).unwrap(),
+        rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+    )
+    .unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+    let mut stalled = socket.connect(server.server.local_addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, &hello)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while others.stats().in_progress == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never admitted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        tls_from(&server, "127.0.0.2").await.is_ok(),
+        "the second client got the stalled one's place"
+    );
+    assert_eq!(others.stats().turned_away, 0);
+    drop(stalled);
+}
+
+/// A session the server cannot set up (its store doesn't answer) is
+/// refused before its `welcome`, with a time to come back, so the agent's
+/// `Session::open` sees the refusal and honours the time (it would
+/// otherwise take the session as open and reset its backoff).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_store_cannot_set_up_is_told_to_come_back_before_its_welcome() {
+    let server = TestServer::start().await;
+    let agent = server.enroll("unready").await;
+    let database = server.dir.0.join(server::DATABASE_FILE);
+    let conn = rusqlite::Connection::open(&database).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute_batch("ALTER TABLE exclusion_rules RENAME TO exclusion_rules_moved")
+        .unwrap();
+    let opened = Session::open(
+        &agent.identity,
+        agent::host_facts(Some(&agent.name)),
+        Enforced::NotIsolated,
+    )
+    .await;
+    let error = opened.err().expect("refused at the session's start");
+    let refused = error.downcast_ref::<Refused>().expect("a refusal");
+    assert_eq!(refused.code, "Unavailable", "{refused}");
+    assert!(refused.retry_after.is_some(), "{refused}");
+    assert!(
+        !server
+            .server
+            .state
+            .gateway
+            .is_connected(&agent.machine_id())
+    );
+    conn.execute_batch("ALTER TABLE exclusion_rules_moved RENAME TO exclusion_rules")
+        .unwrap();
+    let _session = agent.connect().await;
+    assert!(
+        server
+            .server
+            .state
+            .gateway
+            .is_connected(&agent.machine_id())
+    );
+}
+
 /// A measurement, not a check (run it on a release build): a `cordon
 /// serve` process with the default bounds, and `CORDON_BURST_AGENTS`
 /// (5,000) enrolled agents opening their sessions at the same instant,
