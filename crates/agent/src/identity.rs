@@ -325,7 +325,10 @@ pub async fn enroll(
             bail!("enrollment refused: {reason} ({code})");
         };
         let wait = crate::retry::next_wait(attempt, Some(hint));
-        if attempt >= ENROLL_ATTEMPTS || started.elapsed() + wait > ENROLL_PATIENCE {
+        // The first time asked is always waited (it may be longer than the
+        // patience: `--admission-max-retry-after` goes up to 5 minutes).
+        if attempt >= ENROLL_ATTEMPTS || (attempt > 1 && started.elapsed() + wait > ENROLL_PATIENCE)
+        {
             bail!(
                 "enrollment refused: {reason} ({code}); the server was still busy after \
                  {attempt} attempts over {} s: try again later",
