@@ -449,10 +449,13 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 /// Metrics connections open at once, at most; more wait in the kernel's
 /// backlog.
 const METRICS_CONNECTIONS: usize = 8;
-/// Time to send a request's head (also the keep-alive idle time).
-const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// A metrics connection is closed after this, whatever it does.
-const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Time to send the request's head.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A metrics connection is closed after this, whatever it does. With one
+/// request a connection (no keep-alive), whoever holds every slot must
+/// keep opening connections, and a scraper waiting in the backlog gets its
+/// turn within seconds.
+const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(5);
 
 /// Serves `GET /metrics` in plain HTTP on `listener` until aborted.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
@@ -482,6 +485,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .keep_alive(false)
                 .max_buf_size(8192)
                 .serve_connection(TokioIo::new(tcp), service);
             let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, connection).await;

@@ -397,6 +397,39 @@ async fn the_metrics_listener_serves_only_get_metrics() {
     assert!(body.contains("cordon_agent_sessions"), "{body}");
 }
 
+/// Whoever holds the listener's 8 connections can't keep them: each
+/// serves one request, and one that sends nothing is closed within
+/// seconds, so a scrape waiting behind them gets its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_connections_are_short_and_cannot_be_held() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_server, address) = with_metrics().await;
+    // One request a connection: the server closes it after its answer.
+    let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
+        .await
+        .expect("closed after one answer")
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    // Eight idle connections take every place; a scrape still gets in.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(tokio::net::TcpStream::connect(address).await.unwrap());
+    }
+    let (status, _) = tokio::time::timeout(
+        Duration::from_secs(8),
+        plain_http(address, "GET", "/metrics"),
+    )
+    .await
+    .expect("the scrape got a place within seconds");
+    assert_eq!(status, 200);
+    drop(idle);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_port_does_not_serve_metrics() {
     let (server, _) = with_metrics().await;
