@@ -318,7 +318,8 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// Whether the store answers a trivial read within [`READY_TIMEOUT`]; a
+    /// Whether the store answers a trivial read, and its writer a job that
+    /// changes nothing, within [`READY_TIMEOUT`]; a
     /// result is reused for [`READY_REUSE`], and one check runs at a time,
     /// so however many callers ask, the store sees at most one read a second.
     pub async fn store_ready(&self, state: &AppState) -> bool {
@@ -328,10 +329,23 @@ impl Metrics {
         {
             return ready;
         }
-        let why = match tokio::time::timeout(READY_TIMEOUT, state.store.meta("tenant_id")).await {
-            Ok(Ok(Some(_))) => None,
-            Ok(Ok(None)) => Some("the store has no tenant id".to_owned()),
-            Ok(Err(e)) => Some(e.to_string()),
+        // A read, and the writer's queue (isolations are writes: a writer
+        // stuck on its disk must make the server unready too).
+        let check = async {
+            match state.store.meta("tenant_id").await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Some("the store has no tenant id".to_owned()),
+                Err(e) => return Some(e.to_string()),
+            }
+            state
+                .store
+                .writer_answers()
+                .await
+                .err()
+                .map(|e| format!("the store's writer: {e}"))
+        };
+        let why = match tokio::time::timeout(READY_TIMEOUT, check).await {
+            Ok(why) => why,
             Err(_) => Some(format!(
                 "no answer within {} s",
                 READY_TIMEOUT.as_secs_f64()

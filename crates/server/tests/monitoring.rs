@@ -397,6 +397,55 @@ async fn the_metrics_listener_serves_only_get_metrics() {
     assert!(body.contains("cordon_agent_sessions"), "{body}");
 }
 
+/// A store that can be read but not written (another process holds its
+/// write lock, as a writer stuck on its disk would) is not ready either:
+/// isolations are writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_while_the_store_cannot_be_written() {
+    let server = TestServer::start().await;
+    let mut http = server.https();
+    let ready = |reply: &agent::Reply| {
+        (
+            reply.status.as_u16(),
+            String::from_utf8_lossy(&reply.body).into_owned(),
+        )
+    };
+    let reply = http
+        .request(Method::GET, "/readyz", &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(ready(&reply).0, 200);
+    let database = server.dir.0.join(server::DATABASE_FILE);
+    let conn = rusqlite::Connection::open(&database).unwrap();
+    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = http
+        .request(Method::GET, "/readyz", &[], Vec::new())
+        .await
+        .unwrap();
+    let (status, body) = ready(&reply);
+    assert_eq!(status, 503, "{body}");
+    // Reads still work meanwhile.
+    let reply = http
+        .request(Method::GET, "/healthz", &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    conn.execute_batch("COMMIT").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let reply = http
+            .request(Method::GET, "/readyz", &[], Vec::new())
+            .await
+            .unwrap();
+        if reply.status == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ready again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Whoever holds the listener's 8 connections can't keep them: each
 /// serves one request, and one that sends nothing is closed within
 /// seconds, so a scrape waiting behind them gets its turn.

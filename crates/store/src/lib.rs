@@ -221,6 +221,17 @@ impl Store {
         self.inner.observer.set(observer).is_ok()
     }
 
+    /// Whether the writer takes work: a job that changes nothing goes
+    /// through its queue and a group commit (a writer stuck on its disk, or
+    /// gone, never answers; the caller bounds the wait).
+    pub async fn writer_answers(&self) -> Result<()> {
+        self.write(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Runs `f` in the next group commit; resolves once it is durable.
     pub(crate) async fn write<T, F>(&self, f: F) -> Result<T>
     where
