@@ -253,6 +253,31 @@ fn local_addresses() -> Vec<HostAddress> {
     out
 }
 
+/// A new Ed25519 key pair (also as its PKCS#8 document, to keep) and the
+/// enrollment request that proves it to the server with `token` (the
+/// proof: the key's signature of the token and the public key).
+pub fn enroll_request(
+    token: &str,
+    facts: HostFacts,
+) -> anyhow::Result<(aws_lc_rs::pkcs8::Document, Ed25519KeyPair, EnrollRequest)> {
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+        .map_err(|_| anyhow::anyhow!("key generation failed"))?;
+    let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+        .map_err(|e| anyhow::anyhow!("key generation failed: {e}"))?;
+    let public_key = STANDARD.encode(key.public_key().as_ref());
+    let proof = STANDARD.encode(
+        key.sign(&proto::agent::enroll_proof_message(token, &public_key))
+            .as_ref(),
+    );
+    let request = EnrollRequest {
+        token: token.to_owned(),
+        public_key,
+        proof,
+        facts,
+    };
+    Ok((pkcs8, key, request))
+}
+
 /// Enrolls this machine: makes a key pair, proves it to the server with the
 /// enroll token, and stores the identity in `state_dir`.
 pub async fn enroll(
@@ -273,21 +298,7 @@ pub async fn enroll(
             .with_context(|| format!("cannot create {}", state_dir.display()))?;
     }
     secure_state_dir(state_dir)?;
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-        .map_err(|_| anyhow::anyhow!("key generation failed"))?;
-    let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-        .map_err(|e| anyhow::anyhow!("key generation failed: {e}"))?;
-    let public_key = STANDARD.encode(key.public_key().as_ref());
-    let proof = STANDARD.encode(
-        key.sign(&proto::agent::enroll_proof_message(token, &public_key))
-            .as_ref(),
-    );
-    let request = EnrollRequest {
-        token: token.to_owned(),
-        public_key,
-        proof,
-        facts: host_facts(name),
-    };
+    let (pkcs8, key, request) = enroll_request(token, host_facts(name))?;
     let mut client = HttpsClient::new(tls.clone(), &server)?;
     let body = bytes::Bytes::from(serde_json::to_vec(&request)?);
     let started = std::time::Instant::now();

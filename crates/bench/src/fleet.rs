@@ -31,13 +31,10 @@ use agent::retry::{AfterFailure, Reconnect, RetryPolicy};
 use agent::{HttpsClient, Identity, Reply, Session};
 use anyhow::{Context, bail};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
+use aws_lc_rs::signature::Ed25519KeyPair;
 use http::Method;
 use proto::agent::{
-    AgentError, AgentMessage, Enforced, EnrollRequest, EnrollResponse, HostAddress, HostFacts,
-    ServerMessage,
+    AgentError, AgentMessage, Enforced, EnrollResponse, HostAddress, HostFacts, ServerMessage,
 };
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore};
@@ -535,32 +532,6 @@ impl Drop for ServerUnderTest {
     }
 }
 
-/// Makes an app and an enroll token in a store.
-async fn prepare_store(store: &store::Store) -> anyhow::Result<(String, String, String)> {
-    let client_id = server::crypto::new_guid();
-    let secret = server::crypto::new_secret();
-    store
-        .create_app(store::App {
-            client_id: client_id.clone(),
-            name: "fleet bench".into(),
-            secret_hash: server::crypto::hash_client_secret(&secret),
-            permissions: vec!["Machine.Isolate".into(), "Machine.Read.All".into()],
-            created_at: server::now_nanos(),
-        })
-        .await?;
-    let enroll_token = server::crypto::new_secret();
-    store
-        .create_enroll_token(store::EnrollToken {
-            id: server::crypto::new_guid(),
-            token_hash: server::crypto::sha256_hex(enroll_token.as_bytes()),
-            created_at: server::now_nanos(),
-            expires_at: None,
-            max_uses: None,
-        })
-        .await?;
-    Ok((client_id, secret, enroll_token))
-}
-
 fn spawn_cordon(exe: &Path, data: &Path, port: u16, small_caps: bool) -> anyhow::Result<Child> {
     let mut command = Command::new(exe);
     command.arg("serve");
@@ -655,7 +626,11 @@ async fn start_target(target: &Target, small_caps: bool) -> anyhow::Result<Serve
             let data = DataDir(data);
             let store = server::init_data_dir(&data.0)?;
             let tenant = server::tenant_id(&store).await?;
-            let (client_id, client_secret, enroll_token) = prepare_store(&store).await?;
+            let crate::Prepared {
+                client_id,
+                secret: client_secret,
+                enroll_token,
+            } = crate::prepare_store(&store, "fleet bench").await?;
             drop(store);
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
@@ -699,8 +674,11 @@ async fn start_target(target: &Target, small_caps: bool) -> anyhow::Result<Serve
                 config.connections.handshakes = SMALL_HANDSHAKE_CAP as usize;
             }
             let running = server::start(config).await?;
-            let (client_id, client_secret, enroll_token) =
-                prepare_store(&running.state.store).await?;
+            let crate::Prepared {
+                client_id,
+                secret: client_secret,
+                enroll_token,
+            } = crate::prepare_store(&running.state.store, "fleet bench").await?;
             Ok(ServerUnderTest {
                 url: format!("https://localhost:{}", running.local_addr.port()),
                 ca: running.ca_path.clone().context("self-signed CA")?,
@@ -865,21 +843,9 @@ async fn enroll_one(
     token: &str,
     index: usize,
 ) -> anyhow::Result<(String, Ed25519KeyPair)> {
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-        .map_err(|_| anyhow::anyhow!("key generation failed"))?;
-    let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-        .map_err(|e| anyhow::anyhow!("key generation failed: {e}"))?;
-    let public_key = STANDARD.encode(key.public_key().as_ref());
-    let proof = STANDARD.encode(
-        key.sign(&proto::agent::enroll_proof_message(token, &public_key))
-            .as_ref(),
-    );
-    let request = serde_json::to_vec(&EnrollRequest {
-        token: token.to_owned(),
-        public_key,
-        proof,
-        facts: facts(index, source_address(index)),
-    })?;
+    let (_, key, request) =
+        agent::identity::enroll_request(token, facts(index, source_address(index)))?;
+    let request = serde_json::to_vec(&request)?;
     let mut attempt = 0;
     loop {
         let reply = client

@@ -295,27 +295,11 @@ async fn api(machines: u32) -> anyhow::Result<()> {
     // Prepare the data directory: an app and `machines` enrolled machines.
     let store = server::init_data_dir(&data)?;
     let tenant = server::tenant_id(&store).await?;
-    let client_id = server::crypto::new_guid();
-    let secret = server::crypto::new_secret();
-    store
-        .create_app(store::App {
-            client_id: client_id.clone(),
-            name: "bench".into(),
-            secret_hash: server::crypto::hash_client_secret(&secret),
-            permissions: vec!["Machine.Isolate".into(), "Machine.Read.All".into()],
-            created_at: server::now_nanos(),
-        })
-        .await?;
-    let enroll_token = server::crypto::new_secret();
-    store
-        .create_enroll_token(store::EnrollToken {
-            id: server::crypto::new_guid(),
-            token_hash: server::crypto::sha256_hex(enroll_token.as_bytes()),
-            created_at: server::now_nanos(),
-            expires_at: None,
-            max_uses: None,
-        })
-        .await?;
+    let bench::Prepared {
+        client_id,
+        secret,
+        enroll_token,
+    } = bench::prepare_store(&store, "bench").await?;
     let mut ids = Vec::new();
     for i in 0..machines {
         let id = server::crypto::new_machine_id();

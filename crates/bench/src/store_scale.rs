@@ -133,17 +133,9 @@ async fn fill(data: &Path, cli: &StoreCli, schema: usize) -> anyhow::Result<Fill
         .open(&db)?;
     let store = store::Store::open_migrated_to(&db, schema)?;
     let tenant = server::tenant_id(&store).await?;
-    let client_id = server::crypto::new_guid();
-    let secret = server::crypto::new_secret();
-    store
-        .create_app(store::App {
-            client_id: client_id.clone(),
-            name: "bench".into(),
-            secret_hash: server::crypto::hash_client_secret(&secret),
-            permissions: vec!["Machine.Isolate".into(), "Machine.Read.All".into()],
-            created_at: server::now_nanos(),
-        })
-        .await?;
+    let bench::Prepared {
+        client_id, secret, ..
+    } = bench::prepare_store(&store, "bench").await?;
     drop(store);
 
     let machines = cli.machines;

@@ -37,15 +37,19 @@ async fn small_server() -> TestServer {
     .await
 }
 
-/// `count` machines enrolled straight through the store (fast), as the
-/// identities their agents hold.
-async fn enrolled_identities(server: &TestServer, count: usize) -> Vec<Identity> {
-    let token = server.enroll_token().await;
-    let tls = agent::https::tls_config(&server.ca).unwrap();
+/// `count` machines enrolled straight through `store` with `token`
+/// (fast), named `<prefix>-<i>`: their ids and keys.
+async fn enroll_in_store(
+    store: &store::Store,
+    token: &str,
+    count: usize,
+    prefix: &str,
+) -> Vec<(String, Ed25519KeyPair)> {
     let mut writes = tokio::task::JoinSet::new();
     for i in 0..count {
-        let store = server.store().clone();
+        let store = store.clone();
         let token_hash = server::crypto::sha256_hex(token.as_bytes());
+        let name = format!("{prefix}-{i}");
         writes.spawn(async move {
             let pkcs8 =
                 Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new()).unwrap();
@@ -56,7 +60,7 @@ async fn enrolled_identities(server: &TestServer, count: usize) -> Vec<Identity>
                     server::crypto::new_machine_id(),
                     key.public_key().as_ref().to_vec(),
                     store::Facts {
-                        computer_dns_name: format!("storm-{i}"),
+                        computer_dns_name: name,
                         ..Default::default()
                     },
                     server::now_nanos(),
@@ -66,19 +70,30 @@ async fn enrolled_identities(server: &TestServer, count: usize) -> Vec<Identity>
             (machine.id, key)
         });
     }
-    let mut identities = Vec::new();
+    let mut keys = Vec::new();
     while let Some(joined) = writes.join_next().await {
-        let (machine_id, key) = joined.unwrap();
-        identities.push(Identity {
+        keys.push(joined.unwrap());
+    }
+    keys
+}
+
+/// `count` machines enrolled straight through the store (fast), as the
+/// identities their agents hold.
+async fn enrolled_identities(server: &TestServer, count: usize) -> Vec<Identity> {
+    let token = server.enroll_token().await;
+    let tls = agent::https::tls_config(&server.ca).unwrap();
+    enroll_in_store(server.store(), &token, count, "storm")
+        .await
+        .into_iter()
+        .map(|(machine_id, key)| Identity {
             machine_id,
             server: server.url.clone(),
             name: None,
             key,
             tls: tls.clone(),
             state_dir: server.dir.0.clone(),
-        });
-    }
-    identities
+        })
+        .collect()
 }
 
 /// What the agents of a burst saw, besides their welcome.
@@ -501,35 +516,7 @@ async fn measure_a_burst_of_sessions_against_a_release_server() {
             })
             .await
             .unwrap();
-        let mut writes = tokio::task::JoinSet::new();
-        for i in 0..agents {
-            let store = store.clone();
-            let token_hash = server::crypto::sha256_hex(token.as_bytes());
-            writes.spawn(async move {
-                let pkcs8 =
-                    Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new()).unwrap();
-                let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
-                let machine = store
-                    .enroll_machine(
-                        token_hash,
-                        server::crypto::new_machine_id(),
-                        key.public_key().as_ref().to_vec(),
-                        store::Facts {
-                            computer_dns_name: format!("burst-{i}"),
-                            ..Default::default()
-                        },
-                        server::now_nanos(),
-                    )
-                    .await
-                    .unwrap();
-                (machine.id, key)
-            });
-        }
-        let mut keys = Vec::new();
-        while let Some(joined) = writes.join_next().await {
-            keys.push(joined.unwrap());
-        }
-        keys
+        enroll_in_store(&store, &token, agents, "burst").await
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
