@@ -713,15 +713,28 @@ async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Lines waiting to be written to standard error, at most; past that,
+/// lines are dropped rather than slowing the server down.
+const LOG_BUFFER_LINES: usize = 65_536;
+
+/// Starts logging to standard error. The lines are written by a thread of
+/// their own (the returned guard flushes them when dropped): a slow log
+/// pipe never holds up a request, a session or the store's writer, which
+/// logs every action's change of status as it commits it.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = format == LogFormat::Json;
     use std::io::IsTerminal;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("cordon-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if json {
         // One object per line: the event's fields at the top level, the
         // request's or session's span (request id, route) under `span`.
@@ -734,10 +747,11 @@ fn init_logging(format: LogFormat) {
     } else {
         builder.init();
     }
+    guard
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    let _log_guard = init_logging(args.log_format);
     check_duration_ranges(&args)?;
     let mut config = Config::new(args.data.data_dir);
     config.new_ca = args.new_ca;

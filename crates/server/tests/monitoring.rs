@@ -567,6 +567,66 @@ fn serve_binary(
     (child, printed)
 }
 
+/// A log pipe nobody reads (a stuck collector) never holds the server up:
+/// the lines are written by a thread of their own, and dropped once its
+/// buffer is full. 3,000 requests log far more than a pipe holds (64 KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_pipe_nobody_reads_does_not_stop_the_server() {
+    let dir = TempDir::new("stucklog");
+    let data = dir.0.join("data");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cordon"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+        ])
+        .env("CORDON_DATA_DIR", &data)
+        .env("CORDON_LOG", "info")
+        .env_remove("CORDON_LOG_FORMAT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Held open and never read.
+    let _stderr = child.stderr.take().unwrap();
+    let mut port = None;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("Cordon is serving on https://127.0.0.1:") {
+            port = Some(rest.trim().to_owned());
+        }
+        if line.contains("CA file:") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let url = format!("https://localhost:{}", port.expect("the address printed"));
+    let mut http = agent::HttpsClient::new(
+        agent::https::tls_config(&data.join("ca.pem")).unwrap(),
+        &url,
+    )
+    .unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(120), async {
+        for _ in 0..3000 {
+            let reply = http
+                .request(Method::GET, "/api/machines", &[], Vec::new())
+                .await
+                .unwrap();
+            assert_eq!(reply.status, 401);
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        answered.is_ok(),
+        "the server stopped answering behind its log pipe"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_one_object_a_line_with_route_status_and_request_id() {
     let dir = TempDir::new("jsonlog");
