@@ -854,6 +854,11 @@ where
     })
     .await;
     let (conn_id, mut outbound) = state.gateway.register(&machine_id);
+    let registration = Registration {
+        gateway: &state.gateway,
+        machine_id: &machine_id,
+        conn_id,
+    };
     state.gateway.touch(&machine_id);
     tracing::info!("session opened");
     let result = async {
@@ -958,9 +963,24 @@ where
         }
     }
     .await;
-    state.gateway.unregister(&machine_id, conn_id);
+    drop(registration);
     tracing::info!("session closed");
     result
+}
+
+/// A session among the live ones, taken out when dropped: at the session's
+/// end, and also when its task panics or is dropped, so neither the map of
+/// sessions nor the sessions gauge keeps it.
+struct Registration<'a> {
+    gateway: &'a Gateway,
+    machine_id: &'a str,
+    conn_id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.gateway.unregister(self.machine_id, self.conn_id);
+    }
 }
 
 /// Whether an exclusion rule-set version an agent reports is one it can run:
