@@ -469,6 +469,27 @@ struct Exclusions {
     sets: Vec<Set>,
 }
 
+impl Exclusions {
+    /// An exclusion rule: `matches`, then the application's cgroup if the
+    /// rule has one, marking and accepting what it matches, in the input
+    /// chain (`inbound`) or the output chain.
+    fn push_rule(&mut self, inbound: bool, mut matches: Vec<Match>, cgroup: Option<CgroupMatch>) {
+        if let Some(cgroup) = cgroup {
+            matches.push(Match::SocketCgroup(cgroup));
+        }
+        let rule = Rule {
+            matches,
+            action: Action::MarkAndAccept(EXCLUDED_MARK),
+            comment: "exclusion",
+        };
+        if inbound {
+            self.input.push(rule);
+        } else {
+            self.output.push(rule);
+        }
+    }
+}
+
 /// An exclusion in one direction, without its remote addresses. Exclusions
 /// of the same shape share their rules, and their addresses are merged into
 /// sets per family, so the number of rules depends on the number of
@@ -667,19 +688,7 @@ fn exclusion_rules(exclusions: &[Exclusion]) -> Exclusions {
                 if let Some((_, first, last)) = port {
                     matches.push(Match::DestPortRange(*first, *last));
                 }
-                if let Some(cgroup) = group.shape.cgroup {
-                    matches.push(Match::SocketCgroup(cgroup));
-                }
-                let rule = Rule {
-                    matches,
-                    action: Action::MarkAndAccept(EXCLUDED_MARK),
-                    comment: "exclusion",
-                };
-                if inbound {
-                    out.input.push(rule);
-                } else {
-                    out.output.push(rule);
-                }
+                out.push_rule(inbound, matches, group.shape.cgroup);
             }
         }
     }
@@ -725,19 +734,7 @@ fn exclusion_rules(exclusions: &[Exclusion]) -> Exclusions {
                         Match::DestAndPortInSet(family, name.clone())
                     }),
                 }
-                if let Some(cgroup) = cgroup {
-                    matches.push(Match::SocketCgroup(cgroup));
-                }
-                let rule = Rule {
-                    matches,
-                    action: Action::MarkAndAccept(EXCLUDED_MARK),
-                    comment: "exclusion",
-                };
-                if inbound {
-                    out.input.push(rule);
-                } else {
-                    out.output.push(rule);
-                }
+                out.push_rule(inbound, matches, cgroup);
             }
         }
     }
