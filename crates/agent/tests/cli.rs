@@ -37,17 +37,7 @@ async fn serve(dir: &Path) -> Server {
     let mut config = server::Config::new(dir.join("server"));
     config.listen = "127.0.0.1:0".parse().unwrap();
     let running = server::start(config).await.unwrap();
-    let token = server::crypto::new_secret();
-    running
-        .state
-        .store
-        .create_enroll_token(store::EnrollToken {
-            id: server::crypto::new_guid(),
-            token_hash: server::crypto::sha256_hex(token.as_bytes()),
-            created_at: server::now_nanos(),
-            expires_at: None,
-            max_uses: None,
-        })
+    let (_, token) = server::create_enroll_token(&running.state.store, None, None)
         .await
         .unwrap();
     let url = format!("https://localhost:{}", running.local_addr.port());

@@ -106,31 +106,15 @@ impl Env {
             .await
             .expect("server starts");
         let store = &server.state.store;
-        let client_id = server::crypto::new_guid();
-        let secret = server::crypto::new_secret();
-        store
-            .create_app(store::App {
-                client_id: client_id.clone(),
-                name: "Lab SOAR".into(),
-                secret_hash: server::crypto::hash_client_secret(&secret),
-                permissions: vec![
-                    "Machine.Isolate".into(),
-                    "Machine.Read.All".into(),
-                    "Machine.ReadWrite.All".into(),
-                ],
-                created_at: server::now_nanos(),
-            })
+        let permissions = vec![
+            "Machine.Isolate".into(),
+            "Machine.Read.All".into(),
+            "Machine.ReadWrite.All".into(),
+        ];
+        let (client_id, secret) = server::create_app(store, "Lab SOAR", permissions)
             .await
             .unwrap();
-        let enroll_token = server::crypto::new_secret();
-        store
-            .create_enroll_token(store::EnrollToken {
-                id: server::crypto::new_guid(),
-                token_hash: server::crypto::sha256_hex(enroll_token.as_bytes()),
-                created_at: server::now_nanos(),
-                expires_at: None,
-                max_uses: None,
-            })
+        let (_, enroll_token) = server::create_enroll_token(store, None, None)
             .await
             .unwrap();
         let ca = server.ca_path.clone().unwrap();

@@ -14,27 +14,9 @@ pub struct Prepared {
 /// Makes the benchmark's application (named `name`) and enroll token in
 /// `store`.
 pub async fn prepare_store(store: &store::Store, name: &str) -> anyhow::Result<Prepared> {
-    let client_id = server::crypto::new_guid();
-    let secret = server::crypto::new_secret();
-    store
-        .create_app(store::App {
-            client_id: client_id.clone(),
-            name: name.into(),
-            secret_hash: server::crypto::hash_client_secret(&secret),
-            permissions: vec!["Machine.Isolate".into(), "Machine.Read.All".into()],
-            created_at: server::now_nanos(),
-        })
-        .await?;
-    let enroll_token = server::crypto::new_secret();
-    store
-        .create_enroll_token(store::EnrollToken {
-            id: server::crypto::new_guid(),
-            token_hash: server::crypto::sha256_hex(enroll_token.as_bytes()),
-            created_at: server::now_nanos(),
-            expires_at: None,
-            max_uses: None,
-        })
-        .await?;
+    let permissions = vec!["Machine.Isolate".into(), "Machine.Read.All".into()];
+    let (client_id, secret) = server::create_app(store, name, permissions).await?;
+    let (_, enroll_token) = server::create_enroll_token(store, None, None).await?;
     Ok(Prepared {
         client_id,
         secret,

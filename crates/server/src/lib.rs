@@ -480,6 +480,49 @@ impl DataDirLock {
     }
 }
 
+/// A new application in `store` with a new client id and secret (only the
+/// secret's hash is kept): returns the client id and the secret.
+pub async fn create_app(
+    store: &store::Store,
+    name: &str,
+    permissions: Vec<String>,
+) -> anyhow::Result<(String, String)> {
+    let client_id = crypto::new_guid();
+    let secret = crypto::new_secret();
+    store
+        .create_app(store::App {
+            client_id: client_id.clone(),
+            name: name.to_owned(),
+            secret_hash: crypto::hash_client_secret(&secret),
+            permissions,
+            created_at: now_nanos(),
+        })
+        .await?;
+    Ok((client_id, secret))
+}
+
+/// A new enroll token in `store` (only its hash is kept), until
+/// `expires_at` (Unix nanoseconds) and for `max_uses` enrollments, each
+/// without a limit when `None`: returns its id and the token.
+pub async fn create_enroll_token(
+    store: &store::Store,
+    expires_at: Option<i64>,
+    max_uses: Option<i64>,
+) -> anyhow::Result<(String, String)> {
+    let id = crypto::new_guid();
+    let token = crypto::new_secret();
+    store
+        .create_enroll_token(store::EnrollToken {
+            id: id.clone(),
+            token_hash: crypto::sha256_hex(token.as_bytes()),
+            created_at: now_nanos(),
+            expires_at,
+            max_uses,
+        })
+        .await?;
+    Ok((id, token))
+}
+
 /// The tenant id, created on first start.
 pub async fn tenant_id(store: &store::Store) -> anyhow::Result<String> {
     Ok(store.meta_or_init("tenant_id", crypto::new_guid).await?)

@@ -922,23 +922,13 @@ async fn app_command(command: AppCommand) -> anyhow::Result<()> {
             }
             let store = data.open().await?;
             let tenant_id = server::tenant_id(&store).await?;
-            let client_id = crypto::new_guid();
-            let secret = crypto::new_secret();
             let mut unique = Vec::new();
             for p in permissions {
                 if !unique.contains(&p) {
                     unique.push(p);
                 }
             }
-            store
-                .create_app(store::App {
-                    client_id: client_id.clone(),
-                    name: name.clone(),
-                    secret_hash: crypto::hash_client_secret(&secret),
-                    permissions: unique.clone(),
-                    created_at: server::now_nanos(),
-                })
-                .await?;
+            let (client_id, secret) = server::create_app(&store, &name, unique.clone()).await?;
             server::audit::record_command(&store, "app.create", &client_id).await?;
             if json {
                 let created = proto::cli::AppCreated {
@@ -1005,22 +995,13 @@ async fn enroll_token_command(command: EnrollTokenCommand) -> anyhow::Result<()>
             json,
         } => {
             let store = data.open().await?;
-            let token = crypto::new_secret();
-            let id = crypto::new_guid();
-            let now = server::now_nanos();
             let expires_at = i64::try_from(expires_in.as_nanos())
                 .ok()
-                .and_then(|n| now.checked_add(n))
+                .and_then(|n| server::now_nanos().checked_add(n))
                 .context("--expires-in is too long")?;
-            store
-                .create_enroll_token(store::EnrollToken {
-                    id: id.clone(),
-                    token_hash: crypto::sha256_hex(token.as_bytes()),
-                    created_at: now,
-                    expires_at: Some(expires_at),
-                    max_uses: Some(i64::from(max_uses)),
-                })
-                .await?;
+            let (id, token) =
+                server::create_enroll_token(&store, Some(expires_at), Some(i64::from(max_uses)))
+                    .await?;
             server::audit::record_command(&store, "enroll-token.create", &id).await?;
             if json {
                 let created = proto::cli::EnrollTokenCreated {

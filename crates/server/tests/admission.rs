@@ -505,15 +505,7 @@ async fn measure_a_burst_of_sessions_against_a_release_server() {
     // The machines, enrolled before the server starts (it then makes its CA).
     let keys: Vec<(String, Ed25519KeyPair)> = {
         let store = server::init_data_dir(&dir.0).unwrap();
-        let token = server::crypto::new_secret();
-        store
-            .create_enroll_token(store::EnrollToken {
-                id: server::crypto::new_guid(),
-                token_hash: server::crypto::sha256_hex(token.as_bytes()),
-                created_at: server::now_nanos(),
-                expires_at: None,
-                max_uses: None,
-            })
+        let (_, token) = server::create_enroll_token(&store, None, None)
             .await
             .unwrap();
         enroll_in_store(&store, &token, agents, "burst").await

@@ -154,18 +154,10 @@ impl TestServer {
     }
 
     pub async fn enroll_token(&self) -> String {
-        let token = server::crypto::new_secret();
-        self.store()
-            .create_enroll_token(store::EnrollToken {
-                id: server::crypto::new_guid(),
-                token_hash: server::crypto::sha256_hex(token.as_bytes()),
-                created_at: server::now_nanos(),
-                expires_at: None,
-                max_uses: None,
-            })
+        server::create_enroll_token(self.store(), None, None)
             .await
-            .unwrap();
-        token
+            .unwrap()
+            .1
     }
 
     /// Enrolls a test agent named `name`.
@@ -188,19 +180,13 @@ pub async fn create_app(
     name: &str,
     permissions: &[&str],
 ) -> (String, String) {
-    let client_id = server::crypto::new_guid();
-    let secret = server::crypto::new_secret();
-    store
-        .create_app(store::App {
-            client_id: client_id.clone(),
-            name: name.into(),
-            secret_hash: server::crypto::hash_client_secret(&secret),
-            permissions: permissions.iter().map(|p| p.to_string()).collect(),
-            created_at: server::now_nanos(),
-        })
-        .await
-        .unwrap();
-    (client_id, secret)
+    server::create_app(
+        store,
+        name,
+        permissions.iter().map(|p| p.to_string()).collect(),
+    )
+    .await
+    .unwrap()
 }
 
 pub fn form(fields: &[(&str, &str)]) -> Vec<u8> {
