@@ -190,6 +190,14 @@ const NFT_SET_CONCAT: u32 = 0x80;
 /// its fields' ids, 6 bits each.
 const INET_SERVICE_TYPE: u32 = 13;
 
+/// The lookup of the ruleset's set `name` (by its batch id when the set is
+/// created in the same batch).
+fn set_lookup(ruleset: &Ruleset, name: &str) -> Result<SetLookup, String> {
+    let id = ruleset.sets.iter().position(|s| s.name == name).map(set_id);
+    let name = CString::new(name).map_err(|_| format!("set name {name:?} contains NUL"))?;
+    Ok(SetLookup { name, id })
+}
+
 /// Set ids name sets within one batch (rules refer to a new set by id);
 /// they only need to be unique in the batch.
 fn set_id(index: usize) -> u32 {
@@ -588,14 +596,7 @@ fn add_match(rule: &mut Rule<'_>, m: &Match, ruleset: &Ruleset) -> Result<(), St
         Match::SourceInSet(family, ref name) | Match::DestInSet(family, ref name) => {
             let source = matches!(m, Match::SourceInSet(..));
             rule.add_expr(&address(family, source));
-            let id = ruleset
-                .sets
-                .iter()
-                .position(|s| s.name == *name)
-                .map(set_id);
-            let name = CString::new(name.as_str())
-                .map_err(|_| format!("set name {name:?} contains NUL"))?;
-            rule.add_expr(&SetLookup { name, id });
+            rule.add_expr(&set_lookup(ruleset, name)?);
         }
         Match::SourceAndPortInSet(family, ref name) | Match::DestAndPortInSet(family, ref name) => {
             let source = matches!(m, Match::SourceAndPortInSet(..));
@@ -619,14 +620,7 @@ fn add_match(rule: &mut Rule<'_>, m: &Match, ruleset: &Ruleset) -> Result<(), St
                 len: 2,
                 register: port_register as u32,
             });
-            let id = ruleset
-                .sets
-                .iter()
-                .position(|s| s.name == *name)
-                .map(set_id);
-            let name = CString::new(name.as_str())
-                .map_err(|_| format!("set name {name:?} contains NUL"))?;
-            rule.add_expr(&SetLookup { name, id });
+            rule.add_expr(&set_lookup(ruleset, name)?);
         }
         Match::SourcePrefix(prefix, len) | Match::DestPrefix(prefix, len) => {
             let source = matches!(m, Match::SourcePrefix(..));
