@@ -10,6 +10,7 @@ pub mod audit;
 pub mod auth;
 pub mod authority;
 pub mod conns;
+pub mod console;
 pub mod crypto;
 pub mod error;
 pub mod exclusions;
@@ -266,6 +267,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(signin::routes())
         .merge(gateway::routes())
         .merge(monitoring::routes())
+        .merge(console::routes())
         .fallback(|| async {
             ApiError::not_found("The requested resource was not found.").into_response()
         })

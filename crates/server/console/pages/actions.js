@@ -1,0 +1,198 @@
+// Actions: every action the user may see, filtered, with Cancel on the
+// pending ones.
+
+import { useEffect, useRef, useState } from 'preact/hooks';
+import { call, literal, query } from '../lib/api.js';
+import { subscribe } from '../lib/live.js';
+import { html, Link, Alert, Dialog, Pager, StatusBadge, Time, PAGE_SIZE, useQueryState } from '../lib/ui.js';
+import { details } from './machine.js';
+
+const STATUSES = ['Pending', 'InProgress', 'Succeeded', 'Failed', 'TimeOut', 'Cancelled'];
+
+/** A datetime-local value (local time) as an OData UTC literal. */
+function utc(local) {
+  const date = new Date(local);
+  return Number.isNaN(date.getTime()) ? null : date.toISOString();
+}
+
+export function actionFilter({ status, type, requestor, from, to }) {
+  const parts = [];
+  if (status) parts.push(`status eq ${literal(status)}`);
+  if (type) parts.push(`type eq ${literal(type)}`);
+  if (requestor.trim()) parts.push(`startswith(requestor,${literal(requestor.trim())})`);
+  const since = from && utc(from);
+  if (since) parts.push(`creationDateTimeUtc ge ${since}`);
+  const until = to && utc(to);
+  if (until) parts.push(`creationDateTimeUtc le ${until}`);
+  return parts.join(' and ');
+}
+
+function CancelDialog({ action, onClose, onDone }) {
+  const [comment, setComment] = useState('');
+  const [error, setError] = useState('');
+  const [busy, setBusy] = useState(false);
+  const onSubmit = async (event) => {
+    event.preventDefault();
+    if (!comment.trim()) {
+      setError('Write a comment that says why; it is kept with the action.');
+      return;
+    }
+    setBusy(true);
+    try {
+      const cancelled = await call(`/api/machineactions/${encodeURIComponent(action.id)}/cancel`, {
+        method: 'POST',
+        body: { Comment: comment.trim() },
+        what: 'This action',
+      });
+      onDone(cancelled);
+    } catch (e) {
+      setError(e.message);
+      setBusy(false);
+    }
+  };
+  return html`<${Dialog} title="Cancel this action?" onClose=${onClose}>
+    <form onSubmit=${onSubmit} novalidate>
+      <p>${action.type} of ${action.computerDnsName}, requested by ${action.requestor}. It has not reached the machine yet; once cancelled it never will.</p>
+      <label for="cancel-comment">Comment</label>
+      <textarea id="cancel-comment" rows="3" maxlength="1000" value=${comment}
+        onInput=${(e) => setComment(e.currentTarget.value)}></textarea>
+      <${Alert}>${error}<//>
+      <div class="buttons">
+        <button type="submit" class="danger" disabled=${busy}>Cancel action</button>
+        <button type="button" class="quiet" onClick=${onClose}>Keep action</button>
+      </div>
+    </form>
+  <//>`;
+}
+
+export function ActionsPage({ me }) {
+  const [params, setParams] = useQueryState();
+  const filters = {
+    status: params.get('status') || '',
+    type: params.get('type') || '',
+    requestor: params.get('requestor') || '',
+    from: params.get('from') || '',
+    to: params.get('to') || '',
+  };
+  const skip = Math.max(0, Number(params.get('skip')) || 0);
+  const [typed, setTyped] = useState(filters.requestor);
+  const [result, setResult] = useState(null);
+  const [error, setError] = useState('');
+  const [cancelling, setCancelling] = useState(null);
+  const [reload, setReload] = useState(0);
+  const timer = useRef(null);
+  const refetch = useRef(null);
+  const filter = actionFilter(filters);
+
+  useEffect(() => {
+    document.title = 'Actions · Cordon';
+  }, []);
+
+  useEffect(() => {
+    const controller = new AbortController();
+    call(`/api/machineactions${query({
+      $filter: filter,
+      $orderby: 'creationDateTimeUtc desc',
+      $top: PAGE_SIZE,
+      $skip: skip || '',
+      $count: 'true',
+    })}`, { signal: controller.signal })
+      .then((body) => {
+        setResult({ rows: body.value, total: body['@odata.count'] ?? body.value.length });
+        setError('');
+      })
+      .catch((e) => {
+        if (e.name !== 'AbortError') setError(e.message);
+      });
+    return () => controller.abort();
+  }, [filter, skip, reload]);
+
+  useEffect(() => subscribe((type, data) => {
+    if (type === 'resync' || type === 'reconnecting') {
+      setReload((n) => n + 1);
+    } else if (type === 'machineAction.created') {
+      // A new action may belong on this page: ask the server, which
+      // filters; at most twice a second, however many arrive.
+      if (!refetch.current) {
+        refetch.current = setTimeout(() => {
+          refetch.current = null;
+          setReload((n) => n + 1);
+        }, 500);
+      }
+    } else if (type.startsWith('machineAction.') && data) {
+      setResult((current) => current && {
+        ...current,
+        rows: current.rows.map((row) => (row.id === data.id ? data : row)),
+      });
+    }
+  }), []);
+  useEffect(() => () => clearTimeout(refetch.current), []);
+
+  const onRequestor = (event) => {
+    const value = event.currentTarget.value;
+    setTyped(value);
+    clearTimeout(timer.current);
+    timer.current = setTimeout(() => setParams({ requestor: value, skip: 0 }), 300);
+  };
+  const select = (name) => (event) => setParams({ [name]: event.currentTarget.value, skip: 0 });
+  const canCancel = me.permissions.isolate;
+
+  return html`<main>
+    <h1>Actions</h1>
+    <form class="filters" onSubmit=${(e) => e.preventDefault()}>
+      <label>Status
+        <select value=${filters.status} onChange=${select('status')}>
+          <option value="">Any status</option>
+          ${STATUSES.map((s) => html`<option value=${s}>${s}</option>`)}
+        </select>
+      </label>
+      <label>Type
+        <select value=${filters.type} onChange=${select('type')}>
+          <option value="">Any type</option>
+          <option value="Isolate">Isolate</option>
+          <option value="Unisolate">Unisolate</option>
+        </select>
+      </label>
+      <label>Requested by
+        <input type="text" value=${typed} onInput=${onRequestor} autocomplete="off" maxlength="200" />
+      </label>
+      <label>From
+        <input type="datetime-local" value=${filters.from} onChange=${select('from')} />
+      </label>
+      <label>To
+        <input type="datetime-local" value=${filters.to} onChange=${select('to')} />
+      </label>
+    </form>
+    <${Alert}>${error}<//>
+    ${result && html`
+      <table class="grid">
+        <thead><tr>
+          <th scope="col">Machine</th><th scope="col">Type</th><th scope="col">Scope</th>
+          <th scope="col">Status</th><th scope="col">Requested by</th><th scope="col">Comment</th>
+          <th scope="col">Created</th><th scope="col">Updated</th><th scope="col"><span class="visually-hidden">Row controls</span></th>
+        </tr></thead>
+        <tbody>
+          ${result.rows.length === 0 && html`<tr><td colspan="9" class="empty">No action matches.</td></tr>`}
+          ${result.rows.map((a) => html`<tr key=${a.id} data-action-id=${a.id}>
+            <td><${Link} href=${`/machines/${a.machineId}`}>${a.computerDnsName || a.machineId}<//></td>
+            <td>${a.type}</td>
+            <td>${a.scope || '—'}</td>
+            <td><${StatusBadge} status=${a.status} />${details(a) && html`<div class="sub">${details(a)}</div>`}</td>
+            <td>${a.requestor}</td>
+            <td class="comment">${a.requestorComment}</td>
+            <td><${Time} iso=${a.creationDateTimeUtc} /></td>
+            <td><${Time} iso=${a.lastUpdateDateTimeUtc} /></td>
+            <td>${canCancel && a.status === 'Pending'
+              && html`<button type="button" class="quiet" onClick=${() => setCancelling(a)}>Cancel</button>`}</td>
+          </tr>`)}
+        </tbody>
+      </table>
+      <${Pager} what="Actions" skip=${skip} shown=${result.rows.length} total=${result.total}
+        onPage=${(next) => setParams({ skip: next }, { replace: false })} />`}
+    ${cancelling && html`<${CancelDialog} action=${cancelling} onClose=${() => setCancelling(null)}
+      onDone=${(done) => {
+        setCancelling(null);
+        setResult((current) => current && { ...current, rows: current.rows.map((r) => (r.id === done.id ? done : r)) });
+      }} />`}
+  </main>`;
+}

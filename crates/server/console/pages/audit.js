@@ -1,0 +1,110 @@
+// The audit trail (administrators): every change and refusal, newest
+// first, new records arriving live.
+
+import { useEffect, useRef, useState } from 'preact/hooks';
+import { call, literal, query } from '../lib/api.js';
+import { subscribe } from '../lib/live.js';
+import { html, Alert, Pager, Time, PAGE_SIZE, useQueryState } from '../lib/ui.js';
+
+const OUTCOMES = ['Succeeded', 'Refused', 'Failed'];
+
+export function AuditPage({ me }) {
+  const [params, setParams] = useQueryState();
+  const outcome = params.get('outcome') || '';
+  const action = params.get('action') || '';
+  const skip = Math.max(0, Number(params.get('skip')) || 0);
+  const [typed, setTyped] = useState(action);
+  const [result, setResult] = useState(null);
+  const [error, setError] = useState('');
+  const [reload, setReload] = useState(0);
+  const timer = useRef(null);
+  const refetch = useRef(null);
+
+  useEffect(() => {
+    document.title = 'Audit trail · Cordon';
+    return () => clearTimeout(refetch.current);
+  }, []);
+
+  const filter = [
+    outcome && `outcome eq ${literal(outcome)}`,
+    action.trim() && `startswith(action,${literal(action.trim())})`,
+  ].filter(Boolean).join(' and ');
+
+  useEffect(() => {
+    if (!me.permissions.audit) return undefined;
+    const controller = new AbortController();
+    call(`/api/auditEvents${query({
+      $filter: filter,
+      $orderby: 'dateTimeUtc desc',
+      $top: PAGE_SIZE,
+      $skip: skip || '',
+      $count: 'true',
+    })}`, { signal: controller.signal })
+      .then((body) => {
+        setResult({ rows: body.value, total: body['@odata.count'] ?? body.value.length });
+        setError('');
+      })
+      .catch((e) => {
+        if (e.name !== 'AbortError') setError(e.message);
+      });
+    return () => controller.abort();
+  }, [filter, skip, reload]);
+
+  useEffect(() => subscribe((type) => {
+    if (type === 'audit.appended' || type === 'resync' || type === 'reconnecting') {
+      // At most twice a second, however many records arrive.
+      if (!refetch.current) {
+        refetch.current = setTimeout(() => {
+          refetch.current = null;
+          setReload((n) => n + 1);
+        }, 500);
+      }
+    }
+  }), []);
+
+  if (!me.permissions.audit) {
+    return html`<main><h1>Audit trail</h1>
+      <${Alert}>Your role does not allow this. Ask an administrator for the permission.<//></main>`;
+  }
+  const onAction = (event) => {
+    const value = event.currentTarget.value;
+    setTyped(value);
+    clearTimeout(timer.current);
+    timer.current = setTimeout(() => setParams({ action: value, skip: 0 }), 300);
+  };
+
+  return html`<main>
+    <h1>Audit trail</h1>
+    <form class="filters" onSubmit=${(e) => e.preventDefault()}>
+      <label>Outcome
+        <select value=${outcome} onChange=${(e) => setParams({ outcome: e.currentTarget.value, skip: 0 })}>
+          <option value="">Any outcome</option>
+          ${OUTCOMES.map((o) => html`<option value=${o}>${o}</option>`)}
+        </select>
+      </label>
+      <label>Action
+        <input type="text" value=${typed} onInput=${onAction} autocomplete="off" maxlength="100" placeholder="isolate, signin, exclusion…" />
+      </label>
+    </form>
+    <${Alert}>${error}<//>
+    ${result && html`<table class="grid">
+      <thead><tr>
+        <th scope="col">Time</th><th scope="col">Who</th><th scope="col">Action</th>
+        <th scope="col">Target</th><th scope="col">Outcome</th><th scope="col">Details</th>
+      </tr></thead>
+      <tbody>
+        ${result.rows.length === 0 && html`<tr><td colspan="6" class="empty">No record matches.</td></tr>`}
+        ${result.rows.map((e) => html`<tr key=${e.id}>
+          <td><${Time} iso=${e.dateTimeUtc} /></td>
+          <td>${e.principal}<div class="sub">${e.sourceAddress}</div></td>
+          <td>${e.action}${e.count > 1 ? ` (×${e.count})` : ''}</td>
+          <td class="mono">${e.method} ${e.target}</td>
+          <td><span class=${`outcome outcome-${e.outcome}`}>${e.outcome}</span></td>
+          <td class="comment">${e.detail || ''}</td>
+        </tr>`)}
+      </tbody>
+    </table>
+    <${Pager} what="Records" skip=${skip} shown=${result.rows.length} total=${result.total}
+      onPage=${(next) => setParams({ skip: next }, { replace: false })} />`}
+  </main>`;
+}
