@@ -493,19 +493,40 @@ fn escape(text: &str) -> String {
     out
 }
 
+/// The sign-in pages' one style sheet, inline and allowed by its hash.
+const STYLE: &str = "body{font-family:system-ui,sans-serif;background:#f3f4f6;margin:0}\
+     main{max-width:22rem;margin:8vh auto;background:#fff;padding:2rem;border-radius:8px;\
+     box-shadow:0 1px 4px #0002}h1{font-size:1.3rem;margin-top:0}\
+     label{display:block;margin:.8rem 0 .3rem}input[type=text],input[type=password]\
+     {width:100%;box-sizing:border-box;padding:.5rem;font-size:1rem}\
+     button{margin-top:1.2rem;width:100%;padding:.6rem;font-size:1rem}\
+     .error{color:#b91c1c}.muted{color:#555;font-size:.9rem}";
+
+/// `'sha256-…'` of `text`, for a Content-Security-Policy.
+fn csp_hash(text: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
+    format!(
+        "'sha256-{}'",
+        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+    )
+}
+
+/// The pages' policy: nothing but the inline style (and `script`, by its
+/// hash, when given), no framing.
+fn page_policy(script: Option<&str>) -> String {
+    let scripts = script.map_or(String::new(), |s| format!(" script-src {};", csp_hash(s)));
+    format!(
+        "default-src 'none'; style-src {};{scripts} frame-ancestors 'none'",
+        csp_hash(STYLE)
+    )
+}
+
 /// A complete page, with headers that keep it out of frames and caches.
 fn page(status: StatusCode, title: &str, body: &str) -> Response {
     let html = format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{title} - Cordon</title><style>\
-         body{{font-family:system-ui,sans-serif;background:#f3f4f6;margin:0}}\
-         main{{max-width:22rem;margin:8vh auto;background:#fff;padding:2rem;border-radius:8px;\
-         box-shadow:0 1px 4px #0002}}h1{{font-size:1.3rem;margin-top:0}}\
-         label{{display:block;margin:.8rem 0 .3rem}}input[type=text],input[type=password]\
-         {{width:100%;box-sizing:border-box;padding:.5rem;font-size:1rem}}\
-         button{{margin-top:1.2rem;width:100%;padding:.6rem;font-size:1rem}}\
-         .error{{color:#b91c1c}}.muted{{color:#555;font-size:.9rem}}</style></head>\
+         <title>{title} - Cordon</title><style>{STYLE}</style></head>\
          <body><main>{body}</main></body></html>",
         title = escape(title)
     );
@@ -516,12 +537,11 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
         (header::CACHE_CONTROL, "no-store"),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::REFERRER_POLICY, "no-referrer"),
-        (
-            header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
-        ),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
+    }
+    if let Ok(value) = HeaderValue::from_str(&page_policy(None)) {
+        headers.insert(header::CONTENT_SECURITY_POLICY, value);
     }
     response
 }
@@ -581,12 +601,7 @@ fn answer(redirect_uri: &str, pairs: &[(&str, String)], form_post: bool) -> Resp
          <script>{AUTO_SUBMIT}</script>",
         escape(redirect_uri)
     );
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, AUTO_SUBMIT.as_bytes());
-    let csp = format!(
-        "default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{}'; \
-         frame-ancestors 'none'",
-        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
-    );
+    let csp = page_policy(Some(AUTO_SUBMIT));
     let mut response = page(StatusCode::OK, "Signing in", &body);
     if let Ok(value) = HeaderValue::from_str(&csp) {
         response
@@ -874,6 +889,12 @@ mod tests {
         // Only the auto-submit script runs: its hash, no 'unsafe-inline' script.
         assert!(
             csp.contains("script-src 'sha256-ePniVEkSivX/c7XWBGafqh8tSpiRrKiqYeqbG7N1TOE='"),
+            "{csp}"
+        );
+        // And only the page's own style, by its hash.
+        assert!(!csp.contains("unsafe"), "{csp}");
+        assert!(
+            csp.contains(&format!("style-src {}", csp_hash(STYLE))),
             "{csp}"
         );
         let body = axum::body::to_bytes(response.into_body(), 1 << 20)
