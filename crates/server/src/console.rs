@@ -81,7 +81,8 @@ fn import_map_hash(html: &str) -> String {
     let open = "<script type=\"importmap\">";
     let start = html.find(open).expect("index.html has an import map") + open.len();
     let end = start + html[start..].find("</script>").expect("import map closes");
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &html.as_bytes()[start..end]);
+    let digest =
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &html.as_bytes()[start..end]);
     format!(
         "sha256-{}",
         base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
@@ -97,7 +98,8 @@ fn etag(body: &[u8]) -> String {
     )
 }
 
-static ETAGS: LazyLock<Vec<String>> = LazyLock::new(|| ASSETS.iter().map(|a| etag(a.body)).collect());
+static ETAGS: LazyLock<Vec<String>> =
+    LazyLock::new(|| ASSETS.iter().map(|a| etag(a.body)).collect());
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -131,11 +133,7 @@ fn secure(response: &mut Response, cache: &'static str) {
 async fn page(State(state): State<Arc<AppState>>) -> Response {
     // The tenant id is a GUID the server made; nothing to escape.
     let html = INDEX.replace(TENANT_MARK, &state.tenant_id);
-    let mut response = (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        html,
-    )
-        .into_response();
+    let mut response = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response();
     secure(&mut response, "no-store");
     response
 }
@@ -183,7 +181,10 @@ mod tests {
                     }
                     continue;
                 }
-                if matches!(name.as_str(), "index.html" | "package.json" | "package-lock.json") {
+                if matches!(
+                    name.as_str(),
+                    "index.html" | "package.json" | "package-lock.json"
+                ) {
                     continue;
                 }
                 let relative = path.strip_prefix(&root).unwrap().to_string_lossy();
@@ -202,7 +203,11 @@ mod tests {
         assert!(CSP.contains(&format!("'{hash}'")));
         assert!(!CSP.contains("unsafe"));
         // The page has no other inline script or style.
-        assert_eq!(INDEX.matches("<script").count(), 2, "the import map and app.js");
+        assert_eq!(
+            INDEX.matches("<script").count(),
+            2,
+            "the import map and app.js"
+        );
         assert!(INDEX.contains("<script type=\"module\" src=\"/console/app.js\"></script>"));
         assert!(!INDEX.contains("<style"));
         assert!(!INDEX.contains("style="));
