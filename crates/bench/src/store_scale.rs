@@ -521,6 +521,9 @@ async fn get(http: &mut HttpsClient, auth: &str, path: &str) -> anyhow::Result<u
     Ok(reply.json()?["value"].as_array().map_or(0, Vec::len))
 }
 
+/// The console's paging: 50 machines a page, by name, with the count.
+const CONSOLE_PAGE: &str = "$orderby=computerDnsName&$top=50&$count=true";
+
 /// Every figure of one server, by label.
 async fn measure(
     server: &Server,
@@ -632,6 +635,40 @@ async fn measure(
             "app",
             one("/api/machineactions?$top=100&$filter=status%20eq%20'Failed'"),
             100,
+        ),
+        // The console's own queries (crates/server/console/pages/machines.js):
+        // 50 a page, sorted by name, with the total count.
+        (
+            "console: machines, first page",
+            "wide",
+            one(&format!("/api/machines?{CONSOLE_PAGE}")),
+            100,
+        ),
+        (
+            "console: search by name",
+            "wide",
+            one(&format!(
+                "/api/machines?$filter=(startswith(computerDnsName,'ws-0001')%20or%20\
+                 startswith(lastIpAddress,'ws-0001'))&{CONSOLE_PAGE}"
+            )),
+            100,
+        ),
+        (
+            "console: isolated machines",
+            "wide",
+            one(&format!(
+                "/api/machines?$filter=isolationState%20eq%20'Isolated'&{CONSOLE_PAGE}"
+            )),
+            100,
+        ),
+        (
+            "console: machines, a page deep",
+            "wide",
+            one(&format!(
+                "/api/machines?{CONSOLE_PAGE}&$skip={}",
+                deep_machines / 50 * 50
+            )),
+            50,
         ),
     ];
     let mut out = Vec::new();
