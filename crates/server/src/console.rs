@@ -214,6 +214,24 @@ mod tests {
         assert!(INDEX.contains(TENANT_MARK));
     }
 
+    /// The console's own code never writes markup from text (what
+    /// SECURITY.md promises about machine names, comments and the like).
+    #[test]
+    fn the_console_never_writes_markup_from_text() {
+        for asset in ASSETS.iter().filter(|a| !a.path.starts_with("vendor/")) {
+            let text = std::str::from_utf8(asset.body).unwrap();
+            for word in [
+                "innerHTML",
+                "outerHTML",
+                "insertAdjacentHTML",
+                "document.write",
+                "eval(",
+            ] {
+                assert!(!text.contains(word), "{} uses {word}", asset.path);
+            }
+        }
+    }
+
     #[test]
     fn etags_differ_by_content() {
         assert_ne!(etag(b"a"), etag(b"b"));
