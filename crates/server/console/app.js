@@ -16,6 +16,10 @@ import { AuditPage } from './pages/audit.js';
 function LiveStatus() {
   const [status, setStatus] = useState('connecting');
   useEffect(() => live.watchStatus(setStatus), []);
+  if (status === 'expired') {
+    return html`<span class="live live-paused" data-testid="live-status" role="status">Session ended
+      <button type="button" class="quiet small" onClick=${() => signIn()}>Sign in again</button></span>`;
+  }
   const words = {
     connecting: 'Connecting…',
     live: 'Live',

@@ -19,7 +19,8 @@ export function subscribe(listener) {
   return () => listeners.delete(listener);
 }
 
-/** Calls `listener(status)` on every change: connecting, live, paused. */
+/** Calls `listener(status)` on every change: connecting, live, paused,
+ * expired (the token ended; signing in again starts a new page). */
 export function watchStatus(listener) {
   statusListeners.add(listener);
   listener(status);
@@ -49,13 +50,16 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 async function readStream() {
   const current = token();
   if (!current) {
-    await signIn();
+    // The session ended: say so instead of leaving the page on its own.
+    setStatus('expired');
+    return -1;
   }
   const headers = { Authorization: `Bearer ${current.accessToken}`, Accept: 'text/event-stream' };
   if (lastEventId) headers['Last-Event-ID'] = lastEventId;
   const response = await fetch('/api/events', { headers, cache: 'no-store' });
   if (response.status === 401) {
-    await signIn();
+    setStatus('expired');
+    return -1;
   }
   if (!response.ok || !response.body) {
     return Number(response.headers.get('Retry-After')) || 0;
@@ -115,6 +119,7 @@ export function start() {
       } catch {
         // A dropped connection: try again below.
       }
+      if (retryAfter < 0) return;
       setStatus('paused');
       failures = wasLive ? 1 : failures + 1;
       // 1 s, 2 s, 4 s ... up to 30 s, ± a quarter, or the server's word.
