@@ -169,13 +169,14 @@ export function MachinePage({ me, id }) {
     <h2>Action history</h2>
     <table class="grid">
       <thead><tr>
-        <th scope="col">Type</th><th scope="col">Status</th><th scope="col">Requested by</th>
+        <th scope="col">Type</th><th scope="col">Scope</th><th scope="col">Status</th><th scope="col">Requested by</th>
         <th scope="col">Comment</th><th scope="col">Created</th><th scope="col">Updated</th><th scope="col">Details</th>
       </tr></thead>
       <tbody>
-        ${actions.length === 0 && html`<tr><td colspan="7" class="empty">No action yet.</td></tr>`}
+        ${actions.length === 0 && html`<tr><td colspan="8" class="empty">No action yet.</td></tr>`}
         ${actions.map((a) => html`<tr key=${a.id} data-action-id=${a.id}>
-          <td>${a.type}${a.scope ? ` (${a.scope})` : ''}</td>
+          <td>${a.type}</td>
+          <td>${a.scope || '—'}</td>
           <td><${StatusBadge} status=${a.status} /></td>
           <td>${a.requestor}</td>
           <td class="comment">${a.requestorComment}</td>
