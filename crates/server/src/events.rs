@@ -556,14 +556,20 @@ fn resync_frame(id: Option<&str>) -> SseEvent {
     }
 }
 
+enum Queued {
+    Frame(SseEvent),
+    Event(Arc<Event>),
+}
+
 /// One stream's state.
 struct Subscriber {
     state: Arc<AppState>,
     token: String,
     access: Access,
     receiver: broadcast::Receiver<Arc<Event>>,
-    /// Frames to send before reading the channel (the start, a replay).
-    queued: VecDeque<SseEvent>,
+    /// What to send before reading the channel: the start, then the
+    /// replay (shared events, made into frames one at a time).
+    queued: VecDeque<Queued>,
     recheck: tokio::time::Instant,
     /// The token's expiry or the connection's lifetime, whichever is first.
     end: tokio::time::Instant,
@@ -585,8 +591,10 @@ impl Subscriber {
     /// The next frame, or `None` when the stream ends.
     async fn next(&mut self) -> Option<SseEvent> {
         loop {
-            if let Some(frame) = self.queued.pop_front() {
-                return Some(frame);
+            match self.queued.pop_front() {
+                Some(Queued::Frame(frame)) => return Some(frame),
+                Some(Queued::Event(event)) => return Some(self.frame(&event)),
+                None => {}
             }
             tokio::select! {
                 received = self.receiver.recv() => match received {
@@ -639,27 +647,20 @@ async fn stream(
     match start {
         // An id-only frame: the client's `lastEventId` from the start, so
         // that it can resume even before its first event.
-        Start::Now => queued.push_back(SseEvent::default().id(&position)),
+        Start::Now => queued.push_back(Queued::Frame(SseEvent::default().id(&position))),
         Start::Resync => {
             state.metrics.event_resyncs.inc();
-            queued.push_back(resync_frame(Some(&position)));
+            queued.push_back(Queued::Frame(resync_frame(Some(&position))));
         }
         Start::Replay(events) => {
-            let mut replayed = false;
-            for event in events.iter().filter(|e| access.sees(e)) {
-                replayed = true;
-                queued.push_back(
-                    SseEvent::default()
-                        .id(state.events.id(event.seq))
-                        .event(event.kind)
-                        .data(&event.body),
-                );
-                if event.kind == "resync" {
-                    state.metrics.event_resyncs.inc();
-                }
-            }
-            if !replayed {
-                queued.push_back(SseEvent::default().id(&position));
+            queued.extend(
+                events
+                    .into_iter()
+                    .filter(|e| access.sees(e))
+                    .map(Queued::Event),
+            );
+            if queued.is_empty() {
+                queued.push_back(Queued::Frame(SseEvent::default().id(&position)));
             }
         }
     }
