@@ -39,7 +39,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
-use serde_json::{Value, json};
+use proto::api::{Caller, CallerPermissions, EventPayload, ExclusionRuleChange, MachineGroupRef};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::auth::{Permission, Principal};
@@ -79,14 +79,14 @@ async fn me(
     principal: Principal,
 ) -> Result<Response, ApiError> {
     let allowed = |p| principal.require(p).is_ok();
-    let permissions = json!({
-        "read": allowed(Permission::Read),
-        "isolate": allowed(Permission::Isolate),
-        "settings": allowed(Permission::Settings),
-        "audit": allowed(Permission::Audit),
-    });
+    let permissions = CallerPermissions {
+        read: allowed(Permission::Read),
+        isolate: allowed(Permission::Isolate),
+        settings: allowed(Permission::Settings),
+        audit: allowed(Permission::Audit),
+    };
     let machine_groups = match principal.machine_groups() {
-        None => Value::Null,
+        None => None,
         Some(ids) => {
             let groups = state.store.list_groups().await?;
             let name_of = |id: i64| {
@@ -96,23 +96,28 @@ async fn me(
                     groups.iter().find(|g| g.id == id).map(|g| g.name.clone())
                 }
             };
-            Value::Array(
+            Some(
                 ids.iter()
-                    .filter_map(|&id| name_of(id).map(|name| json!({"id": id, "name": name})))
+                    .filter_map(|&id| name_of(id).map(|name| MachineGroupRef { id, name }))
                     .collect(),
             )
         }
     };
     let user = principal.user.as_ref();
-    let body = json!({
-        "id": principal.id,
-        "displayName": principal.name,
-        "kind": if user.is_some() { "user" } else { "application" },
-        "upn": user.map(|_| principal.display_name.clone()),
-        "role": user.and_then(|u| u.role.as_ref()).map(|r| r.name.clone()),
-        "permissions": permissions,
-        "machineGroups": machine_groups,
-    });
+    let body = Caller {
+        id: principal.id.clone(),
+        display_name: principal.name.clone(),
+        kind: if user.is_some() {
+            "user"
+        } else {
+            "application"
+        }
+        .to_owned(),
+        upn: user.map(|_| principal.display_name.clone()),
+        role: user.and_then(|u| u.role.as_ref()).map(|r| r.name.clone()),
+        permissions,
+        machine_groups,
+    };
     let mut response = json_response(
         StatusCode::OK,
         serde_json::to_vec(&body).map_err(ApiError::internal)?,
@@ -228,14 +233,18 @@ impl Hub {
 
     /// Publishes an event of `kind` with `data` (the Standard Webhooks
     /// payload `{"type","timestamp","data"}`).
-    pub fn publish(&self, kind: &'static str, audience: Audience, data: Value) {
-        let body = json!({
-            "type": kind,
-            "timestamp": proto::time::format_utc(crate::now_nanos()),
-            "data": data,
-        })
-        .to_string();
-        self.publish_body(kind, audience, body);
+    pub fn publish<T: serde::Serialize>(&self, kind: &'static str, audience: Audience, data: T) {
+        let payload = EventPayload {
+            event_type: kind.to_owned(),
+            timestamp: proto::time::format_utc(crate::now_nanos()),
+            data,
+        };
+        match serde_json::to_string(&payload) {
+            Ok(body) => self.publish_body(kind, audience, body),
+            Err(e) => {
+                tracing::error!(error = %e, kind, "live events: an event could not be written")
+            }
+        }
     }
 
     /// Tells every stream to refetch: events were lost on the way.
@@ -415,7 +424,7 @@ pub async fn run(state: Arc<AppState>, mut feed: FeedReceiver) {
             Feed::Audit(record) => state.events.publish(
                 "audit.appended",
                 Audience::Audit,
-                to_value(crate::audit::audit_entity(&record)),
+                crate::audit::audit_entity(&record),
             ),
         }
         // Once what was queued before the loss is out.
@@ -423,10 +432,6 @@ pub async fn run(state: Arc<AppState>, mut feed: FeedReceiver) {
             state.events.resync_all();
         }
     }
-}
-
-fn to_value<T: serde::Serialize>(entity: T) -> Value {
-    serde_json::to_value(entity).unwrap_or(Value::Null)
 }
 
 const FINAL_STATUSES: [&str; 4] = ["Succeeded", "Failed", "TimeOut", "Cancelled"];
@@ -454,7 +459,7 @@ async fn action_events(
     state.events.publish(
         kind,
         Audience::Machine(group),
-        to_value(crate::api::action_entity(action)),
+        crate::api::action_entity(action),
     );
     let Some(machine) = machine else {
         return;
@@ -472,7 +477,7 @@ async fn action_events(
         state.events.publish(
             "machine.isolationChanged",
             Audience::Machine(group),
-            to_value(crate::api::machine_entity(state, &machine)),
+            crate::api::machine_entity(state, &machine),
         );
     }
     if known.len() >= KNOWN_MACHINES && !known.contains_key(&machine.id) {
@@ -493,11 +498,11 @@ pub fn exclusion_changed(
     state.events.publish(
         "exclusionRule.changed",
         Audience::Settings,
-        json!({
-            "id": id,
-            "change": change,
-            "rule": rule.map(|r| to_value(crate::exclusions::entity(r))),
-        }),
+        ExclusionRuleChange {
+            id: id.map(str::to_owned),
+            change: change.to_owned(),
+            rule: rule.map(crate::exclusions::entity),
+        },
     );
 }
 
@@ -545,7 +550,7 @@ fn expiry(token: &str) -> Option<i64> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .ok()?;
-    serde_json::from_slice::<Value>(&bytes).ok()?["exp"].as_i64()
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["exp"].as_i64()
 }
 
 fn resync_frame(id: Option<&str>) -> SseEvent {
@@ -732,11 +737,7 @@ mod tests {
     fn a_known_id_replays_what_followed_and_anything_else_resyncs() {
         let hub = hub();
         for _ in 0..5 {
-            hub.publish(
-                "machineAction.created",
-                Audience::Machine(Some(0)),
-                json!({}),
-            );
+            hub.publish("machineAction.created", Audience::Machine(Some(0)), ());
         }
         let id = |seq| hub.id(seq);
         assert_eq!(seqs(hub.subscribe(Some(&id(2))).1), Some(vec![3, 4, 5]));
@@ -758,7 +759,7 @@ mod tests {
     fn an_id_older_than_the_history_resyncs() {
         let hub = hub();
         for _ in 0..HISTORY + 10 {
-            hub.publish("audit.appended", Audience::Audit, json!({}));
+            hub.publish("audit.appended", Audience::Audit, ());
         }
         let id = |seq| hub.id(seq);
         assert_eq!(seqs(hub.subscribe(Some(&id(5))).1), None);
@@ -814,5 +815,37 @@ mod tests {
         assert!(admin.sees(&event(Audience::Machine(None))));
         assert!(admin.sees(&event(Audience::Settings)));
         assert!(admin.sees(&event(Audience::Audit)));
+    }
+
+    #[test]
+    fn a_full_feed_drops_and_marks_the_loss_without_blocking() {
+        let (feeder, feed) = Feeder::new();
+        let record = store::AuditRecord {
+            seq: 1,
+            event: store::NewAuditEvent {
+                id: "a".into(),
+                at: 0,
+                principal: "p".into(),
+                source_address: String::new(),
+                request_id: String::new(),
+                method: "POST".into(),
+                target: "/api/x".into(),
+                action: "x".into(),
+                outcome: "Succeeded".into(),
+                status: 200,
+                detail: None,
+                count: 1,
+            },
+            prev_hash: String::new(),
+            hash: String::new(),
+        };
+        for _ in 0..FEED_CAPACITY {
+            feeder.send(Feed::Audit(record.clone()));
+        }
+        assert!(!feed.dropped.load(Ordering::Relaxed));
+        // Returns at once, although nobody reads.
+        feeder.send(Feed::Audit(record));
+        assert!(feed.dropped.load(Ordering::Relaxed));
+        assert_eq!(feed.receiver.len(), FEED_CAPACITY);
     }
 }
