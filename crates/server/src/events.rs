@@ -321,7 +321,7 @@ impl Hub {
         };
         if let Some(message) = refusal {
             drop(open);
-            tracing::info!(caller, "live-event stream refused: over its limit");
+            tracing::debug!(caller, "live-event stream refused: over its limit");
             return Err(ApiError {
                 retry_after: Some(RETRY_AFTER_FULL),
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message)
@@ -578,7 +578,26 @@ struct Subscriber {
     recheck: tokio::time::Instant,
     /// The token's expiry or the connection's lifetime, whichever is first.
     end: tokio::time::Instant,
+    end_reason: &'static str,
+    /// For the log line when the stream closes.
+    request_id: String,
+    opened: tokio::time::Instant,
+    /// Why the server ended the stream (none: the client went away).
+    ended: Option<&'static str>,
     _slot: StreamSlot,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        tracing::info!(
+            target: "cordon::request",
+            request_id = %self.request_id,
+            caller = %self._slot.caller,
+            duration_s = self.opened.elapsed().as_secs(),
+            reason = self.ended.unwrap_or("the client went away"),
+            "live-event stream closed"
+        );
+    }
 }
 
 impl Subscriber {
@@ -606,24 +625,30 @@ impl Subscriber {
                     Ok(event) if self.access.sees(&event) => return Some(self.frame(&event)),
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::debug!(missed, "a live-event stream fell behind; it resyncs");
+                        tracing::debug!(request_id = %self.request_id, missed, "a live-event stream fell behind; it resyncs");
                         self.state.metrics.event_resyncs.inc();
                         return Some(resync_frame(None));
                     }
-                    Err(broadcast::error::RecvError::Closed) => return None,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        self.ended = Some("the server is stopping");
+                        return None;
+                    }
                 },
                 _ = tokio::time::sleep_until(self.recheck) => {
                     let principal = match self.state.authenticate(&self.token).await {
                         Ok(principal) if principal.require(Permission::Read).is_ok() => principal,
                         _ => {
-                            tracing::info!("a live-event stream ends: its caller lost access");
+                            self.ended = Some("the caller lost access");
                             return None;
                         }
                     };
                     self.access = Access::of(&principal);
                     self.recheck = tokio::time::Instant::now() + self.state.config.event_recheck;
                 }
-                _ = tokio::time::sleep_until(self.end) => return None,
+                _ = tokio::time::sleep_until(self.end) => {
+                    self.ended = Some(self.end_reason);
+                    return None;
+                }
             }
         }
     }
@@ -635,6 +660,7 @@ async fn stream(
     principal: Principal,
     headers: HeaderMap,
     connection: Option<Extension<conns::ConnSlot>>,
+    request_id: Option<Extension<crate::error::RequestId>>,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Read)?;
     let token = bearer(&headers)
@@ -671,9 +697,11 @@ async fn stream(
     }
     let now = tokio::time::Instant::now();
     let mut end = now + Duration::from_secs(365 * 24 * 3600);
+    let mut end_reason = "the server ended it";
     if let Some(exp) = expiry(&token) {
         let left = exp.saturating_sub(crate::unix_seconds()).max(0);
         end = end.min(now + Duration::from_secs(left as u64));
+        end_reason = "the token expired";
     }
     if let Some(Extension(connection)) = connection {
         // Ended by the server before the connection's lifetime closes it,
@@ -683,7 +711,10 @@ async fn stream(
             .max_connection_lifetime
             .saturating_sub(connection.0.age())
             .saturating_sub(Duration::from_secs(1));
-        end = end.min(now + left);
+        if now + left < end {
+            end = now + left;
+            end_reason = "the connection reached its lifetime";
+        }
     }
     let keep_alive = (state.config.idle_timeout / 2)
         .min(KEEP_ALIVE_MAX)
@@ -696,6 +727,10 @@ async fn stream(
         queued,
         recheck: now + state.config.event_recheck,
         end,
+        end_reason,
+        request_id: request_id.map(|Extension(id)| id.0).unwrap_or_default(),
+        opened: now,
+        ended: None,
         _slot: slot,
     };
     let frames = futures_util::stream::unfold(subscriber, |mut subscriber| async move {

@@ -924,3 +924,25 @@ async fn a_stream_follows_its_users_access_and_ends_when_read_is_lost() {
     while stream.frame_within(Duration::from_secs(10)).await.is_some() {}
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_a_stream_counts_for_the_rate_limit() {
+    let server = TestServer::start_with(|config| {
+        config.rate_limit_per_minute = 2;
+    })
+    .await;
+    let token = server.token().await;
+    let _first = open(&server, &token, None).await;
+    let _second = open(&server, &token, None).await;
+    let refused = open_at(&server, "/api/events", Some(&token), None)
+        .await
+        .refused();
+    let body = assert_error(&refused, 429, "TooManyRequests");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Rate limit is exceeded"),
+        "{body}"
+    );
+}
