@@ -10,6 +10,11 @@
 # characters" can't be written as JSON Schema, so the server rightly answers
 # 400 to many requests the document's schemas allow.)
 #
+# `GET /events` is left out: it is a server-sent-events stream that stays
+# open until the token expires, so every call would only end at the request
+# timeout (and schemathesis can't check a body that never ends).
+# crates/server/tests/events.rs covers it.
+#
 #   scripts/schemathesis.sh [MAX_EXAMPLES]   (default 30 examples per operation)
 #
 # Needs python3 with venv; installs schemathesis into target/schemathesis-venv.
@@ -79,6 +84,7 @@ REQUESTS_CA_BUNDLE="$data/ca.pem" SSL_CERT_FILE="$data/ca.pem" \
     --tls-verify "$data/ca.pem" \
     --checks all \
     --exclude-checks positive_data_acceptance \
+    --exclude-path /events \
     --max-examples "$max_examples" \
     --seed 1 \
     --workers 1 \

@@ -192,3 +192,61 @@ pub struct AuditEvent {
     pub hash: String,
     pub previous_hash: String,
 }
+
+/// Cordon extension: the caller of `GET /api/me`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Caller {
+    /// The application's client id, or the user's object id.
+    pub id: String,
+    /// The application's name, or the user's display name.
+    pub display_name: String,
+    /// `user` or `application`.
+    pub kind: String,
+    /// The user's name; null for an application.
+    pub upn: Option<String>,
+    /// The user's role; null for an application or a user without one.
+    pub role: Option<String>,
+    pub permissions: CallerPermissions,
+    /// The machine groups the caller reaches; null: all of them.
+    pub machine_groups: Option<Vec<MachineGroupRef>>,
+}
+
+/// What each permission check would answer for the caller.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CallerPermissions {
+    pub read: bool,
+    pub isolate: bool,
+    pub settings: bool,
+    pub audit: bool,
+}
+
+/// A machine group, by id and name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MachineGroupRef {
+    pub id: i64,
+    pub name: String,
+}
+
+/// Cordon extension: the body of a live event (`GET /api/events`), the
+/// Standard Webhooks payload shape.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventPayload<T> {
+    /// The event's type, as its SSE `event:` field.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// When it was published (UTC).
+    pub timestamp: String,
+    pub data: T,
+}
+
+/// Cordon extension: the `data` of an `exclusionRule.changed` event.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExclusionRuleChange {
+    /// The rule's id; null for a change made outside the API (the CLI).
+    pub id: Option<String>,
+    /// `created`, `updated`, `deleted`, or `changed` (outside the API).
+    pub change: String,
+    /// The rule as the API returns it; null once deleted, or for `changed`.
+    pub rule: Option<ExclusionRule>,
+}

@@ -225,7 +225,12 @@ fn new_action(
         machine_id: machine_id_param(id)?,
         scope: scope.map(str::to_owned),
         external_id,
-        request_source: "PublicApi".into(),
+        request_source: if principal.via_console {
+            "Portal"
+        } else {
+            "PublicApi"
+        }
+        .into(),
         now: crate::now_nanos(),
     })
 }

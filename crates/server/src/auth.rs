@@ -66,6 +66,13 @@ pub struct Principal {
     pub id: String,
     /// Shown as `requestor`: the app's display name or the user's UPN.
     pub display_name: String,
+    /// The name to show the caller: the app's name, or the user's display
+    /// name (their UPN when they have none).
+    pub name: String,
+    /// The call comes through the analyst console: a user token of the
+    /// built-in authority issued to [`crate::signin::CONSOLE_CLIENT_ID`]
+    /// (actions it creates have `requestSource` `Portal`).
+    pub via_console: bool,
     /// Application permissions (`roles`).
     pub roles: Vec<String>,
     /// Delegated permissions (`scp`).
@@ -185,7 +192,9 @@ impl AppState {
             .collect();
         Ok(Principal {
             id: app.client_id,
+            name: app.name.clone(),
             display_name: app.name,
+            via_console: false,
             roles,
             scopes: Vec::new(),
             user: None,
@@ -217,8 +226,15 @@ impl AppState {
             })?;
         let role = crate::rbac::resolve_role(&self.store, &user.role).await?;
         let access = self.user_access(role, &user.user_groups).await?;
+        let name = if user.display_name.trim().is_empty() {
+            user.upn.clone()
+        } else {
+            user.display_name.clone()
+        };
         Ok(Principal {
             id: user.id,
+            name,
+            via_console: claims.appid.as_deref() == Some(crate::signin::CONSOLE_CLIENT_ID),
             display_name: user.upn,
             roles: Vec::new(),
             scopes: claims
@@ -251,6 +267,8 @@ impl AppState {
             // machine group, as for Cordon's own applications.
             return Ok(Principal {
                 id: format!("{}|{}", identity.issuer, identity.subject),
+                name: identity.name.clone(),
+                via_console: false,
                 display_name: identity.name,
                 roles: roles
                     .into_iter()
@@ -293,6 +311,8 @@ impl AppState {
         };
         Ok(Principal {
             id: format!("{}|{}", identity.issuer, identity.subject),
+            name: identity.name,
+            via_console: false,
             display_name: identity.upn,
             roles: Vec::new(),
             scopes,

@@ -13,6 +13,7 @@ pub mod conns;
 pub mod console;
 pub mod crypto;
 pub mod error;
+pub mod events;
 pub mod exclusions;
 pub mod gateway;
 pub mod json;
@@ -112,6 +113,12 @@ pub struct Config {
     pub new_ca: bool,
     /// Where `GET /metrics` is served (plain HTTP), if anywhere.
     pub metrics_listen: monitoring::MetricsListen,
+    /// Live-event streams (`GET /api/events`) open at once, in all and per
+    /// caller.
+    pub event_streams: events::Limits,
+    /// How often a live-event stream re-checks its caller's access (no
+    /// flag: tests shorten it).
+    pub event_recheck: Duration,
 }
 
 impl Config {
@@ -146,6 +153,8 @@ impl Config {
             audit_fold_window: Duration::from_secs(60),
             new_ca: false,
             metrics_listen: monitoring::MetricsListen::default_address(),
+            event_streams: events::Limits::default(),
+            event_recheck: events::RECHECK,
         }
     }
 }
@@ -188,6 +197,8 @@ pub struct AppState {
     pub audit_folds: audit::Folding,
     /// The Prometheus metrics (also the store's observer).
     pub metrics: Arc<monitoring::Metrics>,
+    /// The live events (`GET /api/events`).
+    pub events: Arc<events::Hub>,
 }
 
 impl AppState {
@@ -261,8 +272,8 @@ pub fn base_url(headers: &HeaderMap, state: &AppState) -> String {
 /// The whole HTTP application.
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
-        .nest("/api", api::routes())
-        .nest("/api/v1.0", api::routes())
+        .nest("/api", api::routes().merge(events::routes()))
+        .nest("/api/v1.0", api::routes().merge(events::routes()))
         .merge(authority::routes())
         .merge(signin::routes())
         .merge(gateway::routes())
@@ -565,6 +576,8 @@ pub async fn start_with(
     let metrics_listener = monitoring::bind(&config.metrics_listen)?;
     let store = init_data_dir(&config.data_dir)?;
     let metrics = Arc::new(monitoring::Metrics::new());
+    let (feeder, feed) = events::Feeder::new();
+    let _ = metrics.feed.set(feeder);
     store.set_observer(metrics.clone());
     // Counted once, before anything can change an action: from now on
     // every change adjusts the counts.
@@ -667,7 +680,14 @@ pub async fn start_with(
         "work in progress at most"
     );
     let audit_folds = audit::Folding::new(config.audit_fold_window);
+    let events = Arc::new(events::Hub::new(config.event_streams, metrics.clone()));
+    tracing::info!(
+        total = config.event_streams.total,
+        per_caller = config.event_streams.per_caller,
+        "live-event streams at most"
+    );
     let state = Arc::new(AppState {
+        events,
         audit_folds,
         limiter: ratelimit::RateLimiter::new(
             config.rate_limit_per_minute,
@@ -697,6 +717,7 @@ pub async fn start_with(
         tokio::spawn(flush_liveness(state.clone())),
         tokio::spawn(watch_exclusions(state.clone())),
         tokio::spawn(audit_upkeep(state.clone())),
+        tokio::spawn(events::run(state.clone(), feed)),
     ];
     let metrics_addr = match metrics_listener {
         Some(listener) => {
@@ -814,6 +835,7 @@ async fn watch_exclusions(state: Arc<AppState>) {
         match state.store.exclusion_version().await {
             Ok(version) if version > state.gateway.exclusions_pushed() => {
                 exclusions::publish(&state).await;
+                events::exclusion_changed(&state, None, "changed", None);
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not read the exclusion rule version"),

@@ -242,6 +242,14 @@ struct ServeArgs {
     /// excepted; further ones are closed at once (0: no cap).
     #[arg(long, env = "CORDON_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 64)]
     max_connections_per_source: usize,
+    /// Live-event streams (`GET /api/events`) open at once, at most, in
+    /// all; further ones are refused with 429 and Retry-After.
+    #[arg(long, env = "CORDON_MAX_EVENT_STREAMS", default_value_t = 1_024)]
+    max_event_streams: usize,
+    /// Live-event streams one caller (an application or user) may have
+    /// open at once, at most.
+    #[arg(long, env = "CORDON_MAX_EVENT_STREAMS_PER_CALLER", default_value_t = 8)]
+    max_event_streams_per_caller: usize,
     /// How long a connection may wait before sending a request (after
     /// opening, or between keep-alive requests).
     #[arg(long, env = "CORDON_CONNECTION_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -791,6 +799,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ("--max-agent-connections", args.max_agent_connections),
         ("--max-api-connections", args.max_api_connections),
         ("--max-handshakes", args.max_handshakes),
+        ("--max-event-streams", args.max_event_streams),
+        (
+            "--max-event-streams-per-caller",
+            args.max_event_streams_per_caller,
+        ),
     ] {
         if value == 0 {
             bail!("{flag} must be at least 1");
@@ -802,6 +815,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bail!("--connection-idle-timeout must be between 1ms and 24h");
     }
     config.idle_timeout = args.connection_idle_timeout;
+    config.event_streams = server::events::Limits {
+        total: args.max_event_streams,
+        per_caller: args.max_event_streams_per_caller,
+    };
     config.max_connection_lifetime = args.connection_max_lifetime;
     config.audit_retention = args.audit_retention.filter(|r| !r.is_zero());
     if let Some(metrics_listen) = args.metrics_listen {

@@ -8,7 +8,8 @@
 //! - As the store's [`store::StoreObserver`], it times every commit, keeps
 //!   the count of actions by type and status, observes each action's
 //!   completion time and logs every action state change, from the one
-//!   place where all of them are committed.
+//!   place where all of them are committed; it also hands each action
+//!   change and audit record on to the live events ([`crate::events`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -185,6 +186,15 @@ pub struct Metrics {
     http_requests: Family<RequestLabels, Counter>,
     http_duration: Family<RouteLabels, Histogram>,
     store_commit: Histogram,
+    /// Live-event streams (`GET /api/events`) open now.
+    pub event_streams: Gauge,
+    /// Events published to the live-event streams.
+    pub events_published: Counter,
+    /// `resync` events sent to streams (a subscriber that fell behind, an
+    /// unknown `Last-Event-ID`, changes dropped on the way).
+    pub event_resyncs: Counter,
+    /// Where the store's changes go on to the live events (set once at start).
+    pub feed: std::sync::OnceLock<crate::events::Feeder>,
     readiness: tokio::sync::Mutex<Option<(Instant, bool)>>,
 }
 
@@ -238,6 +248,24 @@ impl Metrics {
             Unit::Seconds,
             store_commit.clone(),
         );
+        let event_streams = Gauge::default();
+        registry.register(
+            "cordon_event_streams",
+            "Live-event streams (GET /api/events) open now",
+            event_streams.clone(),
+        );
+        let events_published = Counter::default();
+        registry.register(
+            "cordon_events_published",
+            "Events published to the live-event streams",
+            events_published.clone(),
+        );
+        let event_resyncs = Counter::default();
+        registry.register(
+            "cordon_event_resyncs",
+            "resync events sent to live-event streams (the client refetches)",
+            event_resyncs.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -274,6 +302,10 @@ impl Metrics {
             http_requests,
             http_duration,
             store_commit,
+            event_streams,
+            events_published,
+            event_resyncs,
+            feed: std::sync::OnceLock::new(),
             readiness: tokio::sync::Mutex::new(None),
         }
     }
@@ -374,7 +406,16 @@ impl store::StoreObserver for Metrics {
         self.store_commit.observe(elapsed.as_secs_f64());
     }
 
+    fn audit_appended(&self, record: &store::AuditRecord) {
+        if let Some(feed) = self.feed.get() {
+            feed.send(crate::events::Feed::Audit(record.clone()));
+        }
+    }
+
     fn action_changed(&self, change: &store::ActionChange) {
+        if let Some(feed) = self.feed.get() {
+            feed.send(crate::events::Feed::Action(change.clone()));
+        }
         let action = &change.action;
         let to = ActionLabels::of(&action.action_type, &action.status);
         self.machine_actions.get_or_create(&to).inc();
@@ -560,6 +601,9 @@ mod tests {
             "# TYPE cordon_http_requests counter",
             "# TYPE cordon_http_request_duration_seconds histogram",
             "# TYPE cordon_store_commit_seconds histogram",
+            "# TYPE cordon_event_streams gauge",
+            "# TYPE cordon_events_published counter",
+            "# TYPE cordon_event_resyncs counter",
             "cordon_http_requests_total{method=\"POST\",route=\"/api/machines/{id}/isolate\",status=\"201\"} 1",
             "cordon_http_request_duration_seconds_count{route=\"/api/machines/{id}/isolate\"} 1",
             "cordon_store_commit_seconds_count 1",

@@ -868,6 +868,8 @@ async fn the_openapi_document_describes_the_served_paths() {
         "/isolationExclusionRules",
         "/isolationExclusionRules/{id}",
         "/auditEvents",
+        "/me",
+        "/events",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} missing");
     }

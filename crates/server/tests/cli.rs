@@ -1034,6 +1034,8 @@ async fn connection_flags_reach_the_server() {
         "CORDON_MAX_ENROLLMENTS_IN_PROGRESS",
         "CORDON_ADMISSION_QUEUE_TIMEOUT",
         "CORDON_ADMISSION_MAX_RETRY_AFTER",
+        "CORDON_MAX_EVENT_STREAMS",
+        "CORDON_MAX_EVENT_STREAMS_PER_CALLER",
     ] {
         assert!(help.contains(var), "{var} missing from:\n{help}");
     }
@@ -1055,6 +1057,11 @@ async fn connection_flags_reach_the_server() {
             "--connection-max-lifetime",
         ),
         (vec!["--max-handshakes", "many"], None, "invalid value"),
+        (
+            vec![],
+            Some(("CORDON_MAX_EVENT_STREAMS_PER_CALLER", "0")),
+            "--max-event-streams-per-caller must be at least 1",
+        ),
         (
             vec!["--max-session-setups-in-progress", "0"],
             None,

@@ -443,7 +443,17 @@ impl Store {
     /// Text fields are capped first ([`NewAuditEvent::capped`]).
     pub async fn append_audit(&self, event: NewAuditEvent) -> Result<AuditRecord> {
         let event = event.capped();
-        self.write(move |conn| append(conn, &event)).await
+        let observer = self.inner.observer.clone();
+        self.write_then(
+            move |conn| append(conn, &event),
+            move |record| {
+                if let Some(observer) = observer.get() {
+                    observer.audit_appended(&record);
+                }
+                record
+            },
+        )
+        .await
     }
 
     /// Removes the records before the first one at or after `before`

@@ -76,6 +76,9 @@ pub trait StoreObserver: Send + Sync {
     /// An action was created or changed status; called once per change,
     /// only once it is durable, whether or not its caller still waits.
     fn action_changed(&self, _change: &ActionChange) {}
+    /// An audit record was appended; called once per record, only once it
+    /// is durable.
+    fn audit_appended(&self, _record: &AuditRecord) {}
 }
 
 /// An action's change of status, as committed.
