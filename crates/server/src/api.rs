@@ -42,7 +42,6 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/machineactions/{id}/cancel", post(cancel))
         .route("/auditEvents", get(crate::audit::list))
         .route("/openapi.json", get(openapi))
-        .route("/me", get(temp_me))
         .merge(crate::exclusions::routes())
 }
 
@@ -687,17 +686,4 @@ pub fn machine_entity(state: &AppState, m: &MachineRecord) -> Machine {
         last_tamper_date_time_utc: m.last_tamper_at.map(format_utc),
         exclusion_rules_version: m.exclusion_version,
     }
-}
-
-// TEMP-DEV-ONLY (not committed): stand-in for the helper's /api/me.
-pub async fn temp_me(principal: Principal) -> Response {
-    use crate::auth::Permission as P;
-    use axum::response::IntoResponse as _;
-    let can = |p| principal.require(p).is_ok();
-    axum::Json(serde_json::json!({
-        "id": principal.id, "displayName": principal.display_name, "kind": "user",
-        "upn": principal.display_name, "role": principal.user.as_ref().and_then(|u| u.role.as_ref()).map(|r| r.name.clone()),
-        "permissions": {"read": can(P::Read), "isolate": can(P::Isolate), "settings": can(P::Settings), "audit": can(P::Audit)},
-        "machineGroups": null, "groups": []
-    })).into_response()
 }
