@@ -210,6 +210,9 @@ pub struct Caller {
     pub permissions: CallerPermissions,
     /// The machine groups the caller reaches; null: all of them.
     pub machine_groups: Option<Vec<MachineGroupRef>>,
+    /// Every machine group whose machines the caller sees, by name (the
+    /// default group first): what a filter by group can offer.
+    pub visible_machine_groups: Vec<MachineGroupRef>,
 }
 
 /// What each permission check would answer for the caller.

@@ -85,24 +85,29 @@ async fn me(
         settings: allowed(Permission::Settings),
         audit: allowed(Permission::Audit),
     };
-    let machine_groups = match principal.machine_groups() {
-        None => None,
-        Some(ids) => {
-            let groups = state.store.list_groups().await?;
-            let name_of = |id: i64| {
-                if id == store::DEFAULT_GROUP_ID {
-                    Some(store::DEFAULT_GROUP_NAME.to_owned())
-                } else {
-                    groups.iter().find(|g| g.id == id).map(|g| g.name.clone())
-                }
-            };
-            Some(
-                ids.iter()
-                    .filter_map(|&id| name_of(id).map(|name| MachineGroupRef { id, name }))
-                    .collect(),
-            )
-        }
-    };
+    let reach = principal.machine_groups();
+    let groups = state.store.list_groups().await?;
+    let mut visible: Vec<MachineGroupRef> = std::iter::once(MachineGroupRef {
+        id: store::DEFAULT_GROUP_ID,
+        name: store::DEFAULT_GROUP_NAME.to_owned(),
+    })
+    .chain(groups.iter().map(|g| MachineGroupRef {
+        id: g.id,
+        name: g.name.clone(),
+    }))
+    .filter(|g| reach.as_ref().is_none_or(|ids| ids.contains(&g.id)))
+    .collect();
+    let first = usize::from(
+        visible
+            .first()
+            .is_some_and(|g| g.id == store::DEFAULT_GROUP_ID),
+    );
+    visible[first..].sort_by_key(|g| g.name.to_lowercase());
+    let machine_groups = reach.map(|ids| {
+        ids.iter()
+            .filter_map(|id| visible.iter().find(|g| g.id == *id).cloned())
+            .collect()
+    });
     let user = principal.user.as_ref();
     let body = Caller {
         id: principal.id.clone(),
@@ -117,6 +122,7 @@ async fn me(
         role: user.and_then(|u| u.role.as_ref()).map(|r| r.name.clone()),
         permissions,
         machine_groups,
+        visible_machine_groups: visible,
     };
     let mut response = json_response(
         StatusCode::OK,

@@ -329,7 +329,14 @@ fn without_context(mut entity: Value) -> Value {
 async fn me_tells_apps_and_users_of_each_role_what_they_may_do() {
     let server = TestServer::start().await;
     let finance = add_group(&server, "Finance", 1, "FIN-", "soc-eu").await;
-    add_group(&server, "HR", 2, "hr-", "soc-hr").await;
+    let hr = add_group(&server, "HR", 2, "hr-", "soc-hr").await;
+    // Everything a caller who reaches every group can filter by: the
+    // default group first, then by name.
+    let every_group = json!([
+        {"id": 0, "name": "Ungrouped devices (default)"},
+        {"id": finance, "name": "Finance"},
+        {"id": hr, "name": "HR"},
+    ]);
     add_user(&server, "vera@example.com", "Viewer", &["SOC-EU"]).await;
     add_user(&server, "rick@example.com", "Responder", &[]).await;
     add_user(&server, "ada@example.com", "Administrator", &[]).await;
@@ -348,6 +355,7 @@ async fn me_tells_apps_and_users_of_each_role_what_they_may_do() {
             "role": null,
             "permissions": {"read": true, "isolate": true, "settings": false, "audit": false},
             "machineGroups": null,
+            "visibleMachineGroups": every_group,
         })
     );
     let mut admin_app = app_api(&server, "Admin app", &["Machine.ReadWrite.All"]).await;
@@ -378,6 +386,7 @@ async fn me_tells_apps_and_users_of_each_role_what_they_may_do() {
             {"id": finance, "name": "Finance"},
         ])
     );
+    assert_eq!(vera["visibleMachineGroups"], vera["machineGroups"]);
     let rick = user_api(&server, "rick@example.com")
         .await
         .get("/api/me")
@@ -393,6 +402,7 @@ async fn me_tells_apps_and_users_of_each_role_what_they_may_do() {
         rick["machineGroups"],
         json!([{"id": 0, "name": "Ungrouped devices (default)"}])
     );
+    assert_eq!(rick["visibleMachineGroups"], rick["machineGroups"]);
     let ada = user_api(&server, "ada@example.com")
         .await
         .get("/api/me")
@@ -405,6 +415,7 @@ async fn me_tells_apps_and_users_of_each_role_what_they_may_do() {
         json!({"read": true, "isolate": true, "settings": true, "audit": true})
     );
     assert_eq!(ada["machineGroups"], Value::Null);
+    assert_eq!(ada["visibleMachineGroups"], every_group);
 
     // A token and nothing else: a bad one is the usual 401.
     let mut bad = Api {

@@ -65,6 +65,10 @@ async function readStream() {
     return Number(response.headers.get('Retry-After')) || 0;
   }
   setStatus('live');
+  // What changed before a stream was open is not in it: pages reload what
+  // they show now that they will hear of every change (on the first open
+  // too, since pages load their data while it connects).
+  dispatch('connected', null);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = '';
   let event = { type: 'message', data: [], id: null };
@@ -126,9 +130,6 @@ export function start() {
       const backoff = Math.min(30_000, 1000 * 2 ** Math.min(failures - 1, 5));
       const wait = Math.max(retryAfter * 1000, backoff * (0.75 + Math.random() / 2));
       await sleep(wait);
-      // After a pause, pages reload what they show (events may be lost
-      // if the server cannot replay them; it then says resync too).
-      dispatch('reconnecting', null);
     }
   })();
 }

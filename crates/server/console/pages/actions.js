@@ -5,7 +5,7 @@ import { useEffect, useRef, useState } from 'preact/hooks';
 import { call, literal, query } from '../lib/api.js';
 import { subscribe } from '../lib/live.js';
 import { html, Link, Alert, Dialog, Pager, StatusBadge, Time, PAGE_SIZE, useQueryState } from '../lib/ui.js';
-import { details } from './machine.js';
+import { details, mergeActions } from './machine.js';
 
 const STATUSES = ['Pending', 'InProgress', 'Succeeded', 'Failed', 'TimeOut', 'Cancelled'];
 
@@ -98,7 +98,10 @@ export function ActionsPage({ me }) {
       $count: 'true',
     })}`, { signal: controller.signal })
       .then((body) => {
-        setResult({ rows: body.value, total: body['@odata.count'] ?? body.value.length });
+        setResult((current) => ({
+          rows: current ? mergeActions(current.rows, body.value) : body.value,
+          total: body['@odata.count'] ?? body.value.length,
+        }));
         setError('');
       })
       .catch((e) => {
@@ -108,7 +111,7 @@ export function ActionsPage({ me }) {
   }, [filter, skip, reload]);
 
   useEffect(() => subscribe((type, data) => {
-    if (type === 'resync' || type === 'reconnecting') {
+    if (type === 'resync' || type === 'connected') {
       setReload((n) => n + 1);
     } else if (type === 'machineAction.created') {
       // A new action may belong on this page: ask the server, which
@@ -122,7 +125,7 @@ export function ActionsPage({ me }) {
     } else if (type.startsWith('machineAction.') && data) {
       setResult((current) => current && {
         ...current,
-        rows: current.rows.map((row) => (row.id === data.id ? data : row)),
+        rows: mergeActions([data], current.rows),
       });
     }
   }), []);

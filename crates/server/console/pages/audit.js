@@ -51,7 +51,7 @@ export function AuditPage({ me }) {
   }, [filter, skip, reload]);
 
   useEffect(() => subscribe((type) => {
-    if (type === 'audit.appended' || type === 'resync' || type === 'reconnecting') {
+    if (type === 'audit.appended' || type === 'resync' || type === 'connected') {
       // At most twice a second, however many records arrive.
       if (!refetch.current) {
         refetch.current = setTimeout(() => {

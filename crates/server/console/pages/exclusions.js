@@ -135,7 +135,7 @@ export function ExclusionsPage({ me }) {
   }, [reload]);
 
   useEffect(() => subscribe((type) => {
-    if (type === 'exclusionRule.changed' || type === 'resync' || type === 'reconnecting') setReload((n) => n + 1);
+    if (type === 'exclusionRule.changed' || type === 'resync' || type === 'connected') setReload((n) => n + 1);
   }), []);
 
   if (!me.permissions.settings) {

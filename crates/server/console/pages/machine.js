@@ -7,12 +7,24 @@ import { html, Link, Alert, Dialog, StateBadge, StatusBadge, Time, stateWords } 
 
 const MAX_COMMENT = 1000;
 
-/** Puts `action` into `list` (newest first), replacing an older copy. */
+/** Puts `action` into `list` (newest first), unless the list already has
+ * a later copy of it (a live event may overtake a reload). */
 export function upsertAction(list, action) {
-  const rest = list.filter((a) => a.id !== action.id);
-  const merged = [action, ...rest];
+  const old = list.find((a) => a.id === action.id);
+  if (old && old.lastUpdateDateTimeUtc > action.lastUpdateDateTimeUtc) return list;
+  const merged = [action, ...list.filter((a) => a.id !== action.id)];
   merged.sort((a, b) => (a.creationDateTimeUtc < b.creationDateTimeUtc ? 1 : -1));
   return merged;
+}
+
+/** A reloaded page of actions, keeping the later copy of each that a live
+ * event brought meanwhile. */
+export function mergeActions(current, loaded) {
+  const byId = new Map(current.map((a) => [a.id, a]));
+  return loaded.map((a) => {
+    const live = byId.get(a.id);
+    return live && live.lastUpdateDateTimeUtc > a.lastUpdateDateTimeUtc ? live : a;
+  });
 }
 
 /** The dialog that isolates or releases a machine. */
@@ -121,7 +133,7 @@ export function MachinePage({ me, id }) {
     ])
       .then(([m, list]) => {
         setMachine(m);
-        setActions(list.value);
+        setActions((current) => mergeActions(current, list.value));
         setError('');
         document.title = `${m.computerDnsName} · Cordon`;
       })
@@ -132,7 +144,7 @@ export function MachinePage({ me, id }) {
   }, [id, reload]);
 
   useEffect(() => subscribe((type, data) => {
-    if (type === 'resync' || type === 'reconnecting') {
+    if (type === 'resync' || type === 'connected') {
       setReload((n) => n + 1);
     } else if (type.startsWith('machineAction.') && data && data.machineId === id) {
       setActions((list) => upsertAction(list, data));

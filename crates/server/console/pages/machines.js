@@ -66,7 +66,7 @@ export function MachinesPage({ me }) {
   }, [search, state, group, skip, reload]);
 
   useEffect(() => subscribe((type, data) => {
-    if (type === 'resync' || type === 'reconnecting') {
+    if (type === 'resync' || type === 'connected') {
       setReload((n) => n + 1);
     } else if (type === 'machine.isolationChanged' && data) {
       setResult((current) => current && {
@@ -87,7 +87,7 @@ export function MachinesPage({ me }) {
     clearTimeout(timer.current);
     setParams({ search: typed, skip: 0 });
   };
-  const groups = me.groups || [];
+  const groups = me.visibleMachineGroups || [];
 
   return html`<main>
     <h1>Machines</h1>
