@@ -86,24 +86,10 @@ fn find_tools() -> Result<Tools, Vec<String>> {
     }
     let dir = project_dir();
     let cli = dir.join("node_modules/@playwright/test/cli.js");
-    let locked = std::fs::read(dir.join("package-lock.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .and_then(|lock| {
-            lock["packages"]["node_modules/@playwright/test"]["version"]
-                .as_str()
-                .map(str::to_owned)
-        });
-    let installed = std::fs::read(dir.join("node_modules/@playwright/test/package.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .and_then(|p| p["version"].as_str().map(str::to_owned));
-    if !cli.is_file() || locked.is_none() || installed != locked {
+    if let Some(stale) = stale_packages(&dir) {
         missing.push(format!(
-            "the npm packages of crates/server/tests/console, as locked \
-             (@playwright/test {}; installed: {}): run `npm ci` there",
-            locked.as_deref().unwrap_or("?"),
-            installed.as_deref().unwrap_or("none"),
+            "the npm packages of crates/server/tests/console as locked ({stale}): \
+             run `npm ci` there"
         ));
     }
     if missing.is_empty() {
@@ -115,6 +101,34 @@ fn find_tools() -> Result<Tools, Vec<String>> {
     } else {
         Err(missing)
     }
+}
+
+/// Which packages of `package-lock.json` (the project's own dependencies)
+/// are not installed at their locked version; `None` when all are.
+fn stale_packages(dir: &Path) -> Option<String> {
+    let read = |path: PathBuf| -> Option<Value> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    };
+    let Some(lock) = read(dir.join("package-lock.json")) else {
+        return Some("package-lock.json unreadable".into());
+    };
+    let packages = &lock["packages"];
+    let wanted = packages[""]["devDependencies"].as_object()?;
+    let stale: Vec<String> = wanted
+        .keys()
+        .filter_map(|name| {
+            let locked = packages[format!("node_modules/{name}")]["version"].as_str()?;
+            let installed = read(dir.join("node_modules").join(name).join("package.json"));
+            let installed = installed.as_ref().and_then(|p| p["version"].as_str());
+            (installed != Some(locked)).then(|| {
+                format!(
+                    "{name} {locked}, installed: {}",
+                    installed.unwrap_or("none")
+                )
+            })
+        })
+        .collect();
+    (!stale.is_empty()).then(|| stale.join(", "))
 }
 
 // ---- the agents ---------------------------------------------------------------
@@ -355,6 +369,28 @@ async fn wait_connected(api: &mut Api, ids: &[&str]) {
     }
 }
 
+/// Type-checks the specs (`tsc`), so that specs skipped until the console
+/// exists still compile against Playwright's API.
+async fn typecheck(tools: &Tools) {
+    let run = tokio::process::Command::new(&tools.node)
+        .arg(project_dir().join("node_modules/typescript/bin/tsc"))
+        .args(["-p", "."])
+        .current_dir(project_dir())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("tsc ends within 120 s")
+        .expect("tsc starts");
+    assert!(
+        output.status.success(),
+        "the specs do not type-check (tsc -p crates/server/tests/console):\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 // ---- the run --------------------------------------------------------------------
 
 const USERS: [(&str, &str, &str, &str, &[&str]); 3] = [
@@ -404,6 +440,7 @@ async fn the_console_passes_its_browser_tests() {
         }
     };
 
+    typecheck(&tools).await;
     let server = TestServer::start().await;
     add_group(&server, "Web", 1, "web-", "web-team").await;
     add_group(&server, "Finance", 2, "fin-", "finance-team").await;
