@@ -59,8 +59,15 @@ fn required() -> bool {
 /// Finds Chromium, Node.js and the locked npm packages; says what is missing.
 fn find_tools() -> Result<Tools, Vec<String>> {
     let mut missing = Vec::new();
+    // Debian's, or Fedora's name for it.
     let chromium = std::env::var_os("CORDON_CHROMIUM")
         .map(PathBuf::from)
+        .or_else(|| {
+            ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+                .map(PathBuf::from)
+                .into_iter()
+                .find(|p| p.is_file())
+        })
         .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
     if !chromium.is_file() {
         missing.push(format!(
