@@ -15,12 +15,17 @@
 # Needed by the network-namespace lab tests, which run only as root: ip
 # (iproute2), nsenter and unshare (util-linux), nft (nftables), and curl (the
 # Selective-isolation test copies it as the application to exclude).
+# Needed by the console's browser tests (crates/server/tests/console.rs):
+# Chromium (/usr/bin/chromium), Node.js 20 or later with npm, and the npm
+# packages of crates/server/tests/console, which this script installs with
+# `npm ci` when they are missing or older than its package-lock.json.
+# Without them those tests say they were skipped, except under CI=true.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 case "${1:-}" in
 -h | --help)
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
     echo "(Other arguments are passed to cargo test; `cargo test --help` lists them.)"
     exit 0
     ;;
@@ -57,10 +62,15 @@ have ip || lab_missing+=("iproute2 iproute")
 have nsenter && have unshare || lab_missing+=("util-linux util-linux")
 have nft || lab_missing+=("nftables nftables")
 have curl || lab_missing+=("curl curl")
+browser_missing=()
+have chromium || have chromium-browser || browser_missing+=("chromium chromium")
+have node || browser_missing+=("nodejs nodejs")
+have npm || browser_missing+=("npm npm")
 
-# The lab tests are skipped unless root, so their tools matter only to root.
+# The lab tests are skipped unless root, so their tools matter only to
+# root; so are the browser tests' (elsewhere they are named below).
 wanted=("${build_missing[@]}")
-$is_root && wanted+=("${lab_missing[@]}")
+$is_root && wanted+=("${lab_missing[@]}" "${browser_missing[@]}")
 
 packages() { # debian|fedora
     local column=$1 entry
@@ -92,6 +102,22 @@ fi
 if ! $is_root; then
     echo "Not root: the network-namespace lab tests will say they were skipped" \
         "(run as root to include them)."
+fi
+
+# The browser tests' npm packages, exactly as locked.
+console_tests=crates/server/tests/console
+if ! $is_root && [ ${#browser_missing[@]} -gt 0 ]; then
+    echo "The console's browser tests will say they were skipped: they need" \
+        "$(for e in "${browser_missing[@]}"; do echo -n "${e%% *} "; done)(Debian packages;" \
+        "run this as root to install them, then again as you)."
+elif have node && [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
+    echo "The console's browser tests need Node.js 20 or later (found $(node --version));" \
+        "until it is installed they say they were skipped (they fail under CI=true)."
+elif [ ! -f "$console_tests/node_modules/.package-lock.json" ] ||
+    [ "$console_tests/package-lock.json" -nt "$console_tests/node_modules/.package-lock.json" ] ||
+    [ "$console_tests/package.json" -nt "$console_tests/node_modules/.package-lock.json" ]; then
+    echo "Installing the browser tests' npm packages (npm ci in $console_tests)"
+    (cd "$console_tests" && npm ci --ignore-scripts --no-audit --no-fund)
 fi
 $setup_only && exit 0
 
