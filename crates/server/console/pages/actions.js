@@ -143,28 +143,28 @@ export function ActionsPage({ me }) {
   return html`<main>
     <h1>Actions</h1>
     <form class="filters" onSubmit=${(e) => e.preventDefault()}>
-      <label>Status
-        <select value=${filters.status} onChange=${select('status')}>
+      <div class="field"><label for="filter-status">Status</label>
+        <select id="filter-status" value=${filters.status} onChange=${select('status')}>
           <option value="">Any status</option>
           ${STATUSES.map((s) => html`<option value=${s}>${s}</option>`)}
         </select>
-      </label>
-      <label>Type
-        <select value=${filters.type} onChange=${select('type')}>
+      </div>
+      <div class="field"><label for="filter-type">Type</label>
+        <select id="filter-type" value=${filters.type} onChange=${select('type')}>
           <option value="">Any type</option>
           <option value="Isolate">Isolate</option>
           <option value="Unisolate">Unisolate</option>
         </select>
-      </label>
-      <label>Requested by
-        <input type="text" value=${typed} onInput=${onRequestor} autocomplete="off" maxlength="200" />
-      </label>
-      <label>From
-        <input type="datetime-local" value=${filters.from} onChange=${select('from')} />
-      </label>
-      <label>To
-        <input type="datetime-local" value=${filters.to} onChange=${select('to')} />
-      </label>
+      </div>
+      <div class="field"><label for="filter-requested-by">Requested by</label>
+        <input id="filter-requested-by" type="text" value=${typed} onInput=${onRequestor} autocomplete="off" maxlength="200" />
+      </div>
+      <div class="field"><label for="filter-from">From</label>
+        <input id="filter-from" type="datetime-local" value=${filters.from} onChange=${select('from')} />
+      </div>
+      <div class="field"><label for="filter-to">To</label>
+        <input id="filter-to" type="datetime-local" value=${filters.to} onChange=${select('to')} />
+      </div>
     </form>
     <${Alert}>${error}<//>
     ${result && html`
@@ -172,19 +172,21 @@ export function ActionsPage({ me }) {
         <thead><tr>
           <th scope="col">Machine</th><th scope="col">Type</th><th scope="col">Scope</th>
           <th scope="col">Status</th><th scope="col">Requested by</th><th scope="col">Comment</th>
-          <th scope="col">Created</th><th scope="col">Updated</th><th scope="col"><span class="visually-hidden">Row controls</span></th>
+          <th scope="col">Created</th><th scope="col">Updated</th><th scope="col">Details</th>
+          <th scope="col"><span class="visually-hidden">Row controls</span></th>
         </tr></thead>
         <tbody>
-          ${result.rows.length === 0 && html`<tr><td colspan="9" class="empty">No action matches.</td></tr>`}
+          ${result.rows.length === 0 && html`<tr><td colspan="10" class="empty">No action matches.</td></tr>`}
           ${result.rows.map((a) => html`<tr key=${a.id} data-action-id=${a.id}>
             <td><${Link} href=${`/machines/${a.machineId}`}>${a.computerDnsName || a.machineId}<//></td>
             <td>${a.type}</td>
             <td>${a.scope || '—'}</td>
-            <td><${StatusBadge} status=${a.status} />${details(a) && html`<div class="sub">${details(a)}</div>`}</td>
+            <td><${StatusBadge} status=${a.status} /></td>
             <td>${a.requestor}</td>
             <td class="comment">${a.requestorComment}</td>
             <td><${Time} iso=${a.creationDateTimeUtc} /></td>
             <td><${Time} iso=${a.lastUpdateDateTimeUtc} /></td>
+            <td class="comment">${details(a)}</td>
             <td>${canCancel && a.status === 'Pending'
               && html`<button type="button" class="quiet" onClick=${() => setCancelling(a)}>Cancel</button>`}</td>
           </tr>`)}

@@ -76,15 +76,15 @@ export function AuditPage({ me }) {
   return html`<main>
     <h1>Audit trail</h1>
     <form class="filters" onSubmit=${(e) => e.preventDefault()}>
-      <label>Outcome
-        <select value=${outcome} onChange=${(e) => setParams({ outcome: e.currentTarget.value, skip: 0 })}>
+      <div class="field"><label for="filter-outcome">Outcome</label>
+        <select id="filter-outcome" value=${outcome} onChange=${(e) => setParams({ outcome: e.currentTarget.value, skip: 0 })}>
           <option value="">Any outcome</option>
           ${OUTCOMES.map((o) => html`<option value=${o}>${o}</option>`)}
         </select>
-      </label>
-      <label>Action
-        <input type="text" value=${typed} onInput=${onAction} autocomplete="off" maxlength="100" placeholder="isolate, signin, exclusion…" />
-      </label>
+      </div>
+      <div class="field"><label for="filter-action">Action</label>
+        <input id="filter-action" type="text" value=${typed} onInput=${onAction} autocomplete="off" maxlength="100" placeholder="isolate, signin, exclusion…" />
+      </div>
     </form>
     <${Alert}>${error}<//>
     ${result && html`<table class="grid">

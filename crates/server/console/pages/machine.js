@@ -166,7 +166,7 @@ export function MachinePage({ me, id }) {
   };
 
   return html`<main>
-    <p class="crumbs"><${Link} href="/">Machines</${Link}> ›</p>
+    <p class="crumbs"><${Link} href="/">All machines</${Link}></p>
     <div class="title-row">
       <h1>${machine.computerDnsName}</h1>
       <${StateBadge} state=${machine.isolationState} />

@@ -92,21 +92,21 @@ export function MachinesPage({ me }) {
   return html`<main>
     <h1>Machines</h1>
     <form class="filters" role="search" onSubmit=${onSubmit}>
-      <label>Search
-        <input type="search" value=${typed} onInput=${onSearch}
+      <div class="field"><label for="filter-search">Search</label>
+        <input id="filter-search" type="search" value=${typed} onInput=${onSearch}
           placeholder="Name or IP address" autocomplete="off" spellcheck="false" maxlength="200" />
-      </label>
-      <label>Isolation state
-        <select value=${state} onChange=${(e) => setParams({ state: e.currentTarget.value, skip: 0 })}>
+      </div>
+      <div class="field"><label for="filter-isolation-state">Isolation state</label>
+        <select id="filter-isolation-state" value=${state} onChange=${(e) => setParams({ state: e.currentTarget.value, skip: 0 })}>
           ${STATES.map(([value, label]) => html`<option value=${value}>${label}</option>`)}
         </select>
-      </label>
-      <label>Group
-        <select value=${group} onChange=${(e) => setParams({ group: e.currentTarget.value, skip: 0 })}>
+      </div>
+      <div class="field"><label for="filter-group">Group</label>
+        <select id="filter-group" value=${group} onChange=${(e) => setParams({ group: e.currentTarget.value, skip: 0 })}>
           <option value="">All groups</option>
           ${groups.map((g) => html`<option value=${String(g.id)}>${g.name}</option>`)}
         </select>
-      </label>
+      </div>
     </form>
     <${Alert}>${error}<//>
     ${result && html`

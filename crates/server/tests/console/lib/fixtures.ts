@@ -11,7 +11,7 @@ import { appToken, serverUrl, type User } from './env';
  * when the UI lands (crates/server/console/); until then they are skipped
  * unless CORDON_CONSOLE_SPECS=1 asks for them (to try them on a branch).
  */
-export const CONSOLE_UI_READY = false;
+export const CONSOLE_UI_READY = true;
 
 export const consoleSpecsEnabled =
   CONSOLE_UI_READY || process.env.CORDON_CONSOLE_SPECS === '1';
