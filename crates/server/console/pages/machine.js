@@ -162,7 +162,7 @@ export function MachinePage({ me, id }) {
   const onDone = (action) => {
     setDialog(null);
     setActions((list) => upsertAction(list, action));
-    setNotice(`${action.type === 'Isolate' ? 'Isolation' : 'Release'} requested: ${action.status}.`);
+    setNotice(`${action.type === 'Isolate' ? 'Isolation' : 'Release'} requested; its status below follows it live.`);
   };
 
   return html`<main>
