@@ -579,14 +579,12 @@ async fn the_console_passes_its_browser_tests() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    eprintln!(
-        "{report}\nconsole test: Playwright ran for {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    let took = started.elapsed().as_secs_f64();
     assert!(
         output.status.success(),
-        "the browser tests failed ({}); traces and screenshots of failed tests are in \
-         crates/server/tests/console/test-results/:\n{report}",
+        "the browser tests failed ({}, after {took:.1} s); traces and screenshots of failed \
+         tests are in crates/server/tests/console/test-results/:\n{report}",
         output.status
     );
+    eprintln!("{report}\nconsole test: Playwright ran for {took:.1} s");
 }

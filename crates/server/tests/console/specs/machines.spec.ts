@@ -21,8 +21,9 @@ test.describe('the Machines page', () => {
     const banner = page.getByRole('banner');
     await expect(banner).toContainText(analyst.upn);
     await expect(banner).toContainText('Responder');
-    await expect(page.getByRole('link', { name: 'Machines', exact: true })).toBeVisible();
-    await expect(page.getByRole('link', { name: 'Actions', exact: true })).toBeVisible();
+    const nav = page.getByRole('navigation');
+    await expect(nav.getByRole('link', { name: 'Machines', exact: true })).toBeVisible();
+    await expect(nav.getByRole('link', { name: 'Actions', exact: true })).toBeVisible();
     // A Responder manages neither exclusions nor the audit trail.
     await expect(page.getByRole('link', { name: 'Exclusions' })).toHaveCount(0);
     await expect(page.getByRole('link', { name: 'Audit' })).toHaveCount(0);
@@ -77,7 +78,7 @@ test.describe('the Machines page', () => {
   test('filters by group and by isolation state', async ({ page }) => {
     await signIn(page, analyst, '/');
     const table = page.getByRole('table');
-    const group = page.getByLabel('Group', { exact: true });
+    const group = page.getByRole('combobox', { name: 'Group', exact: true });
     await expect(group.getByRole('option', { name: 'All groups' })).toHaveCount(1);
     await group.selectOption({ label: 'Finance' });
     await expect(table.getByRole('link', { name: 'fin-01' })).toBeVisible();
@@ -87,7 +88,7 @@ test.describe('the Machines page', () => {
     await expect(table.getByRole('link', { name: 'fin-01' })).toHaveCount(0);
     await group.selectOption({ label: 'All groups' });
 
-    const state = page.getByLabel('Isolation state', { exact: true });
+    const state = page.getByRole('combobox', { name: 'Isolation state', exact: true });
     for (const option of ['Any state', 'Isolated', 'Not isolated', 'Isolating', 'Releasing']) {
       await expect(state.getByRole('option', { name: option, exact: true })).toHaveCount(1);
     }
@@ -105,7 +106,7 @@ test.describe('the Machines page', () => {
     await signIn(page, analyst, `/machines/${id}`);
     await expect(page.getByRole('heading', { name: 'web-01', level: 1 })).toBeVisible();
 
-    await page.getByRole('link', { name: 'Machines', exact: true }).click();
+    await page.getByRole('navigation').getByRole('link', { name: 'Machines', exact: true }).click();
     await expect(page.getByRole('heading', { name: 'Machines', level: 1 })).toBeVisible();
     await page.getByRole('table').getByRole('link', { name: 'web-01', exact: true }).click();
     await expect(page).toHaveURL(new RegExp(`/machines/${id}$`));

@@ -37,7 +37,7 @@ test.describe('roles and sign-out', () => {
     const name = 'Backups (browser test)';
     await signIn(page, admin, '/');
     await expect(page.getByRole('banner')).toContainText('Administrator');
-    await page.getByRole('link', { name: 'Exclusions', exact: true }).click();
+    await page.getByRole('navigation').getByRole('link', { name: 'Exclusions', exact: true }).click();
     await expect(page.getByRole('heading', { name: 'Isolation exclusions', level: 1 })).toBeVisible();
     const table = page.getByRole('table');
     for (const header of ['Name', 'Applies to', 'Direction', 'Remote addresses', 'Remote ports', 'Description']) {
@@ -85,7 +85,7 @@ test.describe('roles and sign-out', () => {
 
   test('an administrator reads the audit trail, which shows new records live', async ({ page }) => {
     await signIn(page, admin, '/');
-    await page.getByRole('link', { name: 'Audit', exact: true }).click();
+    await page.getByRole('navigation').getByRole('link', { name: 'Audit', exact: true }).click();
     await expect(page.getByRole('heading', { name: 'Audit trail', level: 1 })).toBeVisible();
     const table = page.getByRole('table');
     for (const header of ['Time', 'Who', 'Action', 'Target', 'Outcome', 'Details']) {

@@ -54,16 +54,16 @@ test.describe('screenshots', () => {
     await expect(state).toHaveText('Isolated', { timeout: 15_000 });
     await shoot(page, 'machine-isolated.png');
 
-    await page.getByRole('link', { name: 'Actions', exact: true }).click();
+    await page.getByRole('navigation').getByRole('link', { name: 'Actions', exact: true }).click();
     await expect(page.getByRole('heading', { name: 'Actions', level: 1 })).toBeVisible();
     await expect(page.locator('tr[data-action-id]').first()).toBeVisible();
     await shoot(page, 'actions.png');
 
-    await page.getByRole('link', { name: 'Exclusions', exact: true }).click();
+    await page.getByRole('navigation').getByRole('link', { name: 'Exclusions', exact: true }).click();
     await expect(page.getByRole('row').filter({ hasText: 'SSH from the jump hosts' })).toBeVisible();
     await shoot(page, 'exclusions.png');
 
-    await page.getByRole('link', { name: 'Audit', exact: true }).click();
+    await page.getByRole('navigation').getByRole('link', { name: 'Audit', exact: true }).click();
     await expect(page.locator('tbody tr').first()).toBeVisible();
     await shoot(page, 'audit.png');
 
