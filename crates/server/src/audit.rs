@@ -27,7 +27,7 @@ use proto::api::AuditEvent;
 use proto::time::format_utc;
 use store::{AuditRecord, NewAuditEvent};
 
-use crate::auth::{Permission, Principal};
+use crate::auth::Principal;
 use crate::error::{ApiError, ErrorSummary};
 use crate::{AppState, ConnInfo, crypto, odata};
 
@@ -489,14 +489,7 @@ pub async fn list(
     headers: HeaderMap,
     OriginalUri(uri): OriginalUri,
 ) -> Result<Response, ApiError> {
-    principal.require(Permission::Audit)?;
-    // The trail names machines of every group: it is for callers who
-    // reach them all (applications, Administrators).
-    if principal.machine_groups().is_some() {
-        return Err(ApiError::forbidden(
-            "The audit trail covers every machine group; only callers who reach all of them may read it.",
-        ));
-    }
+    principal.require_audit_trail()?;
     let options = odata::parse(uri.query(), odata::AUDIT_FIELDS, odata::AUDIT_PROPERTIES)
         .map_err(ApiError::odata)?;
     let page = state.store.list_audit(options.query.clone()).await?;

@@ -138,6 +138,20 @@ impl Principal {
 
     /// The machine groups the caller reaches; `None`: every group (an
     /// application, or a user whose role reaches all groups).
+    /// Whether the caller may read the audit trail (`GET /api/auditEvents`,
+    /// its live events): the audit permission, and, since the trail names
+    /// machines of every group, a reach over all of them (applications,
+    /// Administrators).
+    pub fn require_audit_trail(&self) -> Result<(), ApiError> {
+        self.require(Permission::Audit)?;
+        if self.machine_groups().is_some() {
+            return Err(ApiError::forbidden(
+                "The audit trail covers every machine group; only callers who reach all of them may read it.",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn machine_groups(&self) -> Option<Vec<i64>> {
         self.user.as_ref().and_then(|u| u.groups.clone())
     }

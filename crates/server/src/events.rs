@@ -83,31 +83,37 @@ async fn me(
         read: allowed(Permission::Read),
         isolate: allowed(Permission::Isolate),
         settings: allowed(Permission::Settings),
-        audit: allowed(Permission::Audit),
+        audit: principal.require_audit_trail().is_ok(),
     };
     let reach = principal.machine_groups();
     let groups = state.store.list_groups().await?;
-    let mut visible: Vec<MachineGroupRef> = std::iter::once(MachineGroupRef {
-        id: store::DEFAULT_GROUP_ID,
-        name: store::DEFAULT_GROUP_NAME.to_owned(),
-    })
-    .chain(groups.iter().map(|g| MachineGroupRef {
-        id: g.id,
-        name: g.name.clone(),
-    }))
-    .filter(|g| reach.as_ref().is_none_or(|ids| ids.contains(&g.id)))
-    .collect();
-    let first = usize::from(
-        visible
-            .first()
-            .is_some_and(|g| g.id == store::DEFAULT_GROUP_ID),
+    // The default group first, then the others by name.
+    let mut all: Vec<MachineGroupRef> = groups
+        .iter()
+        .map(|g| MachineGroupRef {
+            id: g.id,
+            name: g.name.clone(),
+        })
+        .collect();
+    all.sort_by_key(|g| g.name.to_lowercase());
+    all.insert(
+        0,
+        MachineGroupRef {
+            id: store::DEFAULT_GROUP_ID,
+            name: store::DEFAULT_GROUP_NAME.to_owned(),
+        },
     );
-    visible[first..].sort_by_key(|g| g.name.to_lowercase());
-    let machine_groups = reach.map(|ids| {
-        ids.iter()
-            .filter_map(|id| visible.iter().find(|g| g.id == *id).cloned())
-            .collect()
-    });
+    let reached = |g: &&MachineGroupRef| reach.as_ref().is_none_or(|ids| ids.contains(&g.id));
+    // The caller's own groups by name; every group it sees, for a filter,
+    // only to a caller who may read machines.
+    let machine_groups = reach
+        .as_ref()
+        .map(|_| all.iter().filter(reached).cloned().collect());
+    let visible = if permissions.read {
+        all.iter().filter(reached).cloned().collect()
+    } else {
+        Vec::new()
+    };
     let user = principal.user.as_ref();
     let body = Caller {
         id: principal.id.clone(),
@@ -146,7 +152,7 @@ pub enum Audience {
     Machine(Option<i64>),
     /// Callers with [`Permission::Settings`].
     Settings,
-    /// Callers with [`Permission::Audit`].
+    /// Callers who may read the audit trail ([`Principal::require_audit_trail`]).
     Audit,
 }
 
@@ -526,7 +532,7 @@ impl Access {
         Access {
             groups: principal.machine_groups(),
             settings: principal.require(Permission::Settings).is_ok(),
-            audit: principal.require(Permission::Audit).is_ok(),
+            audit: principal.require_audit_trail().is_ok(),
         }
     }
 
@@ -626,7 +632,25 @@ impl Subscriber {
                 Some(Queued::Event(event)) => return Some(self.frame(&event)),
                 None => {}
             }
+            // The end and the access check first: an event waiting in the
+            // channel is never let through on access that has lapsed.
             tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(self.end) => {
+                    self.ended = Some(self.end_reason);
+                    return None;
+                }
+                _ = tokio::time::sleep_until(self.recheck) => {
+                    let principal = match self.state.authenticate(&self.token).await {
+                        Ok(principal) if principal.require(Permission::Read).is_ok() => principal,
+                        _ => {
+                            self.ended = Some("the caller lost access");
+                            return None;
+                        }
+                    };
+                    self.access = Access::of(&principal);
+                    self.recheck = tokio::time::Instant::now() + self.state.config.event_recheck;
+                }
                 received = self.receiver.recv() => match received {
                     Ok(event) if self.access.sees(&event) => return Some(self.frame(&event)),
                     Ok(_) => {}
@@ -640,21 +664,6 @@ impl Subscriber {
                         return None;
                     }
                 },
-                _ = tokio::time::sleep_until(self.recheck) => {
-                    let principal = match self.state.authenticate(&self.token).await {
-                        Ok(principal) if principal.require(Permission::Read).is_ok() => principal,
-                        _ => {
-                            self.ended = Some("the caller lost access");
-                            return None;
-                        }
-                    };
-                    self.access = Access::of(&principal);
-                    self.recheck = tokio::time::Instant::now() + self.state.config.event_recheck;
-                }
-                _ = tokio::time::sleep_until(self.end) => {
-                    self.ended = Some(self.end_reason);
-                    return None;
-                }
             }
         }
     }

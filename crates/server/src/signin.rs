@@ -516,7 +516,7 @@ fn csp_hash(text: &str) -> String {
 fn page_policy(script: Option<&str>) -> String {
     let scripts = script.map_or(String::new(), |s| format!(" script-src {};", csp_hash(s)));
     format!(
-        "default-src 'none'; style-src {};{scripts} frame-ancestors 'none'",
+        "default-src 'none'; style-src {};{scripts} frame-ancestors 'none'; base-uri 'none'",
         csp_hash(STYLE)
     )
 }
@@ -891,8 +891,9 @@ mod tests {
             csp.contains("script-src 'sha256-ePniVEkSivX/c7XWBGafqh8tSpiRrKiqYeqbG7N1TOE='"),
             "{csp}"
         );
-        // And only the page's own style, by its hash.
+        // And only the page's own style, by its hash; no <base> rewrite.
         assert!(!csp.contains("unsafe"), "{csp}");
+        assert!(csp.contains("base-uri 'none'"), "{csp}");
         assert!(
             csp.contains(&format!("style-src {}", csp_hash(STYLE))),
             "{csp}"

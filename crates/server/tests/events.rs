@@ -358,6 +358,11 @@ async fn me_tells_apps_and_users_of_each_role_what_they_may_do() {
             "visibleMachineGroups": every_group,
         })
     );
+    // Group names are for callers who may read machines.
+    let mut isolator = app_api(&server, "Isolate only", &["Machine.Isolate"]).await;
+    let me = isolator.get("/api/me").await.json().unwrap();
+    assert_eq!(me["permissions"]["read"], false);
+    assert_eq!(me["visibleMachineGroups"], json!([]));
     let mut admin_app = app_api(&server, "Admin app", &["Machine.ReadWrite.All"]).await;
     let me = admin_app.get("/api/v1.0/me").await.json().unwrap();
     assert_eq!(
@@ -819,6 +824,57 @@ async fn settings_and_audit_events_go_only_to_callers_allowed_them() {
         first.event.as_deref(),
         Some("machineAction.created"),
         "{first:?}"
+    );
+}
+
+/// The trail names machines of every group: a user whose role may read it
+/// but who reaches only some groups gets no `audit.appended` events (as
+/// `GET /api/auditEvents` refuses them), and `/api/me` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_reaches_some_groups_gets_no_audit_events() {
+    let server = TestServer::start().await;
+    add_group(&server, "Finance", 1, "FIN-", "soc-eu").await;
+    add_group(&server, "HR", 2, "hr-", "soc-hr").await;
+    server
+        .store()
+        .create_role(store::RoleRecord {
+            name: "EUAuditor".into(),
+            permissions: vec!["View data".into(), "Manage portal system settings".into()],
+            created_at: server::now_nanos(),
+        })
+        .await
+        .unwrap();
+    add_user(&server, "carol@example.com", "EUAuditor", &["soc-eu"]).await;
+    let fin = server.enroll("FIN-01").await.machine_id();
+    let hr = server.enroll("hr-01").await.machine_id();
+    let mut carol = user_api(&server, "carol@example.com").await;
+    let me = carol.get("/api/me").await.json().unwrap();
+    assert_eq!(me["permissions"]["audit"], false, "{me}");
+    assert_error(&carol.get("/api/auditEvents").await, 403, "Forbidden");
+    let mut carols = open(&server, &carol.token, None).await;
+
+    // Other groups' activity, written to the trail...
+    let mut app = server.api().await;
+    let hidden = app.isolate_action(&hr).await;
+    let mut bad = Api {
+        http: server.https(),
+        token: "not-a-token".into(),
+    };
+    assert_eq!(bad.get("/api/machines").await.status, 401);
+    // ...then one of her own group's, which she does see.
+    let seen = app.isolate_action(&fin).await;
+    let events = carols
+        .events_until(is("machineAction.created", &seen))
+        .await;
+    assert!(
+        events
+            .iter()
+            .all(|f| f.event.as_deref() != Some("audit.appended")),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(is("machineAction.created", &hidden)),
+        "{events:?}"
     );
 }
 

@@ -15,6 +15,20 @@ function utc(local) {
   return Number.isNaN(date.getTime()) ? null : date.toISOString();
 }
 
+/** Whether `action` is one the filters select (as actionFilter asks the
+ * server). */
+export function actionMatches(action, { status, type, requestor, from, to }) {
+  if (status && action.status !== status) return false;
+  if (type && action.type !== type) return false;
+  if (requestor.trim() && !String(action.requestor || '').startsWith(requestor.trim())) return false;
+  const created = action.creationDateTimeUtc;
+  const since = from && utc(from);
+  if (since && created < since) return false;
+  const until = to && utc(to);
+  if (until && created > until) return false;
+  return true;
+}
+
 export function actionFilter({ status, type, requestor, from, to }) {
   const parts = [];
   if (status) parts.push(`status eq ${literal(status)}`);
@@ -81,7 +95,6 @@ export function ActionsPage({ me }) {
   const [cancelling, setCancelling] = useState(null);
   const [reload, setReload] = useState(0);
   const timer = useRef(null);
-  const refetch = useRef(null);
   const filter = actionFilter(filters);
 
   useEffect(() => {
@@ -110,18 +123,22 @@ export function ActionsPage({ me }) {
     return () => controller.abort();
   }, [filter, skip, reload]);
 
+  // Live changes are applied to the page as they come: a new action that
+  // the filters select joins the first page, a changed one is replaced.
+  // Only a new stream (or a resync) reloads, so that a burst of actions
+  // never turns into a burst of requests.
+  const live = useRef({ filters, skip });
+  live.current = { filters, skip };
   useEffect(() => subscribe((type, data) => {
     if (type === 'resync' || type === 'connected') {
       setReload((n) => n + 1);
-    } else if (type === 'machineAction.created') {
-      // A new action may belong on this page: ask the server, which
-      // filters; at most twice a second, however many arrive.
-      if (!refetch.current) {
-        refetch.current = setTimeout(() => {
-          refetch.current = null;
-          setReload((n) => n + 1);
-        }, 500);
-      }
+    } else if (type === 'machineAction.created' && data) {
+      const { filters: f, skip: at } = live.current;
+      if (at !== 0 || !actionMatches(data, f)) return;
+      setResult((current) => {
+        if (!current || current.rows.some((r) => r.id === data.id)) return current;
+        return { rows: [data, ...current.rows].slice(0, PAGE_SIZE), total: current.total + 1 };
+      });
     } else if (type.startsWith('machineAction.') && data) {
       setResult((current) => current && {
         ...current,
@@ -129,7 +146,6 @@ export function ActionsPage({ me }) {
       });
     }
   }), []);
-  useEffect(() => () => clearTimeout(refetch.current), []);
 
   const onRequestor = (event) => {
     const value = event.currentTarget.value;

@@ -18,11 +18,9 @@ export function AuditPage({ me }) {
   const [error, setError] = useState('');
   const [reload, setReload] = useState(0);
   const timer = useRef(null);
-  const refetch = useRef(null);
 
   useEffect(() => {
     document.title = 'Audit trail · Cordon';
-    return () => clearTimeout(refetch.current);
   }, []);
 
   const filter = [
@@ -50,15 +48,23 @@ export function AuditPage({ me }) {
     return () => controller.abort();
   }, [filter, skip, reload]);
 
-  useEffect(() => subscribe((type) => {
-    if (type === 'audit.appended' || type === 'resync' || type === 'connected') {
-      // At most twice a second, however many records arrive.
-      if (!refetch.current) {
-        refetch.current = setTimeout(() => {
-          refetch.current = null;
-          setReload((n) => n + 1);
-        }, 500);
-      }
+  // A new record joins the first page as it comes (no request); only a new
+  // stream (or a resync) reloads, so that a flood of records never turns
+  // into a flood of requests.
+  const live = useRef({ outcome, action, skip });
+  live.current = { outcome, action, skip };
+  useEffect(() => subscribe((type, data) => {
+    if (type === 'resync' || type === 'connected') {
+      setReload((n) => n + 1);
+    } else if (type === 'audit.appended' && data) {
+      const f = live.current;
+      if (f.skip !== 0) return;
+      if (f.outcome && data.outcome !== f.outcome) return;
+      if (f.action.trim() && !String(data.action || '').startsWith(f.action.trim())) return;
+      setResult((current) => {
+        if (!current || current.rows.some((r) => r.id === data.id)) return current;
+        return { rows: [data, ...current.rows].slice(0, PAGE_SIZE), total: current.total + 1 };
+      });
     }
   }), []);
 

@@ -99,6 +99,46 @@ test.describe('actions', () => {
     }
   });
 
+  test('an action made elsewhere joins the Actions page live and follows to its outcome', async ({
+    page,
+  }) => {
+    const fin = machineId('fin-01');
+    await signIn(page, analyst, '/actions');
+    await expect(page.getByTestId('live-status')).toHaveText('Live');
+    const table = page.getByRole('table');
+    await markDocument(page);
+
+    // A playbook isolates fin-01 through the API, behind the page's back.
+    const made = await api('POST', `/api/machines/${fin}/isolate`, {
+      Comment: 'Playbook: beaconing (browser test)',
+      IsolationType: 'Selective',
+    });
+    expect(made.status, JSON.stringify(made.body)).toBe(201);
+    const row = table.locator(`tr[data-action-id="${made.body.id}"]`);
+    // On top of the first page, then to Succeeded, with no reload.
+    await expect(table.locator('tr[data-action-id]').first()).toHaveAttribute(
+      'data-action-id',
+      made.body.id,
+    );
+    await expect(await cell(table, row, 'Machine')).toHaveText('fin-01');
+    await expect(await cell(table, row, 'Scope')).toHaveText('Selective');
+    await expect(await cell(table, row, 'Status')).toHaveText('Succeeded', { timeout: 15_000 });
+    await expectSameDocument(page);
+
+    // Filtered to Pending: the Succeeded one leaves; a new one, Pending
+    // when made, joins, and is then shown as it is now.
+    await page.getByRole('combobox', { name: 'Status', exact: true }).selectOption({ label: 'Pending' });
+    await expect(row).toHaveCount(0);
+    const released = await api('POST', `/api/machines/${fin}/unisolate`, {
+      Comment: 'Playbook: false positive (browser test)',
+    });
+    expect(released.status, JSON.stringify(released.body)).toBe(201);
+    const releaseRow = table.locator(`tr[data-action-id="${released.body.id}"]`);
+    await expect(await cell(table, releaseRow, 'Status')).toHaveText(/^(Pending|InProgress|Succeeded)$/);
+    await expect(await cell(table, releaseRow, 'Status')).toHaveText('Succeeded', { timeout: 15_000 });
+    await expectSameDocument(page);
+  });
+
   test('the Actions page filters by status, type and requestor', async ({ page }) => {
     const db = machineId('db-01');
     await cancelPending(db);
