@@ -324,39 +324,6 @@ async fn enroll_away(server: &TestServer, facts: HostFacts) -> String {
 
 // ---- people and groups --------------------------------------------------------
 
-async fn add_user(server: &TestServer, upn: &str, password: &str, role: &str, groups: &[&str]) {
-    server
-        .store()
-        .create_user(store::UserRecord {
-            id: server::crypto::new_guid(),
-            upn: upn.into(),
-            display_name: upn.split('@').next().unwrap_or(upn).into(),
-            password_hash: server::crypto::hash_secret(password),
-            role: role.into(),
-            user_groups: groups.iter().map(|g| g.to_string()).collect(),
-            disabled: false,
-            created_at: server::now_nanos(),
-        })
-        .await
-        .unwrap();
-}
-
-async fn add_group(server: &TestServer, name: &str, rank: i64, prefix: &str, user_group: &str) {
-    server
-        .store()
-        .create_group(store::NewGroup {
-            name: name.into(),
-            rank,
-            match_tag: None,
-            match_name_prefix: Some(prefix.into()),
-            match_os: None,
-            user_groups: vec![user_group.into()],
-            now: server::now_nanos(),
-        })
-        .await
-        .unwrap();
-}
-
 /// Waits until the API shows every connected machine as seen by its
 /// session (its facts from the session's hello).
 async fn wait_connected(api: &mut Api, ids: &[&str]) {
@@ -449,10 +416,10 @@ async fn the_console_passes_its_browser_tests() {
 
     typecheck(&tools).await;
     let server = TestServer::start().await;
-    add_group(&server, "Web", 1, "web-", "web-team").await;
-    add_group(&server, "Finance", 2, "fin-", "finance-team").await;
+    create_prefix_group(&server, "Web", 1, "web-", "web-team").await;
+    create_prefix_group(&server, "Finance", 2, "fin-", "finance-team").await;
     for (_, upn, password, role, groups) in USERS {
-        add_user(&server, upn, password, role, groups).await;
+        create_user(&server, upn, password, role, groups).await;
     }
 
     // The machines: four that answer, one that never connects.

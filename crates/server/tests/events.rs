@@ -15,85 +15,15 @@ use proto::agent::Enforced;
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "correct horse battery";
-const CONSOLE: &str = "cordon-console";
-const SCOPE: &str = "https://api.securitycenter.microsoft.com/.default";
 
 // ---- set-up -----------------------------------------------------------------
 
 async fn add_user(server: &TestServer, upn: &str, role: &str, user_groups: &[&str]) -> String {
-    let id = server::crypto::new_guid();
-    server
-        .store()
-        .create_user(store::UserRecord {
-            id: id.clone(),
-            upn: upn.into(),
-            display_name: format!("Display {upn}"),
-            password_hash: server::crypto::hash_secret(PASSWORD),
-            role: role.into(),
-            user_groups: user_groups.iter().map(|g| g.to_string()).collect(),
-            disabled: false,
-            created_at: server::now_nanos(),
-        })
-        .await
-        .unwrap();
-    id
-}
-
-/// A machine group for machines whose name begins with `prefix`, open to
-/// members of `user_group`; returns its id.
-async fn add_group(
-    server: &TestServer,
-    name: &str,
-    rank: i64,
-    prefix: &str,
-    user_group: &str,
-) -> i64 {
-    server
-        .store()
-        .create_group(store::NewGroup {
-            name: name.into(),
-            rank,
-            match_tag: None,
-            match_name_prefix: Some(prefix.into()),
-            match_os: None,
-            user_groups: vec![user_group.into()],
-            now: server::now_nanos(),
-        })
-        .await
-        .unwrap()
-        .id
-}
-
-/// The console's token for `upn` (password grant, client `cordon-console`).
-async fn console_token(server: &TestServer, upn: &str) -> String {
-    let reply = server
-        .https()
-        .request(
-            Method::POST,
-            &format!("/{}/oauth2/v2.0/token", server.tenant()),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            form(&[
-                ("grant_type", "password"),
-                ("client_id", CONSOLE),
-                ("username", upn),
-                ("password", PASSWORD),
-                ("scope", SCOPE),
-            ]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{:?}", reply.body);
-    reply.json().unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    create_user(server, upn, PASSWORD, role, user_groups).await
 }
 
 async fn user_api(server: &TestServer, upn: &str) -> Api {
-    Api {
-        http: server.https(),
-        token: console_token(server, upn).await,
-    }
+    server.user_api(upn, PASSWORD).await
 }
 
 /// An API client of a new app holding `permissions`.
@@ -328,8 +258,8 @@ fn without_context(mut entity: Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn me_tells_apps_and_users_of_each_role_what_they_may_do() {
     let server = TestServer::start().await;
-    let finance = add_group(&server, "Finance", 1, "FIN-", "soc-eu").await;
-    let hr = add_group(&server, "HR", 2, "hr-", "soc-hr").await;
+    let finance = create_prefix_group(&server, "Finance", 1, "FIN-", "soc-eu").await;
+    let hr = create_prefix_group(&server, "HR", 2, "hr-", "soc-hr").await;
     // Everything a caller who reaches every group can filter by: the
     // default group first, then by name.
     let every_group = json!([
@@ -537,8 +467,8 @@ async fn an_isolation_streams_its_whole_life_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_of_one_group_never_sees_another_groups_machines() {
     let server = TestServer::start().await;
-    add_group(&server, "Finance", 1, "FIN-", "soc-eu").await;
-    add_group(&server, "HR", 2, "hr-", "soc-hr").await;
+    create_prefix_group(&server, "Finance", 1, "FIN-", "soc-eu").await;
+    create_prefix_group(&server, "HR", 2, "hr-", "soc-hr").await;
     let fin = server.enroll("fin-ws-1").await.machine_id();
     let hr = server.enroll("hr-ws-1").await.machine_id();
     add_user(&server, "alice@example.com", "Responder", &["soc-eu"]).await;
@@ -833,8 +763,8 @@ async fn settings_and_audit_events_go_only_to_callers_allowed_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_who_reaches_some_groups_gets_no_audit_events() {
     let server = TestServer::start().await;
-    add_group(&server, "Finance", 1, "FIN-", "soc-eu").await;
-    add_group(&server, "HR", 2, "hr-", "soc-hr").await;
+    create_prefix_group(&server, "Finance", 1, "FIN-", "soc-eu").await;
+    create_prefix_group(&server, "HR", 2, "hr-", "soc-hr").await;
     server
         .store()
         .create_role(store::RoleRecord {
@@ -952,7 +882,7 @@ async fn a_stream_follows_its_users_access_and_ends_when_read_is_lost() {
         config.event_recheck = Duration::from_millis(200);
     })
     .await;
-    add_group(&server, "Finance", 1, "FIN-", "soc-eu").await;
+    create_prefix_group(&server, "Finance", 1, "FIN-", "soc-eu").await;
     let fin = server.enroll("fin-ws-1").await.machine_id();
     let other = server.enroll("misc-1").await.machine_id();
     add_user(&server, "vera@example.com", "Viewer", &["soc-eu"]).await;

@@ -411,22 +411,8 @@ async fn external_users_act_within_their_mapped_role_and_machine_groups() {
         config.oidc = settings;
     })
     .await;
-    for (name, rank, prefix, user_group) in [("Finance", 1, "fin-", "fin"), ("HR", 2, "hr-", "hr")]
-    {
-        server
-            .store()
-            .create_group(store::NewGroup {
-                name: name.into(),
-                rank,
-                match_tag: None,
-                match_name_prefix: Some(prefix.into()),
-                match_os: None,
-                user_groups: vec![user_group.into()],
-                now: server::now_nanos(),
-            })
-            .await
-            .unwrap();
-    }
+    create_prefix_group(&server, "Finance", 1, "fin-", "fin").await;
+    create_prefix_group(&server, "HR", 2, "hr-", "hr").await;
     let finance = server.enroll("fin-ws-1").await;
     let hr = server.enroll("hr-ws-1").await;
 

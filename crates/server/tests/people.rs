@@ -31,22 +31,7 @@ const DEFAULT_GROUP: &str = "Ungrouped devices (default)";
 
 /// Creates a user with [`PASSWORD`]; returns their object id.
 async fn add_user(server: &TestServer, upn: &str, role: &str, user_groups: &[&str]) -> String {
-    let id = server::crypto::new_guid();
-    server
-        .store()
-        .create_user(store::UserRecord {
-            id: id.clone(),
-            upn: upn.into(),
-            display_name: format!("Display {upn}"),
-            password_hash: server::crypto::hash_secret(PASSWORD),
-            role: role.into(),
-            user_groups: user_groups.iter().map(|g| g.to_string()).collect(),
-            disabled: false,
-            created_at: server::now_nanos(),
-        })
-        .await
-        .unwrap();
-    id
+    create_user(server, upn, PASSWORD, role, user_groups).await
 }
 
 async fn add_role(server: &TestServer, name: &str, permissions: &[&str]) {

@@ -4,6 +4,7 @@
 import { h } from 'preact';
 import { useEffect, useRef, useState } from 'preact/hooks';
 import htm from 'htm';
+import { call, query } from './api.js';
 
 export const html = htm.bind(h);
 
@@ -126,6 +127,42 @@ export function Time({ iso, relative = false }) {
 // ---- paging ---------------------------------------------------------------
 
 export const PAGE_SIZE = 50;
+
+/**
+ * One page of a list from the API (`path`, sorted by `orderby`, with the
+ * total), loaded again when the filter, the page or `reload` change:
+ * `[{ rows, total } or null, setResult, error]`. `merge(current, loaded)`
+ * may keep what live events brought while the page loaded. Nothing is
+ * asked while `enabled` is false.
+ */
+export function useListPage(path, { filter, orderby, skip, reload, merge, enabled = true }) {
+  const [result, setResult] = useState(null);
+  const [error, setError] = useState('');
+  const url = `${path}${query({
+    $filter: filter,
+    $orderby: orderby,
+    $top: PAGE_SIZE,
+    $skip: skip || '',
+    $count: 'true',
+  })}`;
+  useEffect(() => {
+    if (!enabled) return undefined;
+    const controller = new AbortController();
+    call(url, { signal: controller.signal })
+      .then((body) => {
+        setResult((current) => ({
+          rows: current && merge ? merge(current.rows, body.value) : body.value,
+          total: body['@odata.count'] ?? body.value.length,
+        }));
+        setError('');
+      })
+      .catch((e) => {
+        if (e.name !== 'AbortError') setError(e.message);
+      });
+    return () => controller.abort();
+  }, [url, reload, enabled]);
+  return [result, setResult, error];
+}
 
 export function Pager({ what, skip, shown, total, onPage }) {
   const first = shown ? skip + 1 : 0;

@@ -2,10 +2,10 @@
 // pending ones.
 
 import { useEffect, useRef, useState } from 'preact/hooks';
-import { call, literal, query } from '../lib/api.js';
+import { call, literal } from '../lib/api.js';
 import { subscribe } from '../lib/live.js';
-import { html, Link, Alert, Dialog, Pager, StatusBadge, Time, PAGE_SIZE, useQueryState } from '../lib/ui.js';
-import { details, mergeActions } from './machine.js';
+import { html, Link, Alert, Dialog, Pager, PAGE_SIZE, useListPage, useQueryState } from '../lib/ui.js';
+import { actionCells, mergeActions } from './machine.js';
 
 const STATUSES = ['Pending', 'InProgress', 'Succeeded', 'Failed', 'TimeOut', 'Cancelled'];
 
@@ -90,38 +90,21 @@ export function ActionsPage({ me }) {
   };
   const skip = Math.max(0, Number(params.get('skip')) || 0);
   const [typed, setTyped] = useState(filters.requestor);
-  const [result, setResult] = useState(null);
-  const [error, setError] = useState('');
   const [cancelling, setCancelling] = useState(null);
   const [reload, setReload] = useState(0);
   const timer = useRef(null);
-  const filter = actionFilter(filters);
+  const [result, setResult, error] = useListPage('/api/machineactions', {
+    filter: actionFilter(filters),
+    orderby: 'creationDateTimeUtc desc',
+    skip,
+    reload,
+    merge: mergeActions,
+  });
 
   useEffect(() => {
     document.title = 'Actions · Cordon';
   }, []);
 
-  useEffect(() => {
-    const controller = new AbortController();
-    call(`/api/machineactions${query({
-      $filter: filter,
-      $orderby: 'creationDateTimeUtc desc',
-      $top: PAGE_SIZE,
-      $skip: skip || '',
-      $count: 'true',
-    })}`, { signal: controller.signal })
-      .then((body) => {
-        setResult((current) => ({
-          rows: current ? mergeActions(current.rows, body.value) : body.value,
-          total: body['@odata.count'] ?? body.value.length,
-        }));
-        setError('');
-      })
-      .catch((e) => {
-        if (e.name !== 'AbortError') setError(e.message);
-      });
-    return () => controller.abort();
-  }, [filter, skip, reload]);
 
   // Live changes are applied to the page as they come: a new action that
   // the filters select joins the first page, a changed one is replaced.
@@ -195,14 +178,7 @@ export function ActionsPage({ me }) {
           ${result.rows.length === 0 && html`<tr><td colspan="10" class="empty">No action matches.</td></tr>`}
           ${result.rows.map((a) => html`<tr key=${a.id} data-action-id=${a.id}>
             <td><${Link} href=${`/machines/${a.machineId}`}>${a.computerDnsName || a.machineId}<//></td>
-            <td>${a.type}</td>
-            <td>${a.scope || '—'}</td>
-            <td><${StatusBadge} status=${a.status} /></td>
-            <td>${a.requestor}</td>
-            <td class="comment">${a.requestorComment}</td>
-            <td><${Time} iso=${a.creationDateTimeUtc} /></td>
-            <td><${Time} iso=${a.lastUpdateDateTimeUtc} /></td>
-            <td class="comment">${details(a)}</td>
+            ${actionCells(a)}
             <td>${canCancel && a.status === 'Pending'
               && html`<button type="button" class="quiet" onClick=${() => setCancelling(a)}>Cancel</button>`}</td>
           </tr>`)}

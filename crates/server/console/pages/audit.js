@@ -2,9 +2,9 @@
 // first, new records arriving live.
 
 import { useEffect, useRef, useState } from 'preact/hooks';
-import { call, literal, query } from '../lib/api.js';
+import { literal } from '../lib/api.js';
 import { subscribe } from '../lib/live.js';
-import { html, Alert, Pager, Time, PAGE_SIZE, useQueryState } from '../lib/ui.js';
+import { html, Alert, Pager, Time, PAGE_SIZE, useListPage, useQueryState } from '../lib/ui.js';
 
 const OUTCOMES = ['Succeeded', 'Refused', 'Failed'];
 
@@ -14,8 +14,6 @@ export function AuditPage({ me }) {
   const action = params.get('action') || '';
   const skip = Math.max(0, Number(params.get('skip')) || 0);
   const [typed, setTyped] = useState(action);
-  const [result, setResult] = useState(null);
-  const [error, setError] = useState('');
   const [reload, setReload] = useState(0);
   const timer = useRef(null);
 
@@ -27,26 +25,14 @@ export function AuditPage({ me }) {
     outcome && `outcome eq ${literal(outcome)}`,
     action.trim() && `startswith(action,${literal(action.trim())})`,
   ].filter(Boolean).join(' and ');
+  const [result, setResult, error] = useListPage('/api/auditEvents', {
+    filter,
+    orderby: 'dateTimeUtc desc',
+    skip,
+    reload,
+    enabled: me.permissions.audit,
+  });
 
-  useEffect(() => {
-    if (!me.permissions.audit) return undefined;
-    const controller = new AbortController();
-    call(`/api/auditEvents${query({
-      $filter: filter,
-      $orderby: 'dateTimeUtc desc',
-      $top: PAGE_SIZE,
-      $skip: skip || '',
-      $count: 'true',
-    })}`, { signal: controller.signal })
-      .then((body) => {
-        setResult({ rows: body.value, total: body['@odata.count'] ?? body.value.length });
-        setError('');
-      })
-      .catch((e) => {
-        if (e.name !== 'AbortError') setError(e.message);
-      });
-    return () => controller.abort();
-  }, [filter, skip, reload]);
 
   // A new record joins the first page as it comes (no request); only a new
   // stream (or a resync) reloads, so that a flood of records never turns

@@ -112,6 +112,19 @@ export function details(action) {
   return '';
 }
 
+/** An action's cells, in the columns Type, Scope, Status, Requested by,
+ * Comment, Created, Updated, Details (both action tables have them). */
+export function actionCells(a) {
+  return html`<td>${a.type}</td>
+    <td>${a.scope || '—'}</td>
+    <td><${StatusBadge} status=${a.status} /></td>
+    <td>${a.requestor}</td>
+    <td class="comment">${a.requestorComment}</td>
+    <td><${Time} iso=${a.creationDateTimeUtc} /></td>
+    <td><${Time} iso=${a.lastUpdateDateTimeUtc} /></td>
+    <td class="comment">${details(a)}</td>`;
+}
+
 export function MachinePage({ me, id }) {
   const [machine, setMachine] = useState(null);
   const [actions, setActions] = useState([]);
@@ -187,14 +200,7 @@ export function MachinePage({ me, id }) {
       <tbody>
         ${actions.length === 0 && html`<tr><td colspan="8" class="empty">No action yet.</td></tr>`}
         ${actions.map((a) => html`<tr key=${a.id} data-action-id=${a.id}>
-          <td>${a.type}</td>
-          <td>${a.scope || '—'}</td>
-          <td><${StatusBadge} status=${a.status} /></td>
-          <td>${a.requestor}</td>
-          <td class="comment">${a.requestorComment}</td>
-          <td><${Time} iso=${a.creationDateTimeUtc} /></td>
-          <td><${Time} iso=${a.lastUpdateDateTimeUtc} /></td>
-          <td class="comment">${details(a)}</td>
+          ${actionCells(a)}
         </tr>`)}
       </tbody>
     </table>

@@ -2,9 +2,9 @@
 // group, page through the fleet on the server.
 
 import { useEffect, useRef, useState } from 'preact/hooks';
-import { call, literal, query } from '../lib/api.js';
+import { literal } from '../lib/api.js';
 import { subscribe } from '../lib/live.js';
-import { html, Link, Alert, Pager, StateBadge, Time, PAGE_SIZE, useQueryState } from '../lib/ui.js';
+import { html, Link, Alert, Pager, StateBadge, Time, useListPage, useQueryState } from '../lib/ui.js';
 
 const STATES = [
   ['', 'Any state'],
@@ -36,34 +36,18 @@ export function MachinesPage({ me }) {
   const group = params.get('group') || '';
   const skip = Math.max(0, Number(params.get('skip')) || 0);
   const [typed, setTyped] = useState(search);
-  const [result, setResult] = useState(null);
-  const [error, setError] = useState('');
   const [reload, setReload] = useState(0);
+  const [result, setResult, error] = useListPage('/api/machines', {
+    filter: machineFilter(search, state, group),
+    orderby: 'computerDnsName',
+    skip,
+    reload,
+  });
   const timer = useRef(null);
 
   useEffect(() => {
     document.title = 'Machines · Cordon';
   }, []);
-
-  useEffect(() => {
-    const controller = new AbortController();
-    const filter = machineFilter(search, state, group);
-    call(`/api/machines${query({
-      $filter: filter,
-      $orderby: 'computerDnsName',
-      $top: PAGE_SIZE,
-      $skip: skip || '',
-      $count: 'true',
-    })}`, { signal: controller.signal })
-      .then((body) => {
-        setResult({ rows: body.value, total: body['@odata.count'] ?? body.value.length });
-        setError('');
-      })
-      .catch((e) => {
-        if (e.name !== 'AbortError') setError(e.message);
-      });
-    return () => controller.abort();
-  }, [search, state, group, skip, reload]);
 
   useEffect(() => subscribe((type, data) => {
     if (type === 'resync' || type === 'connected') {

@@ -123,18 +123,24 @@ impl TestServer {
         resource: &str,
     ) -> String {
         let scope = format!("{resource}/.default");
+        self.token_from(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_secret", secret),
+            ("scope", &scope),
+        ])
+        .await
+    }
+
+    /// The access token the v2 token endpoint answers to `fields`.
+    pub async fn token_from(&self, fields: &[(&str, &str)]) -> String {
         let reply = self
             .https()
             .request(
                 Method::POST,
                 &format!("/{}/oauth2/v2.0/token", self.tenant()),
                 &[("content-type", "application/x-www-form-urlencoded")],
-                form(&[
-                    ("grant_type", "client_credentials"),
-                    ("client_id", client_id),
-                    ("client_secret", secret),
-                    ("scope", &scope),
-                ]),
+                form(fields),
             )
             .await
             .unwrap();
@@ -143,6 +149,27 @@ impl TestServer {
             .as_str()
             .unwrap()
             .to_owned()
+    }
+
+    /// A user's token for the console (client `cordon-console`, password
+    /// grant, every delegated permission).
+    pub async fn user_token(&self, upn: &str, password: &str) -> String {
+        self.token_from(&[
+            ("grant_type", "password"),
+            ("client_id", "cordon-console"),
+            ("username", upn),
+            ("password", password),
+            ("scope", "https://api.securitycenter.microsoft.com/.default"),
+        ])
+        .await
+    }
+
+    /// An API client holding a user's console token.
+    pub async fn user_api(&self, upn: &str, password: &str) -> Api {
+        Api {
+            http: self.https(),
+            token: self.user_token(upn, password).await,
+        }
     }
 
     /// An API client holding a token of the test app.
@@ -187,6 +214,58 @@ pub async fn create_app(
     )
     .await
     .unwrap()
+}
+
+/// Creates a user who signs in with `password` (display name
+/// `Display <upn>`); returns their object id.
+pub async fn create_user(
+    server: &TestServer,
+    upn: &str,
+    password: &str,
+    role: &str,
+    user_groups: &[&str],
+) -> String {
+    let id = server::crypto::new_guid();
+    server
+        .store()
+        .create_user(store::UserRecord {
+            id: id.clone(),
+            upn: upn.into(),
+            display_name: format!("Display {upn}"),
+            password_hash: server::crypto::hash_secret(password),
+            role: role.into(),
+            user_groups: user_groups.iter().map(|g| g.to_string()).collect(),
+            disabled: false,
+            created_at: server::now_nanos(),
+        })
+        .await
+        .unwrap();
+    id
+}
+
+/// A machine group of the machines whose name begins with `prefix`, open
+/// to the members of `user_group`; returns its id.
+pub async fn create_prefix_group(
+    server: &TestServer,
+    name: &str,
+    rank: i64,
+    prefix: &str,
+    user_group: &str,
+) -> i64 {
+    server
+        .store()
+        .create_group(store::NewGroup {
+            name: name.into(),
+            rank,
+            match_tag: None,
+            match_name_prefix: Some(prefix.into()),
+            match_os: None,
+            user_groups: vec![user_group.into()],
+            now: server::now_nanos(),
+        })
+        .await
+        .unwrap()
+        .id
 }
 
 pub fn form(fields: &[(&str, &str)]) -> Vec<u8> {
