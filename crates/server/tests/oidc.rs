@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::*;
-use http::{Method, StatusCode, Uri};
+use http::{StatusCode, Uri};
 use proto::auth::{Claims, Jwk, Jwks};
 use serde_json::json;
 use server::jwt::SigningKey;
@@ -353,41 +353,8 @@ fn only_https_or_loopback_issuers_are_accepted() {
 /// from B's password grant.
 async fn user_token_of(provider: &TestServer, upn: &str, user_groups: &[&str]) -> String {
     let password = "a long enough password";
-    provider
-        .store()
-        .create_user(store::UserRecord {
-            id: server::crypto::new_guid(),
-            upn: upn.into(),
-            display_name: upn.into(),
-            password_hash: server::crypto::hash_secret(password),
-            role: "Viewer".into(),
-            user_groups: user_groups.iter().map(|g| g.to_string()).collect(),
-            disabled: false,
-            created_at: server::now_nanos(),
-        })
-        .await
-        .unwrap();
-    let reply = provider
-        .https()
-        .request(
-            Method::POST,
-            &format!("/{}/oauth2/v2.0/token", provider.tenant()),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            form(&[
-                ("grant_type", "password"),
-                ("client_id", "cordon-console"),
-                ("username", upn),
-                ("password", password),
-                ("scope", "https://api.securitycenter.microsoft.com/.default"),
-            ]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{:?}", reply.body);
-    reply.json().unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    create_user(provider, upn, password, "Viewer", user_groups).await;
+    provider.user_token(upn, password).await
 }
 
 /// Server A trusts server B as an identity provider, mapping B's user
