@@ -32,12 +32,18 @@ interface Watch {
    * Everything else logged as an error still fails the test.
    */
   allowHttpError(status: number, url: RegExp): void;
+  /**
+   * Accepts Chromium's "Failed to load resource: net::ERR_…" lines: for a
+   * spec that takes the browser offline on purpose.
+   */
+  allowNetworkFailures(): void;
   /** Takes (and clears) what the browser reported so far: for specs/guard.spec.ts. */
   take(): string[];
 }
 
 interface Watched {
   allowed: { status: number; url: RegExp }[];
+  offline: { allowed: boolean };
   problems: string[];
 }
 
@@ -47,15 +53,16 @@ export const test = base.extend<{ watch: Watch }>({
   // Every test's page is watched: errors fail the test when it ends.
   page: async ({ page }, use) => {
     const allowed: Watched['allowed'] = [];
+    const offline: Watched['offline'] = { allowed: false };
     const problems: string[] = [];
-    watched.set(page, { allowed, problems });
+    watched.set(page, { allowed, offline, problems });
     page.on('console', (message) => {
       if (message.type() !== 'error') return;
       const where = message.location().url;
       const text = message.text();
-      const expected = allowed.some(
-        (a) => text.includes(`status of ${a.status}`) && a.url.test(where),
-      );
+      const expected =
+        allowed.some((a) => text.includes(`status of ${a.status}`) && a.url.test(where)) ||
+        (offline.allowed && /Failed to load resource: net::ERR_/.test(text));
       if (!expected) problems.push(`console error: ${text}${where ? ` (${where})` : ''}`);
     });
     page.on('pageerror', (error) => problems.push(`uncaught error: ${error.stack ?? error.message}`));
@@ -77,9 +84,12 @@ export const test = base.extend<{ watch: Watch }>({
     expect(problems, 'the browser reported errors').toEqual([]);
   },
   watch: async ({ page }, use) => {
-    const { allowed, problems } = watched.get(page)!;
+    const { allowed, offline, problems } = watched.get(page)!;
     await use({
       allowHttpError: (status, url) => allowed.push({ status, url }),
+      allowNetworkFailures: () => {
+        offline.allowed = true;
+      },
       take: () => problems.splice(0),
     });
   },
