@@ -886,6 +886,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "  Authority: {}/{}",
         running.public_url, running.tenant_id
     )?;
+    writeln!(
+        out,
+        "  Console:   {}/ (sign in as a user: cordon user create)",
+        running.public_url
+    )?;
     if let Some(address) = running.metrics_addr {
         writeln!(out, "  Metrics:   http://{address}/metrics")?;
     }

@@ -953,3 +953,83 @@ async fn machine_tags_are_added_removed_validated_and_filterable() {
         "Forbidden",
     );
 }
+
+/// The console: every page path answers with the page (tenant filled in,
+/// strict policy, never cached); files come with a validator; anything else
+/// under `/console/` is the API's 404, never a file of the server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_served_with_its_policy_and_nothing_else() {
+    let server = TestServer::start().await;
+    let mut http = server.https();
+    let machine = "0123456789abcdef0123456789abcdef01234567";
+    for path in [
+        "/".to_owned(),
+        format!("/machines/{machine}"),
+        "/actions".to_owned(),
+        "/exclusions".to_owned(),
+        "/audit".to_owned(),
+    ] {
+        let page = http
+            .request(Method::GET, &path, &[], Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(page.status, 200, "{path}");
+        assert_eq!(
+            page.header("content-type"),
+            Some("text/html; charset=utf-8")
+        );
+        assert_eq!(page.header("cache-control"), Some("no-store"));
+        assert_eq!(page.header("x-frame-options"), Some("DENY"));
+        let csp = page.header("content-security-policy").unwrap();
+        assert!(
+            csp.starts_with("default-src 'none'; script-src 'self' 'sha256-"),
+            "{csp}"
+        );
+        assert!(!csp.contains("unsafe"), "{csp}");
+        let html = String::from_utf8(page.body.to_vec()).unwrap();
+        assert!(
+            html.contains(&format!(
+                "<meta name=\"cordon-tenant\" content=\"{}\">",
+                server.tenant()
+            )),
+            "{html}"
+        );
+    }
+
+    let app = http
+        .request(Method::GET, "/console/app.js", &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(app.status, 200);
+    assert_eq!(
+        app.header("content-type"),
+        Some("text/javascript; charset=utf-8")
+    );
+    assert_eq!(app.header("x-content-type-options"), Some("nosniff"));
+    let tag = app.header("etag").unwrap().to_owned();
+    let again = http
+        .request(
+            Method::GET,
+            "/console/app.js",
+            &[("if-none-match", &tag)],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.status, 304);
+    assert!(again.body.is_empty());
+
+    for path in [
+        "/console/nothing.js",
+        "/console/../Cargo.toml",
+        "/console/%2e%2e/src/console.rs",
+        "/console/index.html",
+        "/console/package.json",
+    ] {
+        let reply = http
+            .request(Method::GET, path, &[], Vec::new())
+            .await
+            .unwrap();
+        assert_error(&reply, 404, "ResourceNotFound");
+    }
+}

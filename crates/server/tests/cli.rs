@@ -79,6 +79,7 @@ fn serve_with(data_dir: &Path, port: u16, extra: &[&str]) -> Served {
         }
     }
     assert!(printed.contains("Tenant id:"), "{printed}");
+    assert!(printed.contains("  Console:   https://"), "{printed}");
     assert!(
         printed.contains(&data_dir.join("ca.pem").display().to_string()),
         "{printed}"
