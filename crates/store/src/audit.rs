@@ -266,7 +266,7 @@ pub fn chain_hash(prev_hash: &str, seq: i64, event: &NewAuditEvent) -> String {
         .collect()
 }
 
-fn append(conn: &Connection, event: &NewAuditEvent) -> Result<AuditRecord> {
+pub(crate) fn append(conn: &Connection, event: &NewAuditEvent) -> Result<AuditRecord> {
     // The last record's hash; after a prune that removed every record, the
     // checkpoint's.
     let prev_hash: String = conn

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-pub use audit::{AuditBreak, AuditCheckpoint, AuditField, AuditRecord, NewAuditEvent};
+pub use audit::{
+    AuditBreak, AuditCheckpoint, AuditField, AuditRecord, MAX_DETAIL_CHARS, NewAuditEvent,
+};
 pub use exclusions::{ExclusionRuleFields, ExclusionRuleRecord, ExclusionRuleSet};
 pub use people::{
     DEFAULT_GROUP_ID, DEFAULT_GROUP_NAME, GroupRecord, NewGroup, RoleRecord, UserRecord,
