@@ -437,6 +437,88 @@ async fn bulk_actions_are_pushed_to_connected_agents() {
     }
 }
 
+/// Each bulk-created action is on the live-event stream, as a single
+/// call's is (`machineAction.created`, with the MachineAction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_actions_are_on_the_event_stream() {
+    use http_body_util::BodyExt;
+
+    let server = TestServer::start().await;
+    let ids = enroll_many(&server, "ev-", 20).await;
+    let mut api = server.api().await;
+    // The stream, on a connection of its own.
+    let tls = tls_from(&server, "127.0.0.1").await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("/api/events")
+        .header("host", "localhost")
+        .header("accept", "text/event-stream")
+        .header("authorization", format!("Bearer {}", api.token))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    // The stream is open once its first message (a comment) arrives.
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&frame.into_data().unwrap()).unwrap());
+    }
+
+    let reply = api
+        .post(
+            "/api/machines/isolate",
+            json!({"Comment": "watch", "MachineIds": ids}),
+        )
+        .await;
+    let mut waiting: HashMap<String, String> = entries(&reply)
+        .iter()
+        .map(|e| {
+            (
+                e["machineAction"]["id"].as_str().unwrap().to_owned(),
+                e["machineId"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(waiting.len(), 20);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !waiting.is_empty() {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .expect("every action's event within 10 s")
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&frame.into_data().unwrap()).unwrap());
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            if !block.contains("event: machineAction.created\n") {
+                continue;
+            }
+            let data = block
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap();
+            let event: Value = serde_json::from_str(data).unwrap();
+            let action = &event["data"];
+            let id = action["id"].as_str().unwrap();
+            let machine = waiting
+                .remove(id)
+                .expect("an action of the bulk call, once");
+            assert_eq!(action["machineId"], machine.as_str());
+            assert_eq!(action["status"], "Pending");
+        }
+    }
+}
+
 /// Bulk and single calls racing on the same machines: each machine ends
 /// with exactly one action in flight, whoever won, and every loser was told
 /// which action won.
