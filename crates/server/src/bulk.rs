@@ -143,7 +143,12 @@ async fn bulk(
             (new, record)
         })
         .collect();
-    let mut outcomes = state.store.create_actions(batch, groups).await?.into_iter();
+    let outcomes = if batch.is_empty() {
+        Vec::new()
+    } else {
+        state.store.create_actions(batch, groups).await?
+    };
+    let mut outcomes = outcomes.into_iter();
 
     let mut results = Vec::with_capacity(targets.len());
     let mut created = Vec::new();
