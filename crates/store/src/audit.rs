@@ -266,7 +266,7 @@ pub fn chain_hash(prev_hash: &str, seq: i64, event: &NewAuditEvent) -> String {
         .collect()
 }
 
-pub(crate) fn append(conn: &Connection, event: &NewAuditEvent) -> Result<AuditRecord> {
+fn append(conn: &Connection, event: &NewAuditEvent) -> Result<AuditRecord> {
     // The last record's hash; after a prune that removed every record, the
     // checkpoint's.
     let prev_hash: String = conn
@@ -436,6 +436,12 @@ fn verify(conn: &Connection) -> Result<std::result::Result<u64, AuditBreak>> {
         count += 1;
     }
     Ok(Ok(count))
+}
+
+/// Appends `event`, capped, inside the caller's write (a bulk call's
+/// actions and their records in one transaction).
+pub(crate) fn append_capped(conn: &Connection, event: NewAuditEvent) -> Result<AuditRecord> {
+    append(conn, &event.capped())
 }
 
 impl Store {

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-pub use audit::{
-    AuditBreak, AuditCheckpoint, AuditField, AuditRecord, MAX_DETAIL_CHARS, NewAuditEvent,
-};
+/// The most characters an audit record's `detail` keeps.
+pub use audit::MAX_DETAIL_CHARS;
+pub use audit::{AuditBreak, AuditCheckpoint, AuditField, AuditRecord, NewAuditEvent};
 pub use exclusions::{ExclusionRuleFields, ExclusionRuleRecord, ExclusionRuleSet};
 pub use people::{
     DEFAULT_GROUP_ID, DEFAULT_GROUP_NAME, GroupRecord, NewGroup, RoleRecord, UserRecord,

@@ -1053,7 +1053,7 @@ impl Store {
                 for (new, audit) in batch {
                     match insert_action(conn, &new, groups.as_deref()) {
                         Ok(action) => {
-                            records.push(crate::audit::append(conn, &audit.capped())?);
+                            records.push(crate::audit::append_capped(conn, audit)?);
                             changes.push(ActionChange {
                                 action: action.clone(),
                                 from: None,
