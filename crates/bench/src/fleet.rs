@@ -79,6 +79,12 @@ pub struct FleetArgs {
     /// reconnecting to the action's arrival and to `Succeeded`.
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub offline_probes: usize,
+    /// After the calls: isolate this many connected agents in one bulk
+    /// call (`POST /api/machines/isolate` with their ids; at most 1,000)
+    /// and report the call's latency and the time from the call to the
+    /// last `Succeeded`.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    pub bulk: u64,
     /// Use a running server at this URL instead of starting one (then
     /// `--ca`, `--tenant`, `--client-id`, `--client-secret` and
     /// `--enroll-token` are needed; the token needs a use for each agent).
@@ -132,6 +138,8 @@ pub struct Options {
     pub duration: Duration,
     pub restart_after: Option<Duration>,
     pub offline_probes: usize,
+    /// Machines isolated in one bulk call after the calls (0: none).
+    pub bulk: usize,
     pub target: Target,
     /// Progress lines on stderr.
     pub verbose: bool,
@@ -166,6 +174,7 @@ impl FleetArgs {
             duration: Duration::from_secs_f64(self.duration),
             restart_after: self.restart_after.map(Duration::from_secs_f64),
             offline_probes: self.offline_probes,
+            bulk: self.bulk as usize,
             target,
             verbose: true,
         })
@@ -234,6 +243,28 @@ pub struct Report {
     pub restart: Option<RestartReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offline: Option<OfflineReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<BulkReport>,
+}
+
+/// `--bulk`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BulkReport {
+    /// Machines named in the call (connected agents, none with an action
+    /// in flight).
+    pub machines: usize,
+    /// Entries answered `201`.
+    pub created: usize,
+    /// Of those, actions that reached `Succeeded`.
+    pub succeeded: usize,
+    /// Sending the call → reading its `200`.
+    pub call_ms: f64,
+    /// Sending the call → the last action's `Succeeded`, by the server's
+    /// clock (its `lastUpdateDateTimeUtc`; the tool and the server share
+    /// the machine's clock). Null unless every created action succeeded.
+    pub last_succeeded_ms: Option<f64>,
+    /// Sending the call → the median action's `Succeeded`.
+    pub median_succeeded_ms: Option<f64>,
 }
 
 /// `--restart-after`.
@@ -735,8 +766,9 @@ impl Api {
         &self,
         method: Method,
         path: &str,
-        body: &'static str,
+        body: impl Into<Vec<u8>>,
     ) -> anyhow::Result<Reply> {
+        let body: Vec<u8> = body.into();
         let _permit = self.connections.acquire().await.expect("never closed");
         let mut attempt = 0;
         loop {
@@ -754,7 +786,7 @@ impl Api {
                         ("authorization", &auth),
                         ("content-type", "application/json"),
                     ],
-                    body,
+                    body.clone(),
                 )
                 .await;
             // "Come back later": a 503 (the server's connection caps), or a
@@ -1273,6 +1305,20 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     } else {
         None
     };
+    let bulk = if options.bulk > 0 {
+        let report = bulk_isolate(&fleet, &api, &counts, options.bulk).await?;
+        say(format!(
+            "bulk isolate of {} machines: answered in {:.0} ms, last Succeeded {} after the call",
+            report.machines,
+            report.call_ms,
+            report
+                .last_succeeded_ms
+                .map_or("never".to_owned(), |ms| format!("{ms:.0} ms"))
+        ));
+        Some(report)
+    } else {
+        None
+    };
     let agents_connected_at_end = fleet.stats.connected.load(Ordering::Acquire);
     fleet.stats.counting.store(false, Ordering::Release);
     for agent in &agents {
@@ -1314,6 +1360,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         error_kinds: fleet.stats.error_kinds.lock().expect("lock").clone(),
         restart,
         offline,
+        bulk,
     };
     if let Some(running) = &server.in_process {
         running.stop();
@@ -1692,6 +1739,142 @@ async fn offline_probes(
     })
 }
 
+/// `--bulk`: `n` connected agents with nothing in flight, isolated in one
+/// bulk call; then the actions are awaited through the API.
+async fn bulk_isolate(
+    fleet: &Arc<Fleet>,
+    api: &Arc<Api>,
+    counts: &Arc<Counts>,
+    n: usize,
+) -> anyhow::Result<BulkReport> {
+    let mut picked = Vec::new();
+    for (index, slot) in fleet.slots.iter().enumerate() {
+        if picked.len() == n {
+            break;
+        }
+        if slot.connected.load(Ordering::Acquire)
+            && !slot.offline.load(Ordering::Acquire)
+            && slot
+                .busy
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            picked.push(index);
+        }
+    }
+    if picked.len() < n {
+        bail!(
+            "only {} idle connected machines for a bulk of {n}",
+            picked.len()
+        );
+    }
+    let ids: Vec<&str> = picked
+        .iter()
+        .map(|&i| fleet.machine_ids[i].as_str())
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "Comment": "fleet bench, bulk",
+        "IsolationType": "Full",
+        "MachineIds": ids,
+    }))?;
+    let sent_at = std::time::SystemTime::now();
+    let sent = Instant::now();
+    let reply = api
+        .request(Method::POST, "/api/machines/isolate", body)
+        .await?;
+    let call = sent.elapsed();
+    if reply.status != 200 {
+        bail!(
+            "bulk isolate: HTTP {} {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+    let answer: serde_json::Value = reply.json()?;
+    let mut created = Vec::new();
+    for entry in answer["value"].as_array().context("value")? {
+        match entry["machineAction"]["id"].as_str() {
+            Some(id) => created.push(id.to_owned()),
+            None => fleet.stats.error(format!("bulk isolate entry: {entry}")),
+        }
+    }
+    counts
+        .actions
+        .fetch_add(created.len() as u64, Ordering::Relaxed);
+    let sent_nanos = sent_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    // Until none of them is in flight: a count, cheap for the server while
+    // it works; then the actions, once.
+    let since = proto::time::format_utc(sent_nanos - 1_000_000);
+    let ours = format!("creationDateTimeUtc%20ge%20{since}%20and%20type%20eq%20'Isolate'");
+    let in_flight = format!(
+        "/api/machineactions?$filter={ours}%20and%20status%20in%20('Pending','InProgress')&$count=true&$top=0"
+    );
+    let deadline = Instant::now() + ACTION_DEADLINE;
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let reply = api.request(Method::GET, &in_flight, "").await?;
+        if reply.status != 200 {
+            bail!(
+                "GET machineactions: HTTP {} {}",
+                reply.status,
+                String::from_utf8_lossy(&reply.body)
+            );
+        }
+        if reply.json()?["@odata.count"] == 0 || Instant::now() > deadline {
+            break;
+        }
+    }
+    let reply = api
+        .request(
+            Method::GET,
+            &format!("/api/machineactions?$filter={ours}&$top=1000"),
+            "",
+        )
+        .await?;
+    let wanted: std::collections::HashSet<&str> = created.iter().map(String::as_str).collect();
+    let page: serde_json::Value = reply.json()?;
+    let finished: Vec<&serde_json::Value> = page["value"]
+        .as_array()
+        .context("value")?
+        .iter()
+        .filter(|a| a["id"].as_str().is_some_and(|id| wanted.contains(id)))
+        .collect();
+    let mut succeeded = Vec::new();
+    for action in finished {
+        match action["status"].as_str() {
+            Some("Succeeded") => {
+                let at = action["lastUpdateDateTimeUtc"]
+                    .as_str()
+                    .and_then(proto::time::parse_utc)
+                    .context("lastUpdateDateTimeUtc")?;
+                succeeded.push(Duration::from_nanos((at - sent_nanos).max(0) as u64));
+            }
+            other => fleet
+                .stats
+                .error(format!("bulk isolate: action ended {other:?}")),
+        }
+    }
+    counts
+        .succeeded
+        .fetch_add(succeeded.len() as u64, Ordering::Relaxed);
+    for &index in &picked {
+        fleet.slots[index].isolated.store(true, Ordering::Release);
+        fleet.slots[index].busy.store(false, Ordering::Release);
+    }
+    succeeded.sort();
+    let all = !created.is_empty() && succeeded.len() == created.len();
+    Ok(BulkReport {
+        machines: picked.len(),
+        created: created.len(),
+        succeeded: succeeded.len(),
+        call_ms: call.as_secs_f64() * 1e3,
+        last_succeeded_ms: all.then(|| percentile_ms(&succeeded, 1.0)),
+        median_succeeded_ms: all.then(|| percentile_ms(&succeeded, 0.5)),
+    })
+}
+
 /// Prints the report for people.
 pub fn print(report: &Report) {
     println!(
@@ -1751,6 +1934,19 @@ pub fn print(report: &Report) {
             o.reconnect_to_action_max_ms,
             o.reconnect_to_succeeded_p50_ms,
             o.reconnect_to_succeeded_max_ms
+        );
+    }
+    if let Some(b) = &report.bulk {
+        println!(
+            "  bulk isolate: {} machines, {} created, {} succeeded; call {:.1} ms; call -> last Succeeded {}, median {}",
+            b.machines,
+            b.created,
+            b.succeeded,
+            b.call_ms,
+            b.last_succeeded_ms
+                .map_or("never".to_owned(), |ms| format!("{ms:.1} ms")),
+            b.median_succeeded_ms
+                .map_or("never".to_owned(), |ms| format!("{ms:.1} ms")),
         );
     }
     for (kind, count) in &report.error_kinds {

@@ -1,7 +1,8 @@
 //! A small run of `cordon-bench fleet` as a correctness check: a thousand
 //! simulated agents enroll, connect over TLS from many loopback addresses
 //! and answer pushed actions while the API isolates and releases random
-//! machines, with the server in this process. No timing is asserted.
+//! machines, then isolates 300 of them in one bulk call, with the server in
+//! this process. No timing is asserted.
 
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ async fn a_thousand_agents_answer_every_action() {
         duration: Duration::from_secs(3),
         restart_after: None,
         offline_probes: 3,
+        bulk: 300,
         target: Target::InProcess,
         verbose: false,
     })
@@ -31,6 +33,15 @@ async fn a_thousand_agents_answer_every_action() {
     assert!(report.p99_ms <= report.max_ms);
     let offline = report.offline.as_ref().expect("offline probes ran");
     assert_eq!((offline.probes, offline.received), (3, 3), "{report:#?}");
+    // The bulk call: every machine's action created and succeeded.
+    let bulk = report.bulk.as_ref().expect("the bulk call ran");
+    assert_eq!(
+        (bulk.machines, bulk.created, bulk.succeeded),
+        (300, 300, 300),
+        "{report:#?}"
+    );
+    let last = bulk.last_succeeded_ms.expect("every bulk action succeeded");
+    assert!(bulk.median_succeeded_ms.unwrap() <= last);
     assert!(report.server_rss_bytes > 0 && report.server_cpu_seconds > 0.0);
     assert_eq!(report.server_pid, std::process::id());
 
@@ -51,6 +62,7 @@ async fn a_thousand_agents_answer_every_action() {
         "rss_per_session_bytes",
         "agents_gave_up",
         "offline",
+        "bulk",
     ] {
         assert!(json.get(field).is_some(), "{field} missing from {json}");
     }

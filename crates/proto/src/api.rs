@@ -67,6 +67,32 @@ pub struct CancelRequest {
     pub comment: Option<String>,
 }
 
+/// **Cordon:** the machines of `POST /api/machines/isolate` and
+/// `POST /api/machines/unisolate` (bulk isolation), beside the single
+/// call's fields: exactly one of the two, `null` meaning absent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BulkTargets {
+    #[serde(rename = "MachineIds", default)]
+    pub machine_ids: Option<Vec<String>>,
+    /// A `$filter` expression of `GET /api/machines`.
+    #[serde(rename = "Filter", default)]
+    pub filter: Option<String>,
+}
+
+/// **Cordon:** one machine's outcome in a bulk isolation answer: `status`
+/// `201` with the created action, or the status and error the single call
+/// would have answered for that machine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkActionResult {
+    pub machine_id: String,
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub machine_action: Option<MachineAction>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<ErrorDetail>,
+}
+
 /// The MachineAction entity; field order is the contract's.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]

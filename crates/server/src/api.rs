@@ -17,7 +17,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use proto::api::{IpAddress, Machine, MachineAction};
 use proto::time::format_utc;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::{Map, Value};
 use store::{ActionRecord, MachineRecord, NewAction, StoreError};
 
@@ -34,6 +34,24 @@ pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/machines", get(list_machines))
         .route("/machines/{id}", get(get_machine))
+        // Cordon's bulk calls; a machine named `isolate` or `unisolate` is
+        // still found by `GET /machines/{name}`.
+        .route(
+            "/machines/isolate",
+            post(crate::bulk::isolate).get(
+                |state: State<Arc<AppState>>, principal: Principal, headers: HeaderMap| {
+                    machine_by_key(state, principal, "isolate".to_owned(), headers)
+                },
+            ),
+        )
+        .route(
+            "/machines/unisolate",
+            post(crate::bulk::unisolate).get(
+                |state: State<Arc<AppState>>, principal: Principal, headers: HeaderMap| {
+                    machine_by_key(state, principal, "unisolate".to_owned(), headers)
+                },
+            ),
+        )
         .route("/machines/{id}/isolate", post(isolate))
         .route("/machines/{id}/unisolate", post(unisolate))
         .route("/machines/{id}/tags", post(tags))
@@ -80,6 +98,11 @@ pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// Parses a JSON object body into `T`; anything else is `InvalidRequestBody`.
 pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    typed(&parse_object(body)?)
+}
+
+/// The body as a JSON object; anything else is `InvalidRequestBody`.
+pub(crate) fn parse_object(body: &[u8]) -> Result<Value, ApiError> {
     let value: Value = crate::json::value_from_slice(body)
         .map_err(|e| ApiError::invalid_body(format!("The request body is not valid JSON: {e}.")))?;
     if !value.is_object() {
@@ -87,7 +110,13 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
             "The request body must be a JSON object.",
         ));
     }
-    serde_json::from_value(value).map_err(|e| {
+    Ok(value)
+}
+
+/// The fields of a parsed body that `T` knows; a field of the wrong type
+/// is `InvalidRequestBody`.
+pub(crate) fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    T::deserialize(value).map_err(|e| {
         ApiError::invalid_body(format!(
             "The request body has a field of the wrong type: {e}."
         ))
@@ -111,7 +140,7 @@ fn check_length(name: &str, value: Option<&String>, max: usize) -> Result<(), Ap
 }
 
 /// A machine id from the path: 40 hex characters, any case.
-fn machine_id_param(id: &str) -> Result<String, ApiError> {
+pub(crate) fn machine_id_param(id: &str) -> Result<String, ApiError> {
     if crypto::is_machine_id(id) {
         Ok(id.to_ascii_lowercase())
     } else {
@@ -149,32 +178,9 @@ async fn isolate(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    principal.require(Permission::Isolate)?;
-    require_json(&headers)?;
-    let request: proto::api::IsolateRequest = parse_body(&body)?;
-    let comment = required_comment(request.comment)?;
-    let scope = match request.isolation_type.as_deref() {
-        None => "Full",
-        Some(t) if t.eq_ignore_ascii_case("full") => "Full",
-        Some(t) if t.eq_ignore_ascii_case("selective") => "Selective",
-        Some(t) => {
-            return Err(ApiError::invalid_input(format!(
-                "IsolationType '{}' is not valid; use Full or Selective.",
-                shorten(t)
-            )));
-        }
-    };
-    let groups = principal.machine_groups();
-    let new = new_action(
-        "Isolate",
-        Some(scope),
-        principal,
-        &id,
-        comment,
-        request.title,
-        request.external_id,
-    )?;
-    create(&state, new, groups, &headers).await
+    let (request, IgnoredAny) = action_request(ActionKind::Isolate, &principal, &headers, &body)?;
+    let new = request.for_machine(machine_id_param(&id)?);
+    create(&state, new, principal.machine_groups(), &headers).await
 }
 
 async fn unisolate(
@@ -184,54 +190,121 @@ async fn unisolate(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    principal.require(Permission::Isolate)?;
-    require_json(&headers)?;
-    let request: proto::api::UnisolateRequest = parse_body(&body)?;
-    let comment = required_comment(request.comment)?;
-    let groups = principal.machine_groups();
-    let new = new_action(
-        "Unisolate",
-        None,
-        principal,
-        &id,
-        comment,
-        request.title,
-        request.external_id,
-    )?;
-    create(&state, new, groups, &headers).await
+    let (request, IgnoredAny) = action_request(ActionKind::Unisolate, &principal, &headers, &body)?;
+    let new = request.for_machine(machine_id_param(&id)?);
+    create(&state, new, principal.machine_groups(), &headers).await
 }
 
-/// The action an isolate or unisolate request asks for, once its optional
-/// fields and the machine id are checked (in the contract's order: the
-/// body's values, then the id's form).
-fn new_action(
-    action_type: &str,
-    scope: Option<&str>,
-    principal: Principal,
-    id: &str,
+/// An isolation-family action type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ActionKind {
+    Isolate,
+    Unisolate,
+}
+
+impl ActionKind {
+    /// The action's `type`.
+    pub(crate) fn action_type(self) -> &'static str {
+        match self {
+            ActionKind::Isolate => "Isolate",
+            ActionKind::Unisolate => "Unisolate",
+        }
+    }
+
+    /// The last segment of the call's path, and its audit action.
+    pub(crate) fn verb(self) -> &'static str {
+        match self {
+            ActionKind::Isolate => "isolate",
+            ActionKind::Unisolate => "unisolate",
+        }
+    }
+}
+
+/// What an isolate or unisolate request asks for, its body checked: the
+/// action to create for each machine named.
+#[derive(Debug, Clone)]
+pub(crate) struct ActionRequest {
+    kind: ActionKind,
+    scope: Option<&'static str>,
+    requestor: String,
     comment: String,
     title: Option<String>,
     external_id: Option<String>,
-) -> Result<NewAction, ApiError> {
+    request_source: &'static str,
+}
+
+/// Checks an isolate or unisolate request up to its target, in the
+/// contract's order: permission (403), media type (415), the body's form
+/// and field types (400 `InvalidRequestBody`; `X` is the call's own extra
+/// fields, typed with the rest), then `Comment`, `IsolationType`, `Title`
+/// and `ExternalId`. The single and the bulk calls share it.
+pub(crate) fn action_request<X: DeserializeOwned>(
+    kind: ActionKind,
+    principal: &Principal,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(ActionRequest, X), ApiError> {
+    principal.require(Permission::Isolate)?;
+    require_json(headers)?;
+    let value = parse_object(body)?;
+    let (comment, isolation_type, title, external_id) = match kind {
+        ActionKind::Isolate => {
+            let r: proto::api::IsolateRequest = typed(&value)?;
+            (r.comment, r.isolation_type, r.title, r.external_id)
+        }
+        ActionKind::Unisolate => {
+            let r: proto::api::UnisolateRequest = typed(&value)?;
+            (r.comment, None, r.title, r.external_id)
+        }
+    };
+    let extra: X = typed(&value)?;
+    let comment = required_comment(comment)?;
+    let scope = match (kind, isolation_type.as_deref()) {
+        (ActionKind::Unisolate, _) => None,
+        (ActionKind::Isolate, None) => Some("Full"),
+        (ActionKind::Isolate, Some(t)) if t.eq_ignore_ascii_case("full") => Some("Full"),
+        (ActionKind::Isolate, Some(t)) if t.eq_ignore_ascii_case("selective") => Some("Selective"),
+        (ActionKind::Isolate, Some(t)) => {
+            return Err(ApiError::invalid_input(format!(
+                "IsolationType '{}' is not valid; use Full or Selective.",
+                shorten(t)
+            )));
+        }
+    };
     check_length("Title", title.as_ref(), MAX_SHORT_TEXT)?;
     check_length("ExternalId", external_id.as_ref(), MAX_SHORT_TEXT)?;
-    Ok(NewAction {
-        id: crypto::new_guid(),
-        action_type: action_type.into(),
+    let request = ActionRequest {
+        kind,
+        scope,
+        requestor: principal.display_name.clone(),
+        comment,
         title,
-        requestor: principal.display_name,
-        requestor_comment: comment,
-        machine_id: machine_id_param(id)?,
-        scope: scope.map(str::to_owned),
         external_id,
         request_source: if principal.via_console {
             "Portal"
         } else {
             "PublicApi"
+        },
+    };
+    Ok((request, extra))
+}
+
+impl ActionRequest {
+    /// The new action for `machine_id` (checked by [`machine_id_param`]).
+    pub(crate) fn for_machine(&self, machine_id: String) -> NewAction {
+        NewAction {
+            id: crypto::new_guid(),
+            action_type: self.kind.action_type().into(),
+            title: self.title.clone(),
+            requestor: self.requestor.clone(),
+            requestor_comment: self.comment.clone(),
+            machine_id,
+            scope: self.scope.map(str::to_owned),
+            external_id: self.external_id.clone(),
+            request_source: self.request_source.into(),
+            now: crate::now_nanos(),
         }
-        .into(),
-        now: crate::now_nanos(),
-    })
+    }
 }
 
 /// Whether the caller reaches the machine: with `groups`, it must exist and
@@ -261,20 +334,13 @@ async fn create(
     let machine_id = new.machine_id.clone();
     // A machine outside the caller's groups is as good as unknown.
     if !reachable(state, &machine_id, groups).await? {
-        return Err(ApiError::not_found(format!(
-            "Machine {machine_id} was not found."
-        )));
+        return Err(create_error(&machine_id, StoreError::NotFound));
     }
-    let action = match state.store.create_action(new).await {
-        Ok(action) => action,
-        Err(StoreError::NotFound) => {
-            return Err(ApiError::not_found(format!(
-                "Machine {machine_id} was not found."
-            )));
-        }
-        Err(StoreError::ActiveExists(active)) => return Err(ApiError::active_request(active)),
-        Err(e) => return Err(e.into()),
-    };
+    let action = state
+        .store
+        .create_action(new)
+        .await
+        .map_err(|e| create_error(&machine_id, e))?;
     state.gateway.push(&action);
     Ok(entity_response(
         StatusCode::CREATED,
@@ -282,6 +348,15 @@ async fn create(
         action_entity(&action),
         None,
     ))
+}
+
+/// The contract's error for an action the store refused to create.
+pub(crate) fn create_error(machine_id: &str, e: StoreError) -> ApiError {
+    match e {
+        StoreError::NotFound => ApiError::not_found(format!("Machine {machine_id} was not found.")),
+        StoreError::ActiveExists(active) => ApiError::active_request(active),
+        e => e.into(),
+    }
 }
 
 /// Longest machine tag, in characters.
@@ -429,9 +504,19 @@ async fn action_in_scope(
 }
 
 async fn get_machine(
-    State(state): State<Arc<AppState>>,
+    state: State<Arc<AppState>>,
     principal: Principal,
     IdParam(id): IdParam,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    machine_by_key(state, principal, id, headers).await
+}
+
+/// `GET /api/machines/{id}`, `{id}` a machine id or a computer name.
+async fn machine_by_key(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    id: String,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Read)?;

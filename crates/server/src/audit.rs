@@ -45,7 +45,7 @@ struct SlotState {
 
 impl PrincipalSlot {
     pub fn set(&self, principal: &Principal) {
-        let text = format!("{} ({})", principal.id, principal.display_name);
+        let text = principal_text(principal);
         let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
         slot.name = Some(text);
         slot.authenticated = true;
@@ -71,6 +71,12 @@ impl PrincipalSlot {
             .unwrap_or_else(|p| p.into_inner())
             .authenticated
     }
+}
+
+/// How a caller is named in its records: `<client id> (<display name>)`
+/// for an application, `<user id> (<upn>)` for a user.
+pub fn principal_text(principal: &Principal) -> String {
+    format!("{} ({})", principal.id, principal.display_name)
 }
 
 /// How many kinds of refusal (source, principal, action, status) are
@@ -260,6 +266,8 @@ fn classify(method: &Method, path: &str) -> Option<Kind> {
         ("POST", ["machines", _, "isolate"]) => "isolate".to_owned(),
         ("POST", ["machines", _, "unisolate"]) => "unisolate".to_owned(),
         ("POST", ["machines", _, "tags"]) => "machine.tag".to_owned(),
+        ("POST", ["machines", "isolate"]) => "bulk.isolate".to_owned(),
+        ("POST", ["machines", "unisolate"]) => "bulk.unisolate".to_owned(),
         ("POST", ["machineactions", _, "cancel"]) => "cancel".to_owned(),
         ("POST", ["isolationExclusionRules"]) => "exclusion.create".to_owned(),
         ("PATCH", ["isolationExclusionRules", _]) => "exclusion.update".to_owned(),
@@ -334,10 +342,14 @@ pub async fn record(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let detail = response
-        .extensions()
-        .get::<ErrorSummary>()
-        .map(|e| format!("{}: {}", e.code, e.message));
+    let detail = match response.extensions().get::<ErrorSummary>() {
+        Some(e) => Some(format!("{}: {}", e.code, e.message)),
+        // A bulk call: what it created and refused.
+        None => response
+            .extensions()
+            .get::<crate::bulk::AuditDetail>()
+            .map(|d| d.0.clone()),
+    };
     let outcome = outcome(status);
     let event = NewAuditEvent {
         id: crypto::new_guid(),
@@ -529,6 +541,14 @@ mod tests {
         assert_eq!(
             name(Method::POST, "/api/v1.0/machineactions/x/cancel").as_deref(),
             Some("cancel")
+        );
+        assert_eq!(
+            name(Method::POST, "/api/v1.0/machines/isolate").as_deref(),
+            Some("bulk.isolate")
+        );
+        assert_eq!(
+            name(Method::POST, "/api/machines/unisolate").as_deref(),
+            Some("bulk.unisolate")
         );
         assert_eq!(
             name(Method::DELETE, "/api/isolationExclusionRules/x").as_deref(),

@@ -9,6 +9,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod authority;
+pub mod bulk;
 pub mod conns;
 pub mod console;
 pub mod crypto;

@@ -724,7 +724,7 @@ fn balanced<F>(first: Filter<F>, mut rest: Vec<Filter<F>>, join: Join<F>) -> Fil
 }
 
 /// Parses a `$filter` expression over `fields`.
-fn parse_filter<F: FieldSql + PartialEq + 'static>(
+pub fn parse_filter<F: FieldSql + PartialEq + 'static>(
     text: &str,
     fields: &'static [FieldName<F>],
 ) -> Result<Filter<F>, String> {

@@ -862,6 +862,8 @@ async fn the_openapi_document_describes_the_served_paths() {
         "/machines/{id}",
         "/machines/{id}/isolate",
         "/machines/{id}/unisolate",
+        "/machines/isolate",
+        "/machines/unisolate",
         "/machineactions",
         "/machineactions/{id}",
         "/machineactions/{id}/cancel",

@@ -438,6 +438,12 @@ fn verify(conn: &Connection) -> Result<std::result::Result<u64, AuditBreak>> {
     Ok(Ok(count))
 }
 
+/// Appends `event`, capped, inside the caller's write (a bulk call's
+/// actions and their records in one transaction).
+pub(crate) fn append_capped(conn: &Connection, event: NewAuditEvent) -> Result<AuditRecord> {
+    append(conn, &event.capped())
+}
+
 impl Store {
     /// Appends a record to the audit trail, chained to the last one.
     /// Text fields are capped first ([`NewAuditEvent::capped`]).

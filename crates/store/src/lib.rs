@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+/// The most characters an audit record's `detail` keeps.
+pub use audit::MAX_DETAIL_CHARS;
 pub use audit::{AuditBreak, AuditCheckpoint, AuditField, AuditRecord, NewAuditEvent};
 pub use exclusions::{ExclusionRuleFields, ExclusionRuleRecord, ExclusionRuleSet};
 pub use people::{

@@ -1022,39 +1022,64 @@ impl Store {
     /// machine and `ActiveExists` when one is already in flight.
     pub async fn create_action(&self, new: NewAction) -> Result<ActionRecord> {
         self.write_actions(move |conn| {
-            let name: Option<String> = conn
-                .prepare_cached("SELECT computer_dns_name FROM machines WHERE id = ?1")?
-                .query_row([&new.machine_id], |r| r.get(0))
-                .optional()?;
-            let Some(name) = name else {
-                return Err(StoreError::NotFound);
-            };
-            if let Some(active) = in_flight_action(conn, &new.machine_id)? {
-                return Err(StoreError::ActiveExists(active));
-            }
-            conn.prepare_cached(
-                "INSERT INTO actions (id, action_type, title, requestor, requestor_comment, \
-                 status, machine_id, computer_dns_name, created_at, updated_at, scope, \
-                 external_id, request_source) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'Pending', ?6, ?7, ?8, ?8, ?9, ?10, ?11)",
-            )?
-            .execute(params![
-                new.id,
-                new.action_type,
-                new.title,
-                new.requestor,
-                new.requestor_comment,
-                new.machine_id,
-                name,
-                new.now,
-                new.scope,
-                new.external_id,
-                new.request_source,
-            ])?;
-            refresh_isolation_state(conn, &new.machine_id)?;
-            let action = get_action(conn, &new.id)?.ok_or(StoreError::NotFound)?;
+            let action = insert_action(conn, &new, None)?;
             Ok(changed(action, None))
         })
+        .await
+    }
+
+    /// Creates the actions of a bulk call in one write transaction (one
+    /// group commit): each as [`Store::create_action`] would, checked in
+    /// the transaction, so that the one-in-flight rule holds against
+    /// concurrent single and bulk calls. A machine that does not exist or
+    /// is outside `groups` (`Some`) is `NotFound`; one with an action in
+    /// flight is `ActiveExists`; neither changes anything. Each created
+    /// action's audit record (`audit`, its second element) is appended in
+    /// the same transaction. The outcomes come in the order given; the
+    /// observer is told of every created action and audit record once they
+    /// are durable. A database error fails the whole call, with nothing
+    /// written.
+    pub async fn create_actions(
+        &self,
+        batch: Vec<(NewAction, crate::NewAuditEvent)>,
+        groups: Option<Vec<i64>>,
+    ) -> Result<Vec<Result<ActionRecord>>> {
+        let observer = self.inner.observer.clone();
+        self.write_then(
+            move |conn| {
+                let mut outcomes = Vec::with_capacity(batch.len());
+                let mut changes = Vec::new();
+                let mut records = Vec::new();
+                for (new, audit) in batch {
+                    match insert_action(conn, &new, groups.as_deref()) {
+                        Ok(action) => {
+                            records.push(crate::audit::append_capped(conn, audit)?);
+                            changes.push(ActionChange {
+                                action: action.clone(),
+                                from: None,
+                            });
+                            outcomes.push(Ok(action));
+                        }
+                        Err(e @ (StoreError::NotFound | StoreError::ActiveExists(_))) => {
+                            outcomes.push(Err(e));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok((outcomes, changes, records))
+            },
+            move |(outcomes, changes, records)| {
+                if let Some(observer) = observer.get() {
+                    for change in &changes {
+                        observer.action_changed(change);
+                    }
+                    for record in &records {
+                        observer.audit_appended(record);
+                    }
+                }
+                outcomes
+            },
+        )
         .await
     }
 
@@ -1252,6 +1277,50 @@ impl Store {
 }
 
 /// An action as it is after a change, with that change for the observer.
+/// Records a new `Pending` action unless its machine is unknown (or
+/// outside `groups`, when given: `NotFound`) or has an isolation-family
+/// action in flight (`ActiveExists`); then nothing is written.
+fn insert_action(
+    conn: &Connection,
+    new: &NewAction,
+    groups: Option<&[i64]>,
+) -> Result<ActionRecord> {
+    let machine: Option<(String, i64)> = conn
+        .prepare_cached("SELECT computer_dns_name, rbac_group_id FROM machines WHERE id = ?1")?
+        .query_row([&new.machine_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((name, group)) = machine else {
+        return Err(StoreError::NotFound);
+    };
+    if groups.is_some_and(|groups| !groups.contains(&group)) {
+        return Err(StoreError::NotFound);
+    }
+    if let Some(active) = in_flight_action(conn, &new.machine_id)? {
+        return Err(StoreError::ActiveExists(active));
+    }
+    conn.prepare_cached(
+        "INSERT INTO actions (id, action_type, title, requestor, requestor_comment, \
+         status, machine_id, computer_dns_name, created_at, updated_at, scope, \
+         external_id, request_source) \
+         VALUES (?1, ?2, ?3, ?4, ?5, 'Pending', ?6, ?7, ?8, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        new.id,
+        new.action_type,
+        new.title,
+        new.requestor,
+        new.requestor_comment,
+        new.machine_id,
+        name,
+        new.now,
+        new.scope,
+        new.external_id,
+        new.request_source,
+    ])?;
+    refresh_isolation_state(conn, &new.machine_id)?;
+    get_action(conn, &new.id)?.ok_or(StoreError::NotFound)
+}
+
 fn changed(action: ActionRecord, from: Option<String>) -> (ActionRecord, Vec<ActionChange>) {
     let change = ActionChange {
         action: action.clone(),
