@@ -648,6 +648,7 @@ impl Subscriber {
                         if last - self.sent > self.state.config.event_replay_max as i64 {
                             return Some(self.resync(last));
                         }
+                        self.state.metrics.event_catchups.inc();
                         self.replay_to = last;
                     }
                     Err(broadcast::error::RecvError::Closed) => {

@@ -192,6 +192,8 @@ pub struct Metrics {
     pub events_published: Counter,
     /// Events removed from the event log past their retention.
     pub events_pruned: Counter,
+    /// Streams that fell behind the live channel and caught up from the log.
+    pub event_catchups: Counter,
     /// `resync` events sent to streams (a subscriber that fell behind, an
     /// unknown `Last-Event-ID`, changes dropped on the way).
     pub event_resyncs: Counter,
@@ -268,6 +270,12 @@ impl Metrics {
             "Events removed from the event log past their retention (--event-retention)",
             events_pruned.clone(),
         );
+        let event_catchups = Counter::default();
+        registry.register(
+            "cordon_event_catchups",
+            "Live-event streams that fell more than 1,024 events behind and caught up from the event log",
+            event_catchups.clone(),
+        );
         let event_resyncs = Counter::default();
         registry.register(
             "cordon_event_resyncs",
@@ -313,6 +321,7 @@ impl Metrics {
             event_streams,
             events_published,
             events_pruned,
+            event_catchups,
             event_resyncs,
             events_written: tokio::sync::Notify::new(),
             readiness: tokio::sync::Mutex::new(None),
@@ -609,6 +618,7 @@ mod tests {
             "# TYPE cordon_events_published counter",
             "# TYPE cordon_event_resyncs counter",
             "# TYPE cordon_events_pruned counter",
+            "# TYPE cordon_event_catchups counter",
             "cordon_http_requests_total{method=\"POST\",route=\"/api/machines/{id}/isolate\",status=\"201\"} 1",
             "cordon_http_request_duration_seconds_count{route=\"/api/machines/{id}/isolate\"} 1",
             "cordon_store_commit_seconds_count 1",

@@ -683,6 +683,104 @@ async fn event_ids_survive_a_restart() {
         .await;
 }
 
+/// A change made by another process on the same database (an admin
+/// command: `cordon exclusion add`) is in the event log with its own id,
+/// and reaches the open streams within a second or so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_by_another_process_reach_the_streams() {
+    let server = TestServer::start().await;
+    let admin = app_api(&server, "Admin", &["Machine.ReadWrite.All"]).await;
+    let mut stream = open(&server, &admin.token, None).await;
+    let start = stream.frame_within(Duration::from_secs(5)).await.unwrap();
+    // The store as an admin command opens it.
+    let other = server::open_store(&server.dir.0).unwrap();
+    let fields = server::exclusions::new_rule(
+        server::exclusions::parse_input(br#"{"Name": "Backups", "SystemdUnit": "restic.service"}"#)
+            .unwrap(),
+    )
+    .unwrap();
+    let rule = server::exclusions::create_rule(&other, fields)
+        .await
+        .unwrap();
+    drop(other);
+    let frame = tokio::time::timeout(
+        Duration::from_secs(5),
+        stream.events_until(|f| f.event.as_deref() == Some("exclusionRule.changed")),
+    )
+    .await
+    .expect("the change arrives")
+    .pop()
+    .unwrap();
+    let data = &frame.json()["data"];
+    assert_eq!(data["id"], rule.id.as_str());
+    assert_eq!(data["change"], "created");
+    assert_eq!(data["rule"]["name"], "Backups");
+    assert!(seq(frame.id.as_deref().unwrap()) > seq(start.id.as_deref().unwrap()));
+}
+
+/// A client that stops reading while thousands of events are written
+/// falls behind the live channel; once it reads again it catches up from
+/// the log: every event, in order, no `resync`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_falls_behind_catches_up_from_the_log() {
+    const EVENTS: usize = 25_000;
+    let server = TestServer::start_with(|c| c.event_replay_max = 1_000_000).await;
+    let admin = app_api(&server, "Admin", &["Machine.ReadWrite.All"]).await;
+    let mut stream = open(&server, &admin.token, None).await;
+    stream.frame_within(Duration::from_secs(5)).await.unwrap();
+    // Written while the client reads nothing: more than the socket
+    // buffers and the live channel hold.
+    let store = server.store().clone();
+    let writes = (0..EVENTS).map(|n| {
+        let store = store.clone();
+        async move {
+            store
+                .append_audit(store::NewAuditEvent {
+                    id: format!("flood-{n}"),
+                    at: server::now_nanos(),
+                    principal: "test".into(),
+                    source_address: "local".into(),
+                    request_id: String::new(),
+                    method: "CLI".into(),
+                    target: format!("record {n}"),
+                    action: "test.flood".into(),
+                    outcome: "Succeeded".into(),
+                    status: 0,
+                    detail: Some("x".repeat(200)),
+                    count: 1,
+                })
+                .await
+                .unwrap()
+        }
+    });
+    futures_util::future::join_all(writes).await;
+    let mut ids = Vec::new();
+    let mut last = 0;
+    while ids.len() < EVENTS {
+        let frame = stream.event().await;
+        assert_ne!(frame.event.as_deref(), Some("resync"));
+        let seq = seq(frame.id.as_deref().unwrap());
+        assert!(seq > last, "{seq} after {last}");
+        last = seq;
+        let data = frame.json()["data"].clone();
+        if data["action"] == "test.flood" {
+            ids.push(data["id"].as_str().unwrap().to_owned());
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), EVENTS);
+    let metrics = server.server.state.metrics.encode();
+    assert!(
+        !metrics.contains("cordon_event_catchups_total 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cordon_event_resyncs_total 0"),
+        "{metrics}"
+    );
+}
+
 /// A `Last-Event-ID` whose next event is older than `--event-retention`
 /// gets `resync`, whether or not the event was pruned yet; pruning
 /// removes the events past their retention.
