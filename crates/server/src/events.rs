@@ -606,7 +606,10 @@ impl Subscriber {
             if let Some(frame) = self.queued.pop_front() {
                 return Some(frame);
             }
-            if self.sent < self.replay_to {
+            // A replay goes on while the stream's end and its access
+            // check are not due (else they come first, below).
+            let now = tokio::time::Instant::now();
+            if self.sent < self.replay_to && now < self.end && now < self.recheck {
                 self.replay_page().await;
                 continue;
             }
