@@ -730,6 +730,12 @@ pub fn machine_entity(state: &AppState, m: &MachineRecord) -> Machine {
         .gateway
         .last_seen(&m.id)
         .map_or(m.last_seen, |s| s.max(m.last_seen));
+    machine_entity_seen(m, last_seen, &state.sql_context())
+}
+
+/// The machine's entity given when it was last seen and the health
+/// thresholds (an event renders it as of its time).
+pub fn machine_entity_seen(m: &MachineRecord, last_seen: i64, ctx: &store::SqlContext) -> Machine {
     let facts = &m.facts;
     Machine {
         id: m.id.clone(),
@@ -745,7 +751,7 @@ pub fn machine_entity(state: &AppState, m: &MachineRecord) -> Machine {
         agent_version: facts.agent_version.clone(),
         last_ip_address: facts.last_ip_address.clone(),
         last_external_ip_address: facts.last_external_ip_address.clone(),
-        health_status: store::health_status(last_seen, &state.sql_context()).to_owned(),
+        health_status: store::health_status(last_seen, ctx).to_owned(),
         onboarding_status: m.onboarding_status.clone(),
         rbac_group_id: m.rbac_group_id,
         rbac_group_name: Some(m.rbac_group_name.clone()),

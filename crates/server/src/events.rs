@@ -1,24 +1,25 @@
-//! Live events: `GET /api/events`, a server-sent-events stream of what
-//! changes (machine actions, machines' isolation, exclusion rules, the
+//! The event stream: `GET /api/events`, a server-sent-events stream of
+//! what changes (machine actions, machines' isolation, exclusion rules, the
 //! audit trail), and `GET /api/me`, who the caller is and what it may do.
 //! Both are Cordon extensions (docs/api-extensions.md).
 //!
-//! Where events come from: the store tells its observer (`monitoring.rs`)
-//! of every committed action change and audit record, on its writer
-//! thread; the observer hands them to a [`Feeder`], a bounded channel that
-//! never blocks (when it is full the change is dropped and every stream is
-//! told to `resync`). One task ([`run`]) takes them in commit order, reads
-//! the machine each action is about (its group decides who may see the
-//! event, and its entity rides in `machine.isolationChanged`), and
-//! publishes them on the [`Hub`]: a broadcast channel plus the last
-//! [`HISTORY`] events for resuming. Exclusion rule changes are published
-//! by their endpoints (and by the watcher for changes made with the CLI).
+//! Where events come from: the store's event log (`events`, migration 9).
+//! Each change writes its event in its own transaction, its body rendered
+//! then by this module's [`Renderer`] (the Standard Webhooks payload
+//! `{"type","timestamp","data"}`, the entity as the API renders it at that
+//! moment). One task ([`run`]) reads the log in order as it grows (woken by
+//! the store's observer after each commit that wrote events, and every
+//! [`POLL`] for other processes' writes) and publishes each event on the
+//! [`Hub`], a broadcast channel to the open streams.
 //!
-//! Each event body is the Standard Webhooks payload
-//! `{"type","timestamp","data"}`, so that a durable log and webhooks can
-//! send the same bodies. Event ids are `<process marker>-<sequence>`: a
-//! `Last-Event-ID` from another server process, or older than the history
-//! kept, is answered with `resync` (refetch, then follow).
+//! Event ids are the log's sequence numbers: plain increasing integers,
+//! the same across restarts. A stream opened with `Last-Event-ID` first
+//! replays from the log, in pages, what followed that id and its caller
+//! may see, then goes on live, skipping what it replayed. An id that is
+//! not a number, in the future, whose next event is older than
+//! `--event-retention` or already pruned, or more than
+//! `Config::event_replay_max` events behind is answered with `resync`
+//! (refetch, then follow).
 //!
 //! Every stream holds a slot (at most `--max-event-streams` in all and
 //! `--max-event-streams-per-caller` per caller), sees only the events its
@@ -28,7 +29,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,26 +40,31 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
 use proto::api::{Caller, CallerPermissions, EventPayload, ExclusionRuleChange, MachineGroupRef};
-use tokio::sync::{broadcast, mpsc};
+use store::{EventAudience, EventSubject};
+use tokio::sync::broadcast;
 
 use crate::auth::{Permission, Principal};
 use crate::error::{ApiError, json_response};
 use crate::{AppState, conns};
 
-/// Events kept for resuming with `Last-Event-ID`.
-pub const HISTORY: usize = 4096;
-/// Events a stream may fall behind before it is told to `resync`.
+/// Events a stream may fall behind live before it catches up from the log.
 const HUB_CAPACITY: usize = 1024;
-/// Store changes waiting to become events; past it they are dropped and
-/// every stream is told to `resync`.
-const FEED_CAPACITY: usize = 4096;
+/// Events the hub's task reads from the log at a time.
+const PAGE: usize = 256;
+/// Events a replay reads from the log at a time.
+const REPLAY_PAGE: usize = 256;
+/// How often the hub's task looks for events other processes wrote.
+const POLL: Duration = Duration::from_secs(1);
+/// Events a `Last-Event-ID` may be behind, by default: further behind, the
+/// stream gets `resync` instead of a replay.
+pub const REPLAY_MAX: usize = 10_000;
+/// How long events are kept in the log, by default (`--event-retention`).
+pub const RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// How often a stream re-checks its caller's access (role, groups, the
 /// user or application still there), by default.
 pub const RECHECK: Duration = Duration::from_secs(60);
 /// The longest gap between keep-alive comments.
 const KEEP_ALIVE_MAX: Duration = Duration::from_secs(15);
-/// Machines whose isolation state is remembered to tell a move from none.
-const KNOWN_MACHINES: usize = 65_536;
 /// Longest `Last-Event-ID` read; a longer one is unknown.
 const MAX_EVENT_ID: usize = 64;
 /// Seconds a caller over a stream limit is asked to wait.
@@ -142,29 +147,27 @@ async fn me(
 
 // ---- the hub ----------------------------------------------------------------
 
-/// Who may see an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Audience {
-    /// Every stream (`resync`).
-    All,
-    /// Callers reaching the machine group (`None`: the machine is gone;
-    /// only callers reaching every group).
-    Machine(Option<i64>),
-    /// Callers with [`Permission::Settings`].
-    Settings,
-    /// Callers who may read the audit trail ([`Principal::require_audit_trail`]).
-    Audit,
-}
-
-/// One published event.
+/// One event of the log, as the streams send it.
 #[derive(Debug)]
 pub struct Event {
-    pub seq: u64,
+    /// Its durable id (`events.seq`).
+    pub seq: i64,
     /// The SSE `event:` field.
-    pub kind: &'static str,
-    pub audience: Audience,
+    pub kind: String,
+    pub audience: EventAudience,
     /// The SSE `data:` line.
     pub body: String,
+}
+
+impl From<store::StoredEvent> for Event {
+    fn from(e: store::StoredEvent) -> Event {
+        Event {
+            seq: e.seq,
+            kind: e.event_type,
+            audience: e.audience,
+            body: e.body,
+        }
+    }
 }
 
 /// The limits on streams.
@@ -185,53 +188,29 @@ impl Default for Limits {
     }
 }
 
-struct History {
-    events: VecDeque<Arc<Event>>,
-    /// The sequence number of the next event (the first is 1).
-    next: u64,
-}
-
 #[derive(Default)]
 struct Open {
     total: usize,
     per_caller: HashMap<String, usize>,
 }
 
-/// Publishes events to the streams and keeps the last [`HISTORY`].
+/// Publishes the log's events to the open streams as they are written.
 pub struct Hub {
-    /// Marks this process's event ids.
-    epoch: String,
-    history: Mutex<History>,
+    /// The id of the last event published.
+    position: Mutex<i64>,
     sender: broadcast::Sender<Arc<Event>>,
     open: Mutex<Open>,
     limits: Limits,
     metrics: Arc<crate::monitoring::Metrics>,
 }
 
-/// Where a new stream starts.
-enum Start {
-    /// From now on.
-    Now,
-    /// After these events (those it missed since its `Last-Event-ID`).
-    Replay(Vec<Arc<Event>>),
-    /// The id is unknown: `resync` first.
-    Resync,
-}
-
 impl Hub {
-    pub fn new(limits: Limits, metrics: Arc<crate::monitoring::Metrics>) -> Hub {
+    /// A hub whose last published event is `position` (the log's last
+    /// event when the server starts).
+    pub fn new(limits: Limits, metrics: Arc<crate::monitoring::Metrics>, position: i64) -> Hub {
         let (sender, _) = broadcast::channel(HUB_CAPACITY);
-        let epoch = crate::crypto::new_guid()
-            .chars()
-            .filter(char::is_ascii_hexdigit)
-            .take(12)
-            .collect();
         Hub {
-            epoch,
-            history: Mutex::new(History {
-                events: VecDeque::with_capacity(HISTORY),
-                next: 1,
-            }),
+            position: Mutex::new(position),
             sender,
             open: Mutex::new(Open::default()),
             limits,
@@ -239,79 +218,31 @@ impl Hub {
         }
     }
 
-    fn id(&self, seq: u64) -> String {
-        format!("{}-{seq}", self.epoch)
+    /// The id of the last event published.
+    pub fn position(&self) -> i64 {
+        *self.position.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Publishes an event of `kind` with `data` (the Standard Webhooks
-    /// payload `{"type","timestamp","data"}`).
-    pub fn publish<T: serde::Serialize>(&self, kind: &'static str, audience: Audience, data: T) {
-        let payload = EventPayload {
-            event_type: kind.to_owned(),
-            timestamp: proto::time::format_utc(crate::now_nanos()),
-            data,
-        };
-        match serde_json::to_string(&payload) {
-            Ok(body) => self.publish_body(kind, audience, body),
-            Err(e) => {
-                tracing::error!(error = %e, kind, "live events: an event could not be written")
-            }
+    /// Publishes the next event of the log (one at or before the position
+    /// is ignored).
+    fn publish(&self, event: Arc<Event>) {
+        let mut position = self.position.lock().unwrap_or_else(|p| p.into_inner());
+        if event.seq <= *position {
+            return;
         }
-    }
-
-    /// Tells every stream to refetch: events were lost on the way.
-    pub fn resync_all(&self) {
-        tracing::warn!("live events were dropped (the server fell behind); every stream resyncs");
-        self.publish_body("resync", Audience::All, "{}".to_owned());
-    }
-
-    fn publish_body(&self, kind: &'static str, audience: Audience, body: String) {
-        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        let event = Arc::new(Event {
-            seq: history.next,
-            kind,
-            audience,
-            body,
-        });
-        history.next += 1;
-        if history.events.len() >= HISTORY {
-            history.events.pop_front();
-        }
-        history.events.push_back(event.clone());
+        *position = event.seq;
         // Sent under the lock: streams subscribe under it too, so each one
-        // gets every event exactly once, from the history or the channel.
+        // gets every event after the position it subscribed at.
         let _ = self.sender.send(event);
-        drop(history);
+        drop(position);
         self.metrics.events_published.inc();
     }
 
-    /// Subscribes, and says where the stream starts given the client's
-    /// `Last-Event-ID`; also the id of the last event published.
-    fn subscribe(&self, last: Option<&str>) -> (broadcast::Receiver<Arc<Event>>, Start, String) {
-        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        let receiver = self.sender.subscribe();
-        let position = self.id(history.next - 1);
-        let Some(last) = last else {
-            return (receiver, Start::Now, position);
-        };
-        let seq = last
-            .split_once('-')
-            .filter(|(epoch, _)| *epoch == self.epoch)
-            .and_then(|(_, seq)| seq.parse::<u64>().ok());
-        let oldest = history.events.front().map_or(history.next, |e| e.seq);
-        let start = match seq {
-            // Only events the history still holds can be replayed.
-            Some(seq) if seq < history.next && seq + 1 >= oldest => Start::Replay(
-                history
-                    .events
-                    .iter()
-                    .filter(|e| e.seq > seq)
-                    .cloned()
-                    .collect(),
-            ),
-            _ => Start::Resync,
-        };
-        (receiver, start, position)
+    /// Subscribes: every event after the returned position comes through
+    /// the receiver (unless it falls behind).
+    fn subscribe(&self) -> (broadcast::Receiver<Arc<Event>>, i64) {
+        let position = self.position.lock().unwrap_or_else(|p| p.into_inner());
+        (self.sender.subscribe(), *position)
     }
 
     /// Takes a stream slot for `caller`, or refuses with 429.
@@ -381,141 +312,96 @@ impl Drop for StreamSlot {
     }
 }
 
-// ---- from the store to the hub ---------------------------------------------
+// ---- from the log to the hub -------------------------------------------------
 
-/// A change on its way to becoming an event.
-pub enum Feed {
-    Action(store::ActionChange),
-    Audit(store::AuditRecord),
-}
-
-/// The store observer's end of the way to the hub: never blocks.
-pub struct Feeder {
-    sender: mpsc::Sender<Feed>,
-    dropped: Arc<AtomicBool>,
-}
-
-impl Feeder {
-    /// A feeder and the receiving end for [`run`].
-    pub fn new() -> (Feeder, FeedReceiver) {
-        let (sender, receiver) = mpsc::channel(FEED_CAPACITY);
-        let dropped = Arc::new(AtomicBool::new(false));
-        (
-            Feeder {
-                sender,
-                dropped: dropped.clone(),
-            },
-            FeedReceiver { receiver, dropped },
-        )
-    }
-
-    /// Hands a change on; when the way is full the change is dropped and
-    /// the streams will be told to `resync`.
-    pub fn send(&self, feed: Feed) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.sender.try_send(feed) {
-            self.dropped.store(true, Ordering::Relaxed);
+/// Publishes the log's events in order as they are written, until the
+/// server stops. The store's observer wakes it after each commit that
+/// wrote events; it also looks every [`POLL`] for events written by
+/// another process on the same database (admin commands).
+pub async fn run(state: Arc<AppState>) {
+    let mut position = state.events.position();
+    loop {
+        tokio::select! {
+            _ = state.metrics.events_written.notified() => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
+        loop {
+            match state.store.events_after(position, i64::MAX, PAGE).await {
+                Ok(page) => {
+                    let full = page.len() == PAGE;
+                    for event in page {
+                        position = event.seq;
+                        state.events.publish(Arc::new(event.into()));
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "live events: could not read the event log");
+                    break;
+                }
+            }
         }
     }
 }
 
-/// The receiving end of a [`Feeder`].
-pub struct FeedReceiver {
-    receiver: mpsc::Receiver<Feed>,
-    dropped: Arc<AtomicBool>,
+/// Renders the bodies of the log's events: the Standard Webhooks payload
+/// `{"type","timestamp","data"}` whose `data` is the entity as the API
+/// renders it at the event's time.
+pub struct Renderer {
+    /// The agents' heartbeat interval: the machine's health at the event.
+    pub heartbeat_interval: Duration,
 }
 
-/// Turns the store's changes into events, in commit order, until the
-/// server stops.
-pub async fn run(state: Arc<AppState>, mut feed: FeedReceiver) {
-    // The isolation state and scope last seen of machines, to tell when an
-    // action change moved them.
-    let mut known: HashMap<String, (String, Option<String>)> = HashMap::new();
-    while let Some(change) = feed.receiver.recv().await {
-        match change {
-            Feed::Action(change) => action_events(&state, &change, &mut known).await,
-            Feed::Audit(record) => state.events.publish(
-                "audit.appended",
-                Audience::Audit,
-                crate::audit::audit_entity(&record),
+fn payload<T: serde::Serialize>(kind: &str, at: i64, data: T) -> Result<String, String> {
+    serde_json::to_string(&EventPayload {
+        event_type: kind.to_owned(),
+        timestamp: proto::time::format_utc(at),
+        data,
+    })
+    .map_err(|e| e.to_string())
+}
+
+impl store::EventRenderer for Renderer {
+    fn render(
+        &self,
+        event_type: &str,
+        at: i64,
+        subject: &EventSubject<'_>,
+    ) -> Result<String, String> {
+        match subject {
+            EventSubject::Action(action) => {
+                payload(event_type, at, crate::api::action_entity(action))
+            }
+            EventSubject::Machine(machine) => payload(
+                event_type,
+                at,
+                crate::api::machine_entity_seen(
+                    machine,
+                    machine.last_seen,
+                    &crate::health_context(self.heartbeat_interval, at),
+                ),
             ),
-        }
-        // Once what was queued before the loss is out.
-        if feed.receiver.is_empty() && feed.dropped.swap(false, Ordering::Relaxed) {
-            state.events.resync_all();
+            EventSubject::ExclusionRule { id, change, rule } => payload(
+                event_type,
+                at,
+                ExclusionRuleChange {
+                    id: Some((*id).to_owned()),
+                    change: (*change).to_owned(),
+                    rule: rule.map(crate::exclusions::entity),
+                },
+            ),
+            EventSubject::Audit(record) => {
+                payload(event_type, at, crate::audit::audit_entity(record))
+            }
         }
     }
 }
 
-const FINAL_STATUSES: [&str; 4] = ["Succeeded", "Failed", "TimeOut", "Cancelled"];
-
-async fn action_events(
-    state: &AppState,
-    change: &store::ActionChange,
-    known: &mut HashMap<String, (String, Option<String>)>,
-) {
-    let action = &change.action;
-    let is_final = FINAL_STATUSES.contains(&action.status.as_str());
-    let kind = match (&change.from, is_final) {
-        (None, _) => "machineAction.created",
-        (Some(_), true) => "machineAction.completed",
-        (Some(_), false) => "machineAction.updated",
-    };
-    let machine = match state.store.get_machine_in(&action.machine_id, None).await {
-        Ok(machine) => machine,
-        Err(e) => {
-            tracing::warn!(error = %e, machine_id = %action.machine_id, "live events: could not read the machine of an action");
-            None
-        }
-    };
-    let group = machine.as_ref().map(|m| m.rbac_group_id);
-    state.events.publish(
-        kind,
-        Audience::Machine(group),
-        crate::api::action_entity(action),
-    );
-    let Some(machine) = machine else {
-        return;
-    };
-    let now = (
-        machine.isolation_state.clone(),
-        machine.isolation_scope.clone(),
-    );
-    let moved = match known.get(&machine.id) {
-        Some(before) => *before != now,
-        // Not seen yet: creation and completion are what move it.
-        None => change.from.is_none() || is_final,
-    };
-    if moved {
-        state.events.publish(
-            "machine.isolationChanged",
-            Audience::Machine(group),
-            crate::api::machine_entity(state, &machine),
-        );
-    }
-    if known.len() >= KNOWN_MACHINES && !known.contains_key(&machine.id) {
-        known.clear();
-    }
-    known.insert(machine.id, now);
-}
-
-/// Publishes an exclusion rule change: `change` is `created`, `updated`
-/// or `deleted` with the rule's id (and the rule, unless deleted), or
-/// `changed` without an id for changes made outside the API (the CLI).
-pub fn exclusion_changed(
-    state: &AppState,
-    id: Option<&str>,
-    change: &'static str,
-    rule: Option<&store::ExclusionRuleRecord>,
-) {
-    state.events.publish(
-        "exclusionRule.changed",
-        Audience::Settings,
-        ExclusionRuleChange {
-            id: id.map(str::to_owned),
-            change: change.to_owned(),
-            rule: rule.map(crate::exclusions::entity),
-        },
-    );
+/// Has `store` record its events, rendered by a [`Renderer`].
+pub fn install_renderer(store: &store::Store, heartbeat_interval: Duration) {
+    store.set_event_renderer(Arc::new(Renderer { heartbeat_interval }));
 }
 
 // ---- GET /api/events --------------------------------------------------------
@@ -536,15 +422,14 @@ impl Access {
         }
     }
 
-    fn sees(&self, event: &Event) -> bool {
-        match event.audience {
-            Audience::All => true,
-            Audience::Machine(Some(group)) => {
+    fn sees(&self, audience: EventAudience) -> bool {
+        match audience {
+            EventAudience::Machine(Some(group)) => {
                 self.groups.as_ref().is_none_or(|g| g.contains(&group))
             }
-            Audience::Machine(None) => self.groups.is_none(),
-            Audience::Settings => self.settings,
-            Audience::Audit => self.audit,
+            EventAudience::Machine(None) => self.groups.is_none(),
+            EventAudience::Settings => self.settings,
+            EventAudience::Audit => self.audit,
         }
     }
 }
@@ -565,17 +450,62 @@ fn expiry(token: &str) -> Option<i64> {
     serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["exp"].as_i64()
 }
 
-fn resync_frame(id: Option<&str>) -> SseEvent {
-    let event = SseEvent::default().event("resync").data("{}");
-    match id {
-        Some(id) => event.id(id),
-        None => event,
+/// A `Last-Event-ID` as an event id: digits only.
+fn parse_id(last: &str) -> Option<i64> {
+    if last.is_empty() || last.len() > 18 || !last.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    last.parse().ok()
+}
+
+/// Where a stream starts.
+#[derive(Debug, PartialEq, Eq)]
+enum Start {
+    /// From `position` on (no `Last-Event-ID`).
+    Now,
+    /// After the `Last-Event-ID`, replaying the log up to `upto`.
+    Replay { after: i64, upto: i64 },
+    /// `resync` at `position`: the id is unknown, in the future, older than
+    /// the retention, or too far behind.
+    Resync,
+}
+
+/// Where a stream whose hub position is `position` starts, given its
+/// `Last-Event-ID`.
+async fn start_of(
+    state: &AppState,
+    last: Option<&str>,
+    position: i64,
+) -> Result<(Start, i64), ApiError> {
+    let Some(last) = last else {
+        return Ok((Start::Now, position));
+    };
+    let upto = state.store.event_bounds().await?.last.max(position);
+    let Some(after) = parse_id(last) else {
+        return Ok((Start::Resync, upto));
+    };
+    if after > upto || upto - after > state.config.event_replay_max as i64 {
+        return Ok((Start::Resync, upto));
+    }
+    if after == upto {
+        return Ok((Start::Replay { after, upto }, upto));
+    }
+    // The first event missed must still be there, and within the retention.
+    let cutoff = crate::now_nanos().saturating_sub(crate::nanos(state.config.event_retention));
+    let first = state.store.events_after(after, upto, 1).await?;
+    match first.first() {
+        Some(e) if e.seq == after + 1 && e.at >= cutoff => {
+            Ok((Start::Replay { after, upto }, upto))
+        }
+        _ => Ok((Start::Resync, upto)),
     }
 }
 
-enum Queued {
-    Frame(SseEvent),
-    Event(Arc<Event>),
+fn resync_frame(id: i64) -> SseEvent {
+    SseEvent::default()
+        .event("resync")
+        .data("{}")
+        .id(id.to_string())
 }
 
 /// One stream's state.
@@ -584,9 +514,15 @@ struct Subscriber {
     token: String,
     access: Access,
     receiver: broadcast::Receiver<Arc<Event>>,
-    /// What to send before reading the channel: the start, then the
-    /// replay (shared events, made into frames one at a time).
-    queued: VecDeque<Queued>,
+    /// Frames to send before anything else.
+    queued: VecDeque<SseEvent>,
+    /// The id of the last event sent or passed over: live events at or
+    /// before it are not sent again.
+    sent: i64,
+    /// Replaying the log from `sent` up to this id.
+    replay_to: i64,
+    /// The id the client last received.
+    client_id: i64,
     recheck: tokio::time::Instant,
     /// The token's expiry or the connection's lifetime, whichever is first.
     end: tokio::time::Instant,
@@ -613,24 +549,69 @@ impl Drop for Subscriber {
 }
 
 impl Subscriber {
-    fn frame(&self, event: &Event) -> SseEvent {
-        let frame = SseEvent::default()
-            .id(self.state.events.id(event.seq))
-            .event(event.kind)
-            .data(&event.body);
-        if event.kind == "resync" {
-            self.state.metrics.event_resyncs.inc();
+    fn frame(&mut self, event: &Event) -> SseEvent {
+        self.client_id = event.seq;
+        SseEvent::default()
+            .id(event.seq.to_string())
+            .event(&event.kind)
+            .data(&event.body)
+    }
+
+    /// `resync` at `id`: what came before it is not sent.
+    fn resync(&mut self, id: i64) -> SseEvent {
+        self.state.metrics.event_resyncs.inc();
+        self.sent = self.sent.max(id);
+        self.replay_to = self.sent;
+        self.client_id = id;
+        resync_frame(id)
+    }
+
+    /// Queues the next page of the replay.
+    async fn replay_page(&mut self) {
+        let page = match self
+            .state
+            .store
+            .events_after(self.sent, self.replay_to, REPLAY_PAGE)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(request_id = %self.request_id, error = %e, "live events: could not read the event log; the stream resyncs");
+                let frame = self.resync(self.replay_to);
+                self.queued.push_back(frame);
+                return;
+            }
+        };
+        if page.is_empty() {
+            self.sent = self.replay_to;
         }
-        frame
+        for event in page {
+            self.sent = event.seq;
+            if self.access.sees(event.audience) {
+                let frame = self.frame(&event.into());
+                self.queued.push_back(frame);
+            }
+        }
+        // Done: the client's id moves past what it may not see.
+        if self.sent >= self.replay_to && self.client_id < self.replay_to {
+            self.client_id = self.replay_to;
+            self.queued
+                .push_back(SseEvent::default().id(self.replay_to.to_string()));
+        }
     }
 
     /// The next frame, or `None` when the stream ends.
     async fn next(&mut self) -> Option<SseEvent> {
         loop {
-            match self.queued.pop_front() {
-                Some(Queued::Frame(frame)) => return Some(frame),
-                Some(Queued::Event(event)) => return Some(self.frame(&event)),
-                None => {}
+            if let Some(frame) = self.queued.pop_front() {
+                return Some(frame);
+            }
+            // A replay goes on while the stream's end and its access
+            // check are not due (else they come first, below).
+            let now = tokio::time::Instant::now();
+            if self.sent < self.replay_to && now < self.end && now < self.recheck {
+                self.replay_page().await;
+                continue;
             }
             // The end and the access check first: an event waiting in the
             // channel is never let through on access that has lapsed.
@@ -652,12 +633,26 @@ impl Subscriber {
                     self.recheck = tokio::time::Instant::now() + self.state.config.event_recheck;
                 }
                 received = self.receiver.recv() => match received {
-                    Ok(event) if self.access.sees(&event) => return Some(self.frame(&event)),
-                    Ok(_) => {}
+                    Ok(event) if event.seq <= self.sent => {}
+                    Ok(event) => {
+                        self.sent = event.seq;
+                        if self.access.sees(event.audience) {
+                            return Some(self.frame(&event));
+                        }
+                    }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::debug!(request_id = %self.request_id, missed, "a live-event stream fell behind; it resyncs");
-                        self.state.metrics.event_resyncs.inc();
-                        return Some(resync_frame(None));
+                        // What it missed is in the log: replayed from
+                        // there, unless that is too much.
+                        let last = match self.state.store.event_bounds().await {
+                            Ok(bounds) => bounds.last,
+                            Err(_) => self.state.events.position(),
+                        };
+                        tracing::debug!(request_id = %self.request_id, missed, "a live-event stream fell behind; it catches up from the log");
+                        if last - self.sent > self.state.config.event_replay_max as i64 {
+                            return Some(self.resync(last));
+                        }
+                        self.state.metrics.event_catchups.inc();
+                        self.replay_to = last;
                     }
                     Err(broadcast::error::RecvError::Closed) => {
                         self.ended = Some("the server is stopping");
@@ -669,7 +664,7 @@ impl Subscriber {
     }
 }
 
-/// `GET /api/events`: the live-event stream.
+/// `GET /api/events`: the event stream.
 async fn stream(
     State(state): State<Arc<AppState>>,
     principal: Principal,
@@ -687,29 +682,9 @@ async fn stream(
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .map(|v| if v.len() > MAX_EVENT_ID { "" } else { v });
-    let (receiver, start, position) = state.events.subscribe(last);
-    let access = Access::of(&principal);
-    let mut queued = VecDeque::new();
-    match start {
-        // An id-only frame: the client's `lastEventId` from the start, so
-        // that it can resume even before its first event.
-        Start::Now => queued.push_back(Queued::Frame(SseEvent::default().id(&position))),
-        Start::Resync => {
-            state.metrics.event_resyncs.inc();
-            queued.push_back(Queued::Frame(resync_frame(Some(&position))));
-        }
-        Start::Replay(events) => {
-            queued.extend(
-                events
-                    .into_iter()
-                    .filter(|e| access.sees(e))
-                    .map(Queued::Event),
-            );
-            if queued.is_empty() {
-                queued.push_back(Queued::Frame(SseEvent::default().id(&position)));
-            }
-        }
-    }
+    // Subscribed before the log is read: nothing falls between the two.
+    let (receiver, position) = state.events.subscribe();
+    let (start, at) = start_of(&state, last, position).await?;
     let now = tokio::time::Instant::now();
     let mut end = now + Duration::from_secs(365 * 24 * 3600);
     let mut end_reason = "the server ended it";
@@ -734,12 +709,15 @@ async fn stream(
     let keep_alive = (state.config.idle_timeout / 2)
         .min(KEEP_ALIVE_MAX)
         .max(Duration::from_millis(50));
-    let subscriber = Subscriber {
+    let mut subscriber = Subscriber {
         state: state.clone(),
         token,
-        access,
+        access: Access::of(&principal),
         receiver,
-        queued,
+        queued: VecDeque::new(),
+        sent: at,
+        replay_to: at,
+        client_id: at,
         recheck: now + state.config.event_recheck,
         end,
         end_reason,
@@ -748,6 +726,27 @@ async fn stream(
         ended: None,
         _slot: slot,
     };
+    match start {
+        // An id-only frame: the client's `lastEventId` from the start, so
+        // that it can resume even before its first event.
+        Start::Now => subscriber
+            .queued
+            .push_back(SseEvent::default().id(at.to_string())),
+        Start::Resync => {
+            let frame = subscriber.resync(at);
+            subscriber.queued.push_back(frame);
+        }
+        Start::Replay { after, upto } => {
+            subscriber.sent = after;
+            subscriber.client_id = after;
+            subscriber.replay_to = upto;
+            if after == upto {
+                subscriber
+                    .queued
+                    .push_back(SseEvent::default().id(at.to_string()));
+            }
+        }
+    }
     let frames = futures_util::stream::unfold(subscriber, |mut subscriber| async move {
         let frame = subscriber.next().await?;
         Some((Ok::<_, Infallible>(frame), subscriber))
@@ -772,52 +771,51 @@ mod tests {
                 per_caller: 2,
             },
             Arc::new(crate::monitoring::Metrics::new()),
+            0,
         ))
     }
 
-    fn seqs(start: Start) -> Option<Vec<u64>> {
-        match start {
-            Start::Replay(events) => Some(events.iter().map(|e| e.seq).collect()),
-            Start::Now => Some(Vec::new()),
-            Start::Resync => None,
-        }
+    fn event(seq: i64) -> Arc<Event> {
+        Arc::new(Event {
+            seq,
+            kind: "audit.appended".into(),
+            audience: EventAudience::Audit,
+            body: "{}".into(),
+        })
     }
 
     #[test]
-    fn a_known_id_replays_what_followed_and_anything_else_resyncs() {
+    fn the_hub_publishes_in_order_once_and_subscribers_start_at_its_position() {
         let hub = hub();
-        for _ in 0..5 {
-            hub.publish("machineAction.created", Audience::Machine(Some(0)), ());
-        }
-        let id = |seq| hub.id(seq);
-        assert_eq!(seqs(hub.subscribe(Some(&id(2))).1), Some(vec![3, 4, 5]));
-        assert_eq!(seqs(hub.subscribe(Some(&id(5))).1), Some(vec![]));
-        assert_eq!(
-            seqs(hub.subscribe(Some(&id(0))).1),
-            Some(vec![1, 2, 3, 4, 5])
-        );
-        // From the future, another process, or not an id at all.
-        assert_eq!(seqs(hub.subscribe(Some(&id(6))).1), None);
-        assert_eq!(seqs(hub.subscribe(Some("0123456789ab-2")).1), None);
-        assert_eq!(seqs(hub.subscribe(Some("nonsense")).1), None);
-        let (_, start, position) = hub.subscribe(None);
-        assert_eq!(seqs(start), Some(vec![]));
-        assert_eq!(position, id(5));
+        hub.publish(event(1));
+        let (mut receiver, position) = hub.subscribe();
+        assert_eq!(position, 1);
+        hub.publish(event(2));
+        // Read again from the log: not published twice.
+        hub.publish(event(2));
+        hub.publish(event(1));
+        hub.publish(event(3));
+        assert_eq!(receiver.try_recv().unwrap().seq, 2);
+        assert_eq!(receiver.try_recv().unwrap().seq, 3);
+        assert!(receiver.try_recv().is_err());
+        assert_eq!(hub.position(), 3);
     }
 
     #[test]
-    fn an_id_older_than_the_history_resyncs() {
-        let hub = hub();
-        for _ in 0..HISTORY + 10 {
-            hub.publish("audit.appended", Audience::Audit, ());
+    fn only_digits_are_event_ids() {
+        assert_eq!(parse_id("0"), Some(0));
+        assert_eq!(parse_id("42"), Some(42));
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            "0123456789ab-3",
+            "1.5",
+            " 1",
+            "9999999999999999999",
+        ] {
+            assert_eq!(parse_id(bad), None, "{bad}");
         }
-        let id = |seq| hub.id(seq);
-        assert_eq!(seqs(hub.subscribe(Some(&id(5))).1), None);
-        // The oldest kept is 11: from 10 on nothing was lost.
-        assert_eq!(
-            seqs(hub.subscribe(Some(&id(10))).1).map(|s| s.len()),
-            Some(HISTORY)
-        );
     }
 
     #[test]
@@ -840,62 +838,23 @@ mod tests {
 
     #[test]
     fn access_filters_by_group_and_permission() {
-        let event = |audience| Event {
-            seq: 1,
-            kind: "x",
-            audience,
-            body: String::new(),
-        };
         let restricted = Access {
             groups: Some(vec![0, 2]),
             settings: false,
             audit: false,
         };
-        assert!(restricted.sees(&event(Audience::Machine(Some(2)))));
-        assert!(!restricted.sees(&event(Audience::Machine(Some(3)))));
-        assert!(!restricted.sees(&event(Audience::Machine(None))));
-        assert!(!restricted.sees(&event(Audience::Settings)));
-        assert!(!restricted.sees(&event(Audience::Audit)));
-        assert!(restricted.sees(&event(Audience::All)));
+        assert!(restricted.sees(EventAudience::Machine(Some(2))));
+        assert!(!restricted.sees(EventAudience::Machine(Some(3))));
+        assert!(!restricted.sees(EventAudience::Machine(None)));
+        assert!(!restricted.sees(EventAudience::Settings));
+        assert!(!restricted.sees(EventAudience::Audit));
         let admin = Access {
             groups: None,
             settings: true,
             audit: true,
         };
-        assert!(admin.sees(&event(Audience::Machine(None))));
-        assert!(admin.sees(&event(Audience::Settings)));
-        assert!(admin.sees(&event(Audience::Audit)));
-    }
-
-    #[test]
-    fn a_full_feed_drops_and_marks_the_loss_without_blocking() {
-        let (feeder, feed) = Feeder::new();
-        let record = store::AuditRecord {
-            seq: 1,
-            event: store::NewAuditEvent {
-                id: "a".into(),
-                at: 0,
-                principal: "p".into(),
-                source_address: String::new(),
-                request_id: String::new(),
-                method: "POST".into(),
-                target: "/api/x".into(),
-                action: "x".into(),
-                outcome: "Succeeded".into(),
-                status: 200,
-                detail: None,
-                count: 1,
-            },
-            prev_hash: String::new(),
-            hash: String::new(),
-        };
-        for _ in 0..FEED_CAPACITY {
-            feeder.send(Feed::Audit(record.clone()));
-        }
-        assert!(!feed.dropped.load(Ordering::Relaxed));
-        // Returns at once, although nobody reads.
-        feeder.send(Feed::Audit(record));
-        assert!(feed.dropped.load(Ordering::Relaxed));
-        assert_eq!(feed.receiver.len(), FEED_CAPACITY);
+        assert!(admin.sees(EventAudience::Machine(None)));
+        assert!(admin.sees(EventAudience::Settings));
+        assert!(admin.sees(EventAudience::Audit));
     }
 }

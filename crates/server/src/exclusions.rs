@@ -674,7 +674,6 @@ async fn create(
     let rule = create_rule(&state.store, fields).await?;
     tracing::info!(rule_id = %rule.id, version = rule.version, by = %principal.display_name, "exclusion rule created");
     publish(&state).await;
-    crate::events::exclusion_changed(&state, Some(&rule.id), "created", Some(&rule));
     Ok(rule_response(StatusCode::CREATED, &state, &headers, &rule))
 }
 
@@ -692,7 +691,6 @@ async fn update(
     let rule = update_rule(&state.store, &id, changes).await?;
     tracing::info!(rule_id = %rule.id, version = rule.version, by = %principal.display_name, "exclusion rule updated");
     publish(&state).await;
-    crate::events::exclusion_changed(&state, Some(&rule.id), "updated", Some(&rule));
     Ok(rule_response(StatusCode::OK, &state, &headers, &rule))
 }
 
@@ -706,7 +704,6 @@ async fn delete(
     delete_rule(&state.store, &id).await?;
     tracing::info!(rule_id = %id, by = %principal.display_name, "exclusion rule deleted");
     publish(&state).await;
-    crate::events::exclusion_changed(&state, Some(&id), "deleted", None);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

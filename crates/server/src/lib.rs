@@ -32,7 +32,7 @@ pub mod tls;
 pub mod urls;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -120,6 +120,13 @@ pub struct Config {
     /// How often a live-event stream re-checks its caller's access (no
     /// flag: tests shorten it).
     pub event_recheck: Duration,
+    /// Events older than this are pruned from the event log, and a
+    /// `Last-Event-ID` whose next event is older gets `resync`.
+    pub event_retention: Duration,
+    /// Events a `Last-Event-ID` may be behind the log's last at most; more,
+    /// and the stream gets `resync` instead of a replay (no flag: tests
+    /// shorten it).
+    pub event_replay_max: usize,
 }
 
 impl Config {
@@ -156,6 +163,8 @@ impl Config {
             metrics_listen: monitoring::MetricsListen::default_address(),
             event_streams: events::Limits::default(),
             event_recheck: events::RECHECK,
+            event_retention: events::RETENTION,
+            event_replay_max: events::REPLAY_MAX,
         }
     }
 }
@@ -212,12 +221,17 @@ impl AppState {
 
     /// Thresholds of `healthStatus` as of now.
     pub fn sql_context(&self) -> store::SqlContext {
-        let now = now_nanos();
-        let active = self.config.heartbeat_interval * 3 + Duration::from_secs(10);
-        store::SqlContext {
-            active_since: now.saturating_sub(nanos(active)),
-            inactive_before: now - Duration::from_secs(7 * 24 * 3600).as_nanos() as i64,
-        }
+        health_context(self.config.heartbeat_interval, now_nanos())
+    }
+}
+
+/// The health thresholds at `now` (nanoseconds) for agents sending a
+/// heartbeat every `heartbeat_interval`.
+pub fn health_context(heartbeat_interval: Duration, now: i64) -> store::SqlContext {
+    let active = heartbeat_interval * 3 + Duration::from_secs(10);
+    store::SqlContext {
+        active_since: now.saturating_sub(nanos(active)),
+        inactive_before: now - Duration::from_secs(7 * 24 * 3600).as_nanos() as i64,
     }
 }
 
@@ -364,8 +378,7 @@ pub fn open_store(data_dir: &std::path::Path) -> anyhow::Result<store::Store> {
             data_dir.display()
         );
     }
-    store::Store::open(&database)
-        .with_context(|| format!("cannot open the database in {}", data_dir.display()))
+    open_database(&database, data_dir)
 }
 
 /// Opens the store of `data_dir`, creating the directory (mode 0700) and
@@ -388,8 +401,17 @@ pub fn init_data_dir(data_dir: &std::path::Path) -> anyhow::Result<store::Store>
             return Err(e).with_context(|| format!("cannot create {}", database.display()));
         }
     }
-    store::Store::open(&database)
-        .with_context(|| format!("cannot open the database in {}", data_dir.display()))
+    open_database(&database, data_dir)
+}
+
+/// Opens the database, its changes recorded in the event log (rendered
+/// for the default heartbeat interval until `start` installs the
+/// server's).
+fn open_database(database: &Path, data_dir: &Path) -> anyhow::Result<store::Store> {
+    let store = store::Store::open(database)
+        .with_context(|| format!("cannot open the database in {}", data_dir.display()))?;
+    events::install_renderer(&store, Config::new(data_dir.to_owned()).heartbeat_interval);
+    Ok(store)
 }
 
 /// `path` made absolute (for messages), as well as can be.
@@ -577,9 +599,13 @@ pub async fn start_with(
     let metrics_listener = monitoring::bind(&config.metrics_listen)?;
     let store = init_data_dir(&config.data_dir)?;
     let metrics = Arc::new(monitoring::Metrics::new());
-    let (feeder, feed) = events::Feeder::new();
-    let _ = metrics.feed.set(feeder);
+    events::install_renderer(&store, config.heartbeat_interval);
     store.set_observer(metrics.clone());
+    let event_position = store
+        .event_bounds()
+        .await
+        .context("cannot read the event log")?
+        .last;
     // Counted once, before anything can change an action: from now on
     // every change adjusts the counts.
     let counting = std::time::Instant::now();
@@ -681,7 +707,11 @@ pub async fn start_with(
         "work in progress at most"
     );
     let audit_folds = audit::Folding::new(config.audit_fold_window);
-    let events = Arc::new(events::Hub::new(config.event_streams, metrics.clone()));
+    let events = Arc::new(events::Hub::new(
+        config.event_streams,
+        metrics.clone(),
+        event_position,
+    ));
     tracing::info!(
         total = config.event_streams.total,
         per_caller = config.event_streams.per_caller,
@@ -718,7 +748,7 @@ pub async fn start_with(
         tokio::spawn(flush_liveness(state.clone())),
         tokio::spawn(watch_exclusions(state.clone())),
         tokio::spawn(audit_upkeep(state.clone())),
-        tokio::spawn(events::run(state.clone(), feed)),
+        tokio::spawn(events::run(state.clone())),
     ];
     let metrics_addr = match metrics_listener {
         Some(listener) => {
@@ -780,14 +810,51 @@ async fn expire_actions(state: Arc<AppState>) {
     }
 }
 
-/// Writes the records of folded refusals whose window ended, and prunes
-/// the audit trail past its retention (at start, then every hour).
+/// Events removed from the log in one write.
+const EVENT_PRUNE_BATCH: usize = 2_000;
+/// How often the event log is pruned.
+const EVENT_PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Removes the events past their retention, in batches of
+/// [`EVENT_PRUNE_BATCH`] (each its own write, so that other writes go
+/// between them); the number removed.
+pub async fn prune_events(state: &AppState) -> Result<u64, store::StoreError> {
+    let before = now_nanos().saturating_sub(nanos(state.config.event_retention));
+    let mut removed = 0;
+    loop {
+        let batch = state.store.prune_events(before, EVENT_PRUNE_BATCH).await?;
+        removed += batch;
+        if batch < EVENT_PRUNE_BATCH as u64 {
+            return Ok(removed);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Writes the records of folded refusals whose window ended, prunes the
+/// event log past its retention (every minute) and the audit trail past
+/// its retention (at start, then every hour).
 async fn audit_upkeep(state: Arc<AppState>) {
     let tick = Duration::from_secs(5).min(state.config.audit_fold_window);
     let mut next_prune = tokio::time::Instant::now();
+    let mut next_event_prune = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(tick).await;
         audit::flush_folds(&state, false).await;
+        if tokio::time::Instant::now() >= next_event_prune {
+            next_event_prune = tokio::time::Instant::now() + EVENT_PRUNE_EVERY;
+            match prune_events(&state).await {
+                Ok(0) => {}
+                Ok(removed) => {
+                    state.metrics.events_pruned.inc_by(removed);
+                    tracing::info!(
+                        removed,
+                        "events past their retention pruned from the event log"
+                    )
+                }
+                Err(e) => tracing::warn!(error = %e, "could not prune the event log"),
+            }
+        }
         let Some(retention) = state.config.audit_retention else {
             continue;
         };
@@ -836,7 +903,6 @@ async fn watch_exclusions(state: Arc<AppState>) {
         match state.store.exclusion_version().await {
             Ok(version) if version > state.gateway.exclusions_pushed() => {
                 exclusions::publish(&state).await;
-                events::exclusion_changed(&state, None, "changed", None);
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not read the exclusion rule version"),

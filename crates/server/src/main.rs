@@ -278,6 +278,11 @@ struct ServeArgs {
     /// hour, leaving a signed checkpoint (default: keep every record).
     #[arg(long, env = "CORDON_AUDIT_RETENTION", value_parser = parse_duration)]
     audit_retention: Option<Duration>,
+    /// How long events are kept in the event log (`GET /api/events`
+    /// resumes with `Last-Event-ID` within it); older ones are pruned
+    /// every minute.
+    #[arg(long, env = "CORDON_EVENT_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    event_retention: Duration,
     /// Claim of external tokens whose values name Cordon roles.
     #[arg(long, env = "CORDON_OIDC_ROLE_CLAIM", default_value = "roles")]
     oidc_role_claim: String,
@@ -480,6 +485,14 @@ fn check_duration_ranges(args: &ServeArgs) -> anyhow::Result<()> {
             100 * 365 * DAY,
             "1h",
             "100 years",
+        ),
+        (
+            "--event-retention",
+            Some(args.event_retention),
+            60 * SECOND,
+            365 * DAY,
+            "1m",
+            "365d",
         ),
         (
             "--heartbeat-interval",
@@ -821,6 +834,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     config.max_connection_lifetime = args.connection_max_lifetime;
     config.audit_retention = args.audit_retention.filter(|r| !r.is_zero());
+    config.event_retention = args.event_retention;
     if let Some(metrics_listen) = args.metrics_listen {
         config.metrics_listen = metrics_listen;
     }

@@ -190,11 +190,15 @@ pub struct Metrics {
     pub event_streams: Gauge,
     /// Events published to the live-event streams.
     pub events_published: Counter,
+    /// Events removed from the event log past their retention.
+    pub events_pruned: Counter,
+    /// Streams that fell behind the live channel and caught up from the log.
+    pub event_catchups: Counter,
     /// `resync` events sent to streams (a subscriber that fell behind, an
     /// unknown `Last-Event-ID`, changes dropped on the way).
     pub event_resyncs: Counter,
-    /// Where the store's changes go on to the live events (set once at start).
-    pub feed: std::sync::OnceLock<crate::events::Feeder>,
+    /// Wakes the task that publishes the event log's new events.
+    pub events_written: tokio::sync::Notify,
     readiness: tokio::sync::Mutex<Option<(Instant, bool)>>,
 }
 
@@ -260,6 +264,18 @@ impl Metrics {
             "Events published to the live-event streams",
             events_published.clone(),
         );
+        let events_pruned = Counter::default();
+        registry.register(
+            "cordon_events_pruned",
+            "Events removed from the event log past their retention (--event-retention)",
+            events_pruned.clone(),
+        );
+        let event_catchups = Counter::default();
+        registry.register(
+            "cordon_event_catchups",
+            "Live-event streams that fell more than 1,024 events behind and caught up from the event log",
+            event_catchups.clone(),
+        );
         let event_resyncs = Counter::default();
         registry.register(
             "cordon_event_resyncs",
@@ -304,8 +320,10 @@ impl Metrics {
             store_commit,
             event_streams,
             events_published,
+            events_pruned,
+            event_catchups,
             event_resyncs,
-            feed: std::sync::OnceLock::new(),
+            events_written: tokio::sync::Notify::new(),
             readiness: tokio::sync::Mutex::new(None),
         }
     }
@@ -406,16 +424,11 @@ impl store::StoreObserver for Metrics {
         self.store_commit.observe(elapsed.as_secs_f64());
     }
 
-    fn audit_appended(&self, record: &store::AuditRecord) {
-        if let Some(feed) = self.feed.get() {
-            feed.send(crate::events::Feed::Audit(record.clone()));
-        }
+    fn events_recorded(&self) {
+        self.events_written.notify_one();
     }
 
     fn action_changed(&self, change: &store::ActionChange) {
-        if let Some(feed) = self.feed.get() {
-            feed.send(crate::events::Feed::Action(change.clone()));
-        }
         let action = &change.action;
         let to = ActionLabels::of(&action.action_type, &action.status);
         self.machine_actions.get_or_create(&to).inc();
@@ -604,6 +617,8 @@ mod tests {
             "# TYPE cordon_event_streams gauge",
             "# TYPE cordon_events_published counter",
             "# TYPE cordon_event_resyncs counter",
+            "# TYPE cordon_events_pruned counter",
+            "# TYPE cordon_event_catchups counter",
             "cordon_http_requests_total{method=\"POST\",route=\"/api/machines/{id}/isolate\",status=\"201\"} 1",
             "cordon_http_request_duration_seconds_count{route=\"/api/machines/{id}/isolate\"} 1",
             "cordon_store_commit_seconds_count 1",

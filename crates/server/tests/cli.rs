@@ -1155,6 +1155,8 @@ fn nonsense_durations_are_refused_with_their_range() {
         ("--heartbeat-interval", "1000d", "between 1s and 1h"),
         ("--connection-max-lifetime", "1ms", "between 1s and 30d"),
         ("--action-expiry", "999d", "between 1s and 365d"),
+        ("--event-retention", "0s", "is zero"),
+        ("--event-retention", "30s", "between 1m and 365d"),
     ] {
         let stderr = run_fails(&["serve", "--data-dir", data, flag, value]);
         assert!(
@@ -1166,6 +1168,9 @@ fn nonsense_durations_are_refused_with_their_range() {
         !dir.0.join("data").exists(),
         "a refused serve created its data directory"
     );
+    // A unit is required.
+    let stderr = run_fails(&["serve", "--data-dir", data, "--event-retention", "24"]);
+    assert!(stderr.contains("has no unit"), "{stderr}");
     let stderr = run_fails(&["audit", "prune", "--data-dir", data, "--before", "0d"]);
     assert!(stderr.contains("is zero"), "{stderr}");
 }

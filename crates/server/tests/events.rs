@@ -238,8 +238,9 @@ fn kinds(events: &[Frame]) -> Vec<String> {
 }
 
 /// The sequence number of an event id (`<marker>-<n>`).
+/// Event ids are the event log's sequence numbers.
 fn seq(id: &str) -> u64 {
-    id.rsplit_once('-').unwrap().1.parse().unwrap()
+    id.parse().unwrap()
 }
 
 fn is(kind: &str, action_id: &str) -> impl Fn(&Frame) -> bool {
@@ -604,6 +605,257 @@ async fn a_resumed_stream_misses_nothing_and_an_unknown_id_resyncs() {
     assert!(
         metrics.contains("cordon_event_resyncs_total 3"),
         "{metrics}"
+    );
+}
+
+/// The id a fresh stream starts at (its first, id-only frame).
+async fn position(server: &TestServer, token: &str) -> String {
+    let mut stream = open(server, token, None).await;
+    let first = stream.frame_within(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.event, None, "{first:?}");
+    first.id.unwrap()
+}
+
+/// Event ids are the event log's: a stream resumes from an id given
+/// before a restart, getting what happened before the restart after that
+/// id and what happened since, no `resync`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_ids_survive_a_restart() {
+    let server = TestServer::start().await;
+    let machine = server.enroll("m1").await.machine_id();
+    let mut app = server.api().await;
+    let mut leaving = open(&server, &app.token, None).await;
+    let first = app.isolate_action(&machine).await;
+    leaving
+        .events_until(is("machineAction.created", &first))
+        .await;
+    let resume_from = leaving.last_id.clone().unwrap();
+    drop(leaving);
+    // While it is away, before the restart.
+    let reply = app
+        .post(&format!("/api/machineactions/{first}/cancel"), json!({}))
+        .await;
+    assert_eq!(reply.status, 200);
+
+    let TestServer {
+        server: running,
+        dir,
+        ..
+    } = server;
+    running.stop();
+    drop(running);
+    let server = TestServer::start_in(dir, |_| {}).await;
+    let mut app = server.api().await;
+    let second = app.isolate_action(&machine).await;
+
+    let mut resumed = open(&server, &app.token, Some(&resume_from)).await;
+    let frames = resumed
+        .events_until(is("machineAction.created", &second))
+        .await;
+    assert_eq!(
+        kinds(&frames),
+        [
+            "machine.isolationChanged",
+            "machineAction.completed",
+            "machine.isolationChanged",
+            "machineAction.created"
+        ],
+        "{frames:?}"
+    );
+    assert_eq!(frames[0].json()["data"]["isolationState"], "Isolating");
+    assert_eq!(frames[1].json()["data"]["id"], first.as_str());
+    assert_eq!(frames[1].json()["data"]["status"], "Cancelled");
+    assert_eq!(frames[2].json()["data"]["isolationState"], "NotIsolated");
+    // Numbered on from where the log was: the next id, then increasing.
+    let ids: Vec<u64> = frames
+        .iter()
+        .map(|f| seq(f.id.as_deref().unwrap()))
+        .collect();
+    assert_eq!(ids[0], seq(&resume_from) + 1, "{ids:?}");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    // And it follows on live.
+    let reply = app
+        .post(&format!("/api/machineactions/{second}/cancel"), json!({}))
+        .await;
+    assert_eq!(reply.status, 200);
+    resumed
+        .events_until(is("machineAction.completed", &second))
+        .await;
+}
+
+/// A change made by another process on the same database (an admin
+/// command: `cordon exclusion add`) is in the event log with its own id,
+/// and reaches the open streams within a second or so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_by_another_process_reach_the_streams() {
+    let server = TestServer::start().await;
+    let admin = app_api(&server, "Admin", &["Machine.ReadWrite.All"]).await;
+    let mut stream = open(&server, &admin.token, None).await;
+    let start = stream.frame_within(Duration::from_secs(5)).await.unwrap();
+    // The store as an admin command opens it.
+    let other = server::open_store(&server.dir.0).unwrap();
+    let fields = server::exclusions::new_rule(
+        server::exclusions::parse_input(br#"{"Name": "Backups", "SystemdUnit": "restic.service"}"#)
+            .unwrap(),
+    )
+    .unwrap();
+    let rule = server::exclusions::create_rule(&other, fields)
+        .await
+        .unwrap();
+    drop(other);
+    let frame = tokio::time::timeout(
+        Duration::from_secs(5),
+        stream.events_until(|f| f.event.as_deref() == Some("exclusionRule.changed")),
+    )
+    .await
+    .expect("the change arrives")
+    .pop()
+    .unwrap();
+    let data = &frame.json()["data"];
+    assert_eq!(data["id"], rule.id.as_str());
+    assert_eq!(data["change"], "created");
+    assert_eq!(data["rule"]["name"], "Backups");
+    assert!(seq(frame.id.as_deref().unwrap()) > seq(start.id.as_deref().unwrap()));
+}
+
+/// A client that stops reading while thousands of events are written
+/// falls behind the live channel; once it reads again it catches up from
+/// the log: every event, in order, no `resync`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_falls_behind_catches_up_from_the_log() {
+    const EVENTS: usize = 25_000;
+    let server = TestServer::start_with(|c| c.event_replay_max = 1_000_000).await;
+    let admin = app_api(&server, "Admin", &["Machine.ReadWrite.All"]).await;
+    let mut stream = open(&server, &admin.token, None).await;
+    stream.frame_within(Duration::from_secs(5)).await.unwrap();
+    // Written while the client reads nothing: more than the socket
+    // buffers and the live channel hold.
+    let store = server.store().clone();
+    let writes = (0..EVENTS).map(|n| {
+        let store = store.clone();
+        async move {
+            store
+                .append_audit(store::NewAuditEvent {
+                    id: format!("flood-{n}"),
+                    at: server::now_nanos(),
+                    principal: "test".into(),
+                    source_address: "local".into(),
+                    request_id: String::new(),
+                    method: "CLI".into(),
+                    target: format!("record {n}"),
+                    action: "test.flood".into(),
+                    outcome: "Succeeded".into(),
+                    status: 0,
+                    detail: Some("x".repeat(200)),
+                    count: 1,
+                })
+                .await
+                .unwrap()
+        }
+    });
+    futures_util::future::join_all(writes).await;
+    let mut ids = Vec::new();
+    let mut last = 0;
+    while ids.len() < EVENTS {
+        let frame = stream.event().await;
+        assert_ne!(frame.event.as_deref(), Some("resync"));
+        let seq = seq(frame.id.as_deref().unwrap());
+        assert!(seq > last, "{seq} after {last}");
+        last = seq;
+        let data = frame.json()["data"].clone();
+        if data["action"] == "test.flood" {
+            ids.push(data["id"].as_str().unwrap().to_owned());
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), EVENTS);
+    let metrics = server.server.state.metrics.encode();
+    assert!(
+        !metrics.contains("cordon_event_catchups_total 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cordon_event_resyncs_total 0"),
+        "{metrics}"
+    );
+}
+
+/// A `Last-Event-ID` whose next event is older than `--event-retention`
+/// gets `resync`, whether or not the event was pruned yet; pruning
+/// removes the events past their retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_older_than_the_retention_resyncs() {
+    let server = TestServer::start_with(|c| c.event_retention = Duration::from_millis(1500)).await;
+    let machine = server.enroll("m1").await.machine_id();
+    let mut app = server.api().await;
+    let before = position(&server, &app.token).await;
+    let action = app.isolate_action(&machine).await;
+    // Within the retention: replayed.
+    let mut within = open(&server, &app.token, Some(&before)).await;
+    let first = within.event().await;
+    assert_eq!(first.event.as_deref(), Some("machineAction.created"));
+    assert_eq!(first.json()["data"]["id"], action.as_str());
+
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let mut stale = open(&server, &app.token, Some(&before)).await;
+    let first = stale.frame_within(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.event.as_deref(), Some("resync"), "{first:?}");
+    let resync_at = seq(first.id.as_deref().unwrap());
+    assert!(resync_at > seq(&before));
+
+    // Pruned: gone from the log, and still a resync.
+    assert!(server::prune_events(&server.server.state).await.unwrap() >= 2);
+    assert_eq!(server.store().event_count().await.unwrap(), 0);
+    let mut pruned = open(&server, &app.token, Some(&before)).await;
+    let first = pruned.frame_within(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.event.as_deref(), Some("resync"), "{first:?}");
+    // From the resync's id, nothing was missed: the stream follows on.
+    let mut after = open(&server, &app.token, Some(&resync_at.to_string())).await;
+    let reply = app
+        .post(&format!("/api/machineactions/{action}/cancel"), json!({}))
+        .await;
+    assert_eq!(reply.status, 200);
+    let first = after.event().await;
+    assert_eq!(first.event.as_deref(), Some("machineAction.completed"));
+}
+
+/// A `Last-Event-ID` further behind than the replay cap gets `resync`
+/// instead of a replay of everything it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_over_the_cap_resyncs() {
+    let server = TestServer::start_with(|c| c.event_replay_max = 3).await;
+    let machines = [
+        server.enroll("m1").await.machine_id(),
+        server.enroll("m2").await.machine_id(),
+    ];
+    let mut app = server.api().await;
+    let before = position(&server, &app.token).await;
+    // Two events: created, isolating.
+    app.isolate_action(&machines[0]).await;
+    let mut stream = open(&server, &app.token, Some(&before)).await;
+    let replayed = stream
+        .events_until(|f| f.event.as_deref() == Some("machine.isolationChanged"))
+        .await;
+    assert_eq!(
+        kinds(&replayed),
+        ["machineAction.created", "machine.isolationChanged"]
+    );
+    // Two more: four behind, over the cap of three.
+    let second = app.isolate_action(&machines[1]).await;
+    let mut stream = open(&server, &app.token, Some(&before)).await;
+    let first = stream.frame_within(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.event.as_deref(), Some("resync"), "{first:?}");
+    // At the log's last event: what follows comes live.
+    let reply = app
+        .post(&format!("/api/machineactions/{second}/cancel"), json!({}))
+        .await;
+    assert_eq!(reply.status, 200);
+    let next = stream.event().await;
+    assert_eq!(next.event.as_deref(), Some("machineAction.completed"));
+    assert_eq!(
+        seq(next.id.as_deref().unwrap()),
+        seq(first.id.as_deref().unwrap()) + 1
     );
 }
 

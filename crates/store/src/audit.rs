@@ -266,6 +266,15 @@ pub fn chain_hash(prev_hash: &str, seq: i64, event: &NewAuditEvent) -> String {
         .collect()
 }
 
+/// The record `seq`, if it is still there.
+pub(crate) fn get_audit(conn: &Connection, seq: i64) -> Result<Option<AuditRecord>> {
+    let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_events t WHERE t.seq = ?1");
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([seq], audit_from_row)
+        .optional()?)
+}
+
 fn append(conn: &Connection, event: &NewAuditEvent) -> Result<AuditRecord> {
     // The last record's hash; after a prune that removed every record, the
     // checkpoint's.

@@ -108,7 +108,7 @@ fn bump_version(conn: &Connection) -> Result<i64> {
     Ok(version)
 }
 
-fn get_rule(conn: &Connection, id: &str) -> Result<Option<ExclusionRuleRecord>> {
+pub(crate) fn get_rule(conn: &Connection, id: &str) -> Result<Option<ExclusionRuleRecord>> {
     let sql = format!("SELECT {RULE_COLUMNS} FROM exclusion_rules WHERE id = ?1");
     Ok(conn
         .prepare_cached(&sql)?

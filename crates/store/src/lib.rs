@@ -11,6 +11,7 @@
 //! Types here are plain data; none of them is serialized.
 
 mod audit;
+mod events;
 mod exclusions;
 mod people;
 #[cfg(test)]
@@ -28,6 +29,10 @@ use tokio::sync::oneshot;
 /// The most characters an audit record's `detail` keeps.
 pub use audit::MAX_DETAIL_CHARS;
 pub use audit::{AuditBreak, AuditCheckpoint, AuditField, AuditRecord, NewAuditEvent};
+pub use events::{
+    ACTION_COMPLETED, ACTION_CREATED, ACTION_UPDATED, AUDIT_APPENDED, EXCLUSION_CHANGED,
+    EventAudience, EventBounds, EventRenderer, EventSubject, ISOLATION_CHANGED, StoredEvent,
+};
 pub use exclusions::{ExclusionRuleFields, ExclusionRuleRecord, ExclusionRuleSet};
 pub use people::{
     DEFAULT_GROUP_ID, DEFAULT_GROUP_NAME, GroupRecord, NewGroup, RoleRecord, UserRecord,
@@ -64,6 +69,13 @@ pub enum StoreError {
     Commit(String),
     #[error("the store is closed")]
     Closed,
+    /// The database was written by a newer Cordon (its schema version).
+    #[error(
+        "the database has schema version {0}, newer than this Cordon knows ({known}); \
+         run the Cordon version that wrote it",
+        known = MIGRATIONS.len()
+    )]
+    NewerSchema(i64),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -81,6 +93,8 @@ pub trait StoreObserver: Send + Sync {
     /// An audit record was appended; called once per record, only once it
     /// is durable.
     fn audit_appended(&self, _record: &AuditRecord) {}
+    /// A commit wrote events to the event log (`events`): they can be read.
+    fn events_recorded(&self) {}
 }
 
 /// An action's change of status, as committed.
@@ -108,6 +122,10 @@ struct Inner {
     writer: Mutex<mpsc::Sender<Job>>,
     readers: Mutex<Vec<Connection>>,
     observer: Observer,
+    /// Renders the bodies of events ([`Store::set_event_renderer`]).
+    renderer: Mutex<Option<Arc<dyn EventRenderer>>>,
+    /// The schema has the event log, and the writer captures changes.
+    events: bool,
 }
 
 impl Drop for Inner {
@@ -130,6 +148,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migration6_enroll_tokens.sql"),
     include_str!("migration7_audit_retention.sql"),
     include_str!("migration8_scale_indexes.sql"),
+    include_str!("migration9_events.sql"),
 ];
 
 /// Held while a connection opens or closes. The bundled SQLite (3.51.1)
@@ -168,6 +187,9 @@ fn open_connection(path: &Path) -> Result<Connection> {
 fn migrate(conn: &mut Connection, target: usize) -> Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > MIGRATIONS.len() as i64 {
+        return Err(StoreError::NewerSchema(version));
+    }
     let upto = target.min(MIGRATIONS.len());
     for (index, script) in MIGRATIONS
         .iter()
@@ -203,6 +225,10 @@ impl Store {
     pub fn open_migrated_to(path: &Path, version: usize) -> Result<Store> {
         let mut conn = open_connection(path)?;
         migrate(&mut conn, version)?;
+        let events = version.min(MIGRATIONS.len()) >= events::SINCE_VERSION;
+        if events {
+            conn.execute_batch(events::CAPTURE)?;
+        }
         let (sender, receiver) = mpsc::channel::<Job>();
         let observer = Observer::default();
         let writer_observer = observer.clone();
@@ -216,6 +242,8 @@ impl Store {
                 writer: Mutex::new(sender),
                 readers: Mutex::new(Vec::new()),
                 observer,
+                renderer: Mutex::new(None),
+                events,
             }),
         })
     }
@@ -277,11 +305,31 @@ impl Store {
         C: FnOnce(U) -> T + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let renderer = self
+            .inner
+            .events
+            .then(|| {
+                self.inner
+                    .renderer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            })
+            .flatten();
+        let capture = self.inner.events;
+        let observer = self.inner.observer.clone();
         let job: Job = Box::new(move |conn| {
+            let mut recorded = 0;
             let outcome = match conn.execute_batch("SAVEPOINT job") {
                 Err(e) => Err(StoreError::from(e)),
                 Ok(()) => {
-                    let outcome = f(conn);
+                    // The change and its events, in one savepoint.
+                    let outcome = f(conn).and_then(|value| {
+                        if capture {
+                            recorded = events::record(conn, renderer.as_deref())?;
+                        }
+                        Ok(value)
+                    });
                     let end = if outcome.is_ok() {
                         "RELEASE job"
                     } else {
@@ -294,6 +342,12 @@ impl Store {
                 }
             };
             Box::new(move |commit: Result<(), String>| {
+                if commit.is_ok()
+                    && recorded > 0
+                    && let Some(observer) = observer.get()
+                {
+                    observer.events_recorded();
+                }
                 let _ = tx.send(match commit {
                     Ok(()) => outcome.map(committed),
                     Err(e) => Err(StoreError::Commit(e)),

@@ -375,7 +375,7 @@ fn load_machine_children(conn: &Connection, machine: &mut MachineRecord) -> Resu
     Ok(())
 }
 
-fn get_action(conn: &Connection, id: &str) -> Result<Option<ActionRecord>> {
+pub(crate) fn get_action(conn: &Connection, id: &str) -> Result<Option<ActionRecord>> {
     let sql = format!("SELECT {ACTION_COLUMNS} FROM actions t WHERE t.id = ?1");
     Ok(conn
         .prepare_cached(&sql)?
@@ -1344,7 +1344,7 @@ fn app_from_row(row: &Row<'_>) -> rusqlite::Result<App> {
     })
 }
 
-fn get_machine_by_id(conn: &Connection, id: &str) -> Result<Option<MachineRecord>> {
+pub(crate) fn get_machine_by_id(conn: &Connection, id: &str) -> Result<Option<MachineRecord>> {
     let sql = format!("SELECT {MACHINE_COLUMNS} FROM machines t WHERE t.id = ?1");
     let machine = conn
         .prepare_cached(&sql)?

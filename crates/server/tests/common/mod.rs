@@ -66,7 +66,12 @@ impl TestServer {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
-        let dir = TempDir::new("server");
+        Self::start_in(TempDir::new("server"), tweak).await
+    }
+
+    /// A server on the data directory `dir` (one a stopped server used:
+    /// a restart).
+    pub async fn start_in(dir: TempDir, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = test_config(&dir.0);
         tweak(&mut config);
         let server = server::start(config).await.expect("server starts");
