@@ -6,24 +6,6 @@ import { request as httpsRequest } from 'node:https';
 import { test as base, expect, type Locator, type Page } from '@playwright/test';
 import { appToken, serverUrl, type User } from './env';
 
-/**
- * The console's specs run once the console's pages exist. Set this to true
- * when the UI lands (crates/server/console/); until then they are skipped
- * unless CORDON_CONSOLE_SPECS=1 asks for them (to try them on a branch).
- */
-export const CONSOLE_UI_READY = true;
-
-export const consoleSpecsEnabled =
-  CONSOLE_UI_READY || process.env.CORDON_CONSOLE_SPECS === '1';
-
-/** Skips the calling describe block until the console's pages exist. */
-export function needsConsole(): void {
-  test.skip(
-    !consoleSpecsEnabled,
-    'the console UI is not there yet: set CONSOLE_UI_READY in lib/fixtures.ts (or CORDON_CONSOLE_SPECS=1)',
-  );
-}
-
 interface Watch {
   /**
    * Accepts Chromium's "Failed to load resource: ... status of STATUS"

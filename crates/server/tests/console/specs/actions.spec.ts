@@ -10,7 +10,6 @@ import {
   expectPlainAlert,
   expectSameDocument,
   markDocument,
-  needsConsole,
   pendingActions,
   pendingIsolation,
   signIn,
@@ -18,7 +17,6 @@ import {
 } from '../lib/fixtures';
 
 test.describe('actions', () => {
-  needsConsole();
 
   test('an isolation of a machine that is away stays Pending, and the Actions page cancels it', async ({
     page,

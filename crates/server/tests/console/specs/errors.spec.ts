@@ -7,7 +7,7 @@
 // offline.
 import type { Page } from '@playwright/test';
 import { analyst, machineId } from '../lib/env';
-import { expect, expectPlainAlert, needsConsole, signIn, test } from '../lib/fixtures';
+import { expect, expectPlainAlert, signIn, test } from '../lib/fixtures';
 
 /** Answers the next matching request with the API's error body. */
 async function refuse(page: Page, url: RegExp, status: number, code: string, retryAfter?: number) {
@@ -27,7 +27,6 @@ async function refuse(page: Page, url: RegExp, status: number, code: string, ret
 }
 
 test.describe('errors as sentences', () => {
-  needsConsole();
 
   test('a refused isolation (403) says to ask for the permission, and nothing changes', async ({
     page,

@@ -8,7 +8,6 @@ import {
   expect,
   expectSameDocument,
   markDocument,
-  needsConsole,
   signIn,
   test,
 } from '../lib/fixtures';
@@ -31,7 +30,6 @@ async function openMachine(page: Page, name: string): Promise<void> {
 }
 
 test.describe('isolation from the machine page', () => {
-  needsConsole();
 
   test('isolating and releasing web-01 show Pending, then Succeeded and the new state, without a reload', async ({
     page,

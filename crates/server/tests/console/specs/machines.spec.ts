@@ -1,12 +1,11 @@
 // Machines: signing in through the authority, the list, search, filters,
 // and a machine's page (UI-CONTRACT: "Machines page", "Machine page").
 import { analyst, machineId } from '../lib/env';
-import { cell, expect, needsConsole, signIn, test } from '../lib/fixtures';
+import { cell, expect, signIn, test } from '../lib/fixtures';
 
 const ALL = ['db-01', 'fail-01', 'fin-01', 'web-01', 'web-02'];
 
 test.describe('the Machines page', () => {
-  needsConsole();
 
   test('an analyst signs in through the authority page and lands on Machines', async ({ page }) => {
     await page.goto('/');

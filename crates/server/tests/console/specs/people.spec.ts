@@ -2,10 +2,9 @@
 // administrator's exclusion rules and audit trail, and signing out
 // (UI-CONTRACT: "Header", "Exclusions page", "Audit page").
 import { admin, analyst, machineId, viewer } from '../lib/env';
-import { api, cell, expect, expectPlainAlert, needsConsole, signIn, test } from '../lib/fixtures';
+import { api, cell, expect, expectPlainAlert, signIn, test } from '../lib/fixtures';
 
 test.describe('roles and sign-out', () => {
-  needsConsole();
 
   test('a Viewer sees the Web machines, not Finance, and is offered no isolation', async ({
     page,

@@ -2,8 +2,8 @@
 // CORDON_SCREENSHOTS=DIR is set (`CORDON_SCREENSHOTS=docs/screenshots cargo
 // test -p server --test console` refreshes the repository's).
 import { join } from 'node:path';
-import { admin, machineId, screenshotDir, serverUrl, tenant } from '../lib/env';
-import { api, consoleSpecsEnabled, expect, needsConsole, signIn, test } from '../lib/fixtures';
+import { admin, machineId, screenshotDir } from '../lib/env';
+import { api, expect, signIn, test } from '../lib/fixtures';
 import type { Page } from '@playwright/test';
 
 async function shoot(page: Page, file: string): Promise<void> {
@@ -16,26 +16,13 @@ test.describe('screenshots', () => {
   test.skip(!screenshotDir, 'set CORDON_SCREENSHOTS=DIR to save screenshots of the main pages');
 
   test('the sign-in page', async ({ page }) => {
-    if (consoleSpecsEnabled) {
-      await page.goto('/');
-    } else {
-      // Before the console exists: the authority's page as the console will open it.
-      const query = new URLSearchParams({
-        client_id: 'cordon-console',
-        response_type: 'code',
-        redirect_uri: `${serverUrl}/`,
-        scope: 'https://api.securitycenter.microsoft.com/.default openid',
-        code_challenge: 'E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM',
-        code_challenge_method: 'S256',
-      });
-      await page.goto(`/${tenant}/oauth2/v2.0/authorize?${query}`);
-    }
+    // The console sends a visitor without a token to the sign-in page.
+    await page.goto('/');
     await expect(page.getByLabel('User name')).toBeVisible();
     await shoot(page, 'sign-in.png');
   });
 
   test('the console pages', async ({ page }) => {
-    needsConsole();
     test.setTimeout(90_000);
     const web02 = machineId('web-02');
     await signIn(page, admin, '/');
