@@ -72,6 +72,33 @@ export function Dialog({ title, onClose, children }) {
   </dialog>`;
 }
 
+/**
+ * A dialog's form that wants a comment: `onSubmit` refuses an empty one
+ * with a sentence, else runs `send(comment)` (trimmed), which resolves when
+ * done; its error's sentence is shown and the form can be sent again.
+ */
+export function useCommentForm(send) {
+  const [comment, setComment] = useState('');
+  const [error, setError] = useState('');
+  const [busy, setBusy] = useState(false);
+  const onSubmit = async (event) => {
+    event.preventDefault();
+    if (!comment.trim()) {
+      setError('Write a comment that says why; it is kept with the action.');
+      return;
+    }
+    setBusy(true);
+    setError('');
+    try {
+      await send(comment.trim());
+    } catch (e) {
+      setError(e.message);
+      setBusy(false);
+    }
+  };
+  return { comment, setComment, error, busy, onSubmit };
+}
+
 /** An error sentence, announced to screen readers. */
 export function Alert({ children }) {
   if (!children) return null;

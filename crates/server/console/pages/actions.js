@@ -4,7 +4,7 @@
 import { useEffect, useRef, useState } from 'preact/hooks';
 import { call, literal } from '../lib/api.js';
 import { subscribe } from '../lib/live.js';
-import { html, Link, Alert, Dialog, Pager, PAGE_SIZE, useListPage, useQueryState } from '../lib/ui.js';
+import { html, Link, Alert, Dialog, Pager, PAGE_SIZE, useCommentForm, useListPage, useQueryState } from '../lib/ui.js';
 import { actionCells, mergeActions } from './machine.js';
 
 const STATUSES = ['Pending', 'InProgress', 'Succeeded', 'Failed', 'TimeOut', 'Cancelled'];
@@ -42,28 +42,14 @@ export function actionFilter({ status, type, requestor, from, to }) {
 }
 
 function CancelDialog({ action, onClose, onDone }) {
-  const [comment, setComment] = useState('');
-  const [error, setError] = useState('');
-  const [busy, setBusy] = useState(false);
-  const onSubmit = async (event) => {
-    event.preventDefault();
-    if (!comment.trim()) {
-      setError('Write a comment that says why; it is kept with the action.');
-      return;
-    }
-    setBusy(true);
-    try {
-      const cancelled = await call(`/api/machineactions/${encodeURIComponent(action.id)}/cancel`, {
-        method: 'POST',
-        body: { Comment: comment.trim() },
-        what: 'This action',
-      });
-      onDone(cancelled);
-    } catch (e) {
-      setError(e.message);
-      setBusy(false);
-    }
-  };
+  const { comment, setComment, error, busy, onSubmit } = useCommentForm(async (text) => {
+    const cancelled = await call(`/api/machineactions/${encodeURIComponent(action.id)}/cancel`, {
+      method: 'POST',
+      body: { Comment: text },
+      what: 'This action',
+    });
+    onDone(cancelled);
+  });
   return html`<${Dialog} title="Cancel this action?" onClose=${onClose}>
     <form onSubmit=${onSubmit} novalidate>
       <p>${action.type} of ${action.computerDnsName}, requested by ${action.requestor}. It has not reached the machine yet; once cancelled it never will.</p>

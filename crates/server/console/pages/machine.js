@@ -3,7 +3,7 @@
 import { useEffect, useState } from 'preact/hooks';
 import { call, literal, query } from '../lib/api.js';
 import { subscribe } from '../lib/live.js';
-import { html, Link, Alert, Dialog, StateBadge, StatusBadge, Time, stateWords } from '../lib/ui.js';
+import { html, Link, Alert, Dialog, StateBadge, StatusBadge, Time, stateWords, useCommentForm } from '../lib/ui.js';
 
 const MAX_COMMENT = 1000;
 
@@ -29,33 +29,17 @@ export function mergeActions(current, loaded) {
 
 /** The dialog that isolates or releases a machine. */
 function RequestDialog({ verb, machine, onClose, onDone }) {
-  const [comment, setComment] = useState('');
   const [type, setType] = useState('Full');
-  const [error, setError] = useState('');
-  const [busy, setBusy] = useState(false);
   const isolate = verb === 'Isolate';
-
-  const onSubmit = async (event) => {
-    event.preventDefault();
-    if (!comment.trim()) {
-      setError('Write a comment that says why; it is kept with the action.');
-      return;
-    }
-    setBusy(true);
-    setError('');
-    try {
-      const body = isolate ? { Comment: comment.trim(), IsolationType: type } : { Comment: comment.trim() };
-      const action = await call(`/api/machines/${encodeURIComponent(machine.id)}/${isolate ? 'isolate' : 'unisolate'}`, {
-        method: 'POST',
-        body,
-        what: 'This machine',
-      });
-      onDone(action);
-    } catch (e) {
-      setError(e.message);
-      setBusy(false);
-    }
-  };
+  const { comment, setComment, error, busy, onSubmit } = useCommentForm(async (text) => {
+    const body = isolate ? { Comment: text, IsolationType: type } : { Comment: text };
+    const action = await call(`/api/machines/${encodeURIComponent(machine.id)}/${isolate ? 'isolate' : 'unisolate'}`, {
+      method: 'POST',
+      body,
+      what: 'This machine',
+    });
+    onDone(action);
+  });
 
   return html`<${Dialog} title=${`${verb} ${machine.computerDnsName}`} onClose=${onClose}>
     <form onSubmit=${onSubmit} novalidate>
