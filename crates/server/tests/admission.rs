@@ -462,13 +462,21 @@ async fn a_session_the_store_cannot_set_up_is_told_to_come_back_before_its_welco
     let refused = error.downcast_ref::<Refused>().expect("a refusal");
     assert_eq!(refused.code, "Unavailable", "{refused}");
     assert!(refused.retry_after.is_some(), "{refused}");
-    assert!(
-        !server
-            .server
-            .state
-            .gateway
-            .is_connected(&agent.machine_id())
-    );
+    // The session's task writes the refusal, then leaves the map of live
+    // sessions: the agent may read the refusal a moment before that.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server
+        .server
+        .state
+        .gateway
+        .is_connected(&agent.machine_id())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused session stayed among the live ones"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     conn.execute_batch("ALTER TABLE exclusion_rules_moved RENAME TO exclusion_rules")
         .unwrap();
     let _session = agent.connect().await;
