@@ -279,3 +279,66 @@ pub struct ExclusionRuleChange {
     /// The rule as the API returns it; null once deleted, or for `changed`.
     pub rule: Option<ExclusionRule>,
 }
+
+/// Cordon extension: the `data` of a `machine.tamperDetected` event: the
+/// machine, and what its agent found changed in its isolation rules (the
+/// agent put them back).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TamperReport {
+    pub machine: Machine,
+    /// What the agent found, in its words.
+    pub detail: String,
+    /// How many tamper reports the machine has sent in all.
+    pub tamper_count: i64,
+}
+
+/// Cordon extension: a webhook (`/api/webhooks`, `cordon webhook`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Webhook {
+    pub id: String,
+    /// The receiver: an `https://` URL.
+    pub url: String,
+    /// The event types it receives.
+    pub events: Vec<String>,
+    pub description: Option<String>,
+    pub created_by: String,
+    pub created_date_time_utc: String,
+    /// Whether the receiver's certificate is checked against the webhook's
+    /// own CA certificates (`false`: the system's roots).
+    pub custom_ca: bool,
+    /// The signing secret (`whsec_…`): only in the answer that created it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// Cordon extension: one delivery of one event to one webhook.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookDelivery {
+    /// The `webhook-id` header of every attempt.
+    pub id: String,
+    pub webhook_id: String,
+    /// The event's id (as on `GET /api/events`).
+    pub event_id: i64,
+    pub event_type: String,
+    /// `Pending`, `Delivered` or `Failed`.
+    pub status: String,
+    pub created_date_time_utc: String,
+    pub attempts: Vec<WebhookAttempt>,
+    pub next_attempt_date_time_utc: Option<String>,
+    pub delivered_date_time_utc: Option<String>,
+}
+
+/// Cordon extension: one attempt of a webhook delivery.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookAttempt {
+    pub date_time_utc: String,
+    /// The receiver's HTTP status (`null`: no answer).
+    pub status_code: Option<i64>,
+    /// What went wrong (`null`: delivered).
+    pub error: Option<String>,
+    pub duration_ms: i64,
+}

@@ -279,6 +279,11 @@ fn classify(method: &Method, path: &str) -> Option<Kind> {
         ("GET", ["isolationExclusionRules"]) => "exclusion.list".to_owned(),
         ("GET", ["isolationExclusionRules", _]) => "exclusion.read".to_owned(),
         ("GET", ["auditEvents"]) => "audit.list".to_owned(),
+        ("POST", ["webhooks"]) => "webhook.create".to_owned(),
+        ("DELETE", ["webhooks", _]) => "webhook.delete".to_owned(),
+        ("GET", ["webhooks"]) => "webhook.list".to_owned(),
+        ("GET", ["webhooks", _]) => "webhook.read".to_owned(),
+        ("GET", ["webhooks", _, "deliveries"]) => "webhook.deliveries".to_owned(),
         (method, rest) => format!(
             "{}.{}",
             rest.first().copied().unwrap_or("api"),

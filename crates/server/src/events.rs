@@ -395,6 +395,19 @@ impl store::EventRenderer for Renderer {
             EventSubject::Audit(record) => {
                 payload(event_type, at, crate::audit::audit_entity(record))
             }
+            EventSubject::Tamper { machine, detail } => payload(
+                event_type,
+                at,
+                proto::api::TamperReport {
+                    machine: crate::api::machine_entity_seen(
+                        machine,
+                        machine.last_seen,
+                        &crate::health_context(self.heartbeat_interval, at),
+                    ),
+                    detail: (*detail).to_owned(),
+                    tamper_count: machine.tamper_count,
+                },
+            ),
         }
     }
 }

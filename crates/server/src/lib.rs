@@ -30,6 +30,7 @@ pub mod text;
 pub mod throttle;
 pub mod tls;
 pub mod urls;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -127,6 +128,8 @@ pub struct Config {
     /// and the stream gets `resync` instead of a replay (no flag: tests
     /// shorten it).
     pub event_replay_max: usize,
+    /// How webhook deliveries are retried (no flags: tests shorten them).
+    pub webhooks: webhooks::Settings,
 }
 
 impl Config {
@@ -165,6 +168,7 @@ impl Config {
             event_recheck: events::RECHECK,
             event_retention: events::RETENTION,
             event_replay_max: events::REPLAY_MAX,
+            webhooks: webhooks::Settings::default(),
         }
     }
 }
@@ -287,8 +291,18 @@ pub fn base_url(headers: &HeaderMap, state: &AppState) -> String {
 /// The whole HTTP application.
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
-        .nest("/api", api::routes().merge(events::routes()))
-        .nest("/api/v1.0", api::routes().merge(events::routes()))
+        .nest(
+            "/api",
+            api::routes()
+                .merge(events::routes())
+                .merge(webhooks::routes()),
+        )
+        .nest(
+            "/api/v1.0",
+            api::routes()
+                .merge(events::routes())
+                .merge(webhooks::routes()),
+        )
         .merge(authority::routes())
         .merge(signin::routes())
         .merge(gateway::routes())
@@ -749,6 +763,7 @@ pub async fn start_with(
         tokio::spawn(watch_exclusions(state.clone())),
         tokio::spawn(audit_upkeep(state.clone())),
         tokio::spawn(events::run(state.clone())),
+        tokio::spawn(webhooks::run(state.clone())),
     ];
     let metrics_addr = match metrics_listener {
         Some(listener) => {
@@ -853,6 +868,14 @@ async fn audit_upkeep(state: Arc<AppState>) {
                     )
                 }
                 Err(e) => tracing::warn!(error = %e, "could not prune the event log"),
+            }
+            match webhooks::prune(&state.store).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(
+                    removed,
+                    "finished webhook deliveries past their history pruned"
+                ),
+                Err(e) => tracing::warn!(error = %e, "could not prune the webhook deliveries"),
             }
         }
         let Some(retention) = state.config.audit_retention else {

@@ -1,6 +1,7 @@
 //! `cordon`: the server (`cordon serve`) and its admin commands.
 
 mod people_cmd;
+mod webhook_cmd;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ enum Command {
     /// Manage machine groups: which machines each user group reaches.
     #[command(subcommand)]
     Group(people_cmd::GroupCommand),
+    /// Manage webhooks: signed HTTPS pushes of events to playbooks.
+    #[command(subcommand)]
+    Webhook(webhook_cmd::WebhookCommand),
 }
 
 #[derive(Subcommand)]
@@ -634,6 +638,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User(command) => people_cmd::user_command(command).await,
         Command::Role(command) => people_cmd::role_command(command).await,
         Command::Group(command) => people_cmd::group_command(command).await,
+        Command::Webhook(command) => webhook_cmd::webhook_command(command).await,
     }
 }
 

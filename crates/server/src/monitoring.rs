@@ -156,6 +156,11 @@ struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -199,6 +204,12 @@ pub struct Metrics {
     pub event_resyncs: Counter,
     /// Wakes the task that publishes the event log's new events.
     pub events_written: tokio::sync::Notify,
+    webhook_attempts: Family<OutcomeLabels, Counter>,
+    webhook_attempt_duration: Histogram,
+    /// Wakes the webhook sender: a commit queued deliveries.
+    pub webhook_deliveries_queued: tokio::sync::Notify,
+    /// Wakes the webhook sender: a webhook was created or deleted here.
+    pub webhooks_changed: tokio::sync::Notify,
     readiness: tokio::sync::Mutex<Option<(Instant, bool)>>,
 }
 
@@ -282,6 +293,22 @@ impl Metrics {
             "resync events sent to live-event streams (the client refetches)",
             event_resyncs.clone(),
         );
+        let webhook_attempts = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "cordon_webhook_attempts",
+            "Webhook delivery attempts, by outcome: delivered, retry (failed, tried again later) or failed (given up)",
+            webhook_attempts.clone(),
+        );
+        for outcome in ["delivered", "retry", "failed"] {
+            let _ = webhook_attempts.get_or_create(&OutcomeLabels { outcome });
+        }
+        let webhook_attempt_duration = Histogram::new(REQUEST_BUCKETS);
+        registry.register_with_unit(
+            "cordon_webhook_attempt_duration",
+            "Time of each webhook delivery attempt, from connecting (or taking a kept-alive connection) to the end of the answer",
+            Unit::Seconds,
+            webhook_attempt_duration.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -324,8 +351,21 @@ impl Metrics {
             event_catchups,
             event_resyncs,
             events_written: tokio::sync::Notify::new(),
+            webhook_attempts,
+            webhook_attempt_duration,
+            webhook_deliveries_queued: tokio::sync::Notify::new(),
+            webhooks_changed: tokio::sync::Notify::new(),
             readiness: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Counts a webhook delivery attempt: `delivered`, `retry` or `failed`.
+    pub fn webhook_attempt(&self, outcome: &'static str, duration_ms: i64) {
+        self.webhook_attempts
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.webhook_attempt_duration
+            .observe(duration_ms.max(0) as f64 / 1000.0);
     }
 
     /// The whole exposition, in the OpenMetrics text format.
@@ -426,6 +466,10 @@ impl store::StoreObserver for Metrics {
 
     fn events_recorded(&self) {
         self.events_written.notify_one();
+    }
+
+    fn webhook_deliveries_queued(&self) {
+        self.webhook_deliveries_queued.notify_one();
     }
 
     fn action_changed(&self, change: &store::ActionChange) {

@@ -35,6 +35,20 @@ pub const ISOLATION_CHANGED: &str = "machine.isolationChanged";
 pub const EXCLUSION_CHANGED: &str = "exclusionRule.changed";
 /// An audit record was appended.
 pub const AUDIT_APPENDED: &str = "audit.appended";
+/// A machine's agent found its isolation rules tampered with (and put
+/// them back): the machine, with what the agent found.
+pub const TAMPER_DETECTED: &str = "machine.tamperDetected";
+
+/// Every event type, as webhooks subscribe to them.
+pub const EVENT_TYPES: [&str; 7] = [
+    ACTION_CREATED,
+    ACTION_UPDATED,
+    ACTION_COMPLETED,
+    ISOLATION_CHANGED,
+    TAMPER_DETECTED,
+    EXCLUSION_CHANGED,
+    AUDIT_APPENDED,
+];
 
 const FINAL_STATUSES: [&str; 4] = ["Succeeded", "Failed", "TimeOut", "Cancelled"];
 
@@ -54,6 +68,11 @@ pub enum EventSubject<'a> {
     },
     /// An audit record.
     Audit(&'a AuditRecord),
+    /// A machine whose agent reported tampering, and what it reported.
+    Tamper {
+        machine: &'a MachineRecord,
+        detail: &'a str,
+    },
 }
 
 /// Renders the body of an event: called on the writer thread, inside the
@@ -132,10 +151,22 @@ CREATE TEMP TRIGGER IF NOT EXISTS capture_rule_deleted AFTER DELETE ON main.excl
 BEGIN INSERT INTO changes (kind, id, old1) VALUES ('rule', OLD.id, 'deleted'); END;
 CREATE TEMP TRIGGER IF NOT EXISTS capture_audit AFTER INSERT ON main.audit_events
 BEGIN INSERT INTO changes (kind, id) VALUES ('audit', NEW.seq); END;
+CREATE TEMP TRIGGER IF NOT EXISTS capture_tamper AFTER UPDATE OF tamper_count ON main.machines
+WHEN NEW.tamper_count > OLD.tamper_count
+BEGIN INSERT INTO changes (kind, id) VALUES ('tamper', NEW.id); END;
 ";
 
 /// The schema version from which the log exists.
 pub(crate) const SINCE_VERSION: usize = 9;
+/// The schema version from which events also queue webhook deliveries.
+pub(crate) const WEBHOOKS_SINCE_VERSION: usize = 10;
+
+/// What one write job recorded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Recorded {
+    pub events: usize,
+    pub deliveries: usize,
+}
 
 fn now_nanos() -> i64 {
     std::time::SystemTime::now()
@@ -150,21 +181,25 @@ fn machine_group(conn: &Connection, machine_id: &str) -> Result<Option<i64>> {
         .optional()?)
 }
 
-/// Turns the changes the triggers noted during a job into events (the
-/// number written). Runs inside the job's savepoint: an error undoes the
-/// job.
-pub(crate) fn record(conn: &Connection, renderer: Option<&dyn EventRenderer>) -> Result<usize> {
+/// Turns the changes the triggers noted during a job into events and, with
+/// `outbox`, each event into one delivery per webhook subscribed to its
+/// type. Runs inside the job's savepoint: an error undoes the job.
+pub(crate) fn record(
+    conn: &Connection,
+    renderer: Option<&dyn EventRenderer>,
+    outbox: bool,
+) -> Result<Recorded> {
     let noted: Vec<(String, String, Option<String>, Option<String>)> = conn
         .prepare_cached("SELECT kind, id, old1, old2 FROM temp.changes ORDER BY n")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<rusqlite::Result<_>>()?;
     if noted.is_empty() {
-        return Ok(0);
+        return Ok(Recorded::default());
     }
     conn.prepare_cached("DELETE FROM temp.changes")?
         .execute([])?;
     let Some(renderer) = renderer else {
-        return Ok(0);
+        return Ok(Recorded::default());
     };
     let at = now_nanos();
     let mut machines_seen = HashSet::new();
@@ -172,7 +207,19 @@ pub(crate) fn record(conn: &Connection, renderer: Option<&dyn EventRenderer>) ->
         "INSERT INTO events (type, at, machine_id, group_id, audience, body) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
-    let mut written = 0;
+    // One delivery per webhook subscribed to the type; its id is the
+    // `webhook-id` of every attempt.
+    let mut queue = if outbox {
+        Some(conn.prepare_cached(
+            "INSERT INTO webhook_deliveries \
+             (id, webhook_id, event_seq, event_type, body, created_at, next_attempt_at) \
+             SELECT 'msg_' || lower(hex(randomblob(16))), id, ?1, ?2, ?3, ?4, ?4 \
+             FROM webhooks WHERE instr(' ' || events || ' ', ' ' || ?2 || ' ') > 0",
+        )?)
+    } else {
+        None
+    };
+    let mut recorded = Recorded::default();
     let mut write = |event_type: &str,
                      machine: Option<(&str, Option<i64>)>,
                      audience: &str,
@@ -189,7 +236,11 @@ pub(crate) fn record(conn: &Connection, renderer: Option<&dyn EventRenderer>) ->
             audience,
             body
         ])?;
-        written += 1;
+        recorded.events += 1;
+        if let Some(queue) = queue.as_mut() {
+            let seq = conn.last_insert_rowid();
+            recorded.deliveries += queue.execute(params![seq, event_type, body, at])?;
+        }
         Ok(())
     };
     for (kind, id, old1, old2) in noted {
@@ -261,10 +312,27 @@ pub(crate) fn record(conn: &Connection, renderer: Option<&dyn EventRenderer>) ->
                 };
                 write(AUDIT_APPENDED, None, "audit", EventSubject::Audit(&record))?;
             }
+            "tamper" => {
+                let Some(machine) = crate::records::get_machine_by_id(conn, &id)? else {
+                    continue;
+                };
+                let detail: Option<String> = conn
+                    .prepare_cached("SELECT last_tamper_detail FROM machines WHERE id = ?1")?
+                    .query_row([&id], |r| r.get(0))?;
+                write(
+                    TAMPER_DETECTED,
+                    Some((&machine.id, Some(machine.rbac_group_id))),
+                    "machine",
+                    EventSubject::Tamper {
+                        machine: &machine,
+                        detail: detail.as_deref().unwrap_or(""),
+                    },
+                )?;
+            }
             _ => {}
         }
     }
-    Ok(written)
+    Ok(recorded)
 }
 
 fn event_from_row(row: &Row<'_>) -> rusqlite::Result<StoredEvent> {
@@ -417,6 +485,7 @@ mod tests {
                     format!("{change}/{}", rule.map_or("-", |r| r.fields.name.as_str()))
                 }
                 EventSubject::Audit(r) => r.event.action.clone(),
+                EventSubject::Tamper { detail, .. } => (*detail).to_owned(),
             };
             Ok(format!("{event_type} {what}"))
         }

@@ -18,6 +18,7 @@ mod people;
 mod plans;
 mod query;
 mod records;
+mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
@@ -30,8 +31,9 @@ use tokio::sync::oneshot;
 pub use audit::MAX_DETAIL_CHARS;
 pub use audit::{AuditBreak, AuditCheckpoint, AuditField, AuditRecord, NewAuditEvent};
 pub use events::{
-    ACTION_COMPLETED, ACTION_CREATED, ACTION_UPDATED, AUDIT_APPENDED, EXCLUSION_CHANGED,
-    EventAudience, EventBounds, EventRenderer, EventSubject, ISOLATION_CHANGED, StoredEvent,
+    ACTION_COMPLETED, ACTION_CREATED, ACTION_UPDATED, AUDIT_APPENDED, EVENT_TYPES,
+    EXCLUSION_CHANGED, EventAudience, EventBounds, EventRenderer, EventSubject, ISOLATION_CHANGED,
+    StoredEvent, TAMPER_DETECTED,
 };
 pub use exclusions::{ExclusionRuleFields, ExclusionRuleRecord, ExclusionRuleSet};
 pub use people::{
@@ -39,6 +41,7 @@ pub use people::{
 };
 pub use query::{CmpOp, Cursor, Direction, FieldSql, Filter, Kind, Page, Query, SqlContext, Value};
 pub use records::*;
+pub use webhooks::{AfterAttempt, AttemptRecord, DeliveryRecord, MAX_WEBHOOKS, WebhookRecord};
 
 /// Errors of the store. Domain outcomes have their own variants so that the
 /// server can map them to the contract's error codes.
@@ -69,6 +72,10 @@ pub enum StoreError {
     Commit(String),
     #[error("the store is closed")]
     Closed,
+    /// A limit on how many records of a kind may exist was reached (the
+    /// limit).
+    #[error("at most {0} may exist")]
+    TooMany(usize),
     /// The database was written by a newer Cordon (its schema version).
     #[error(
         "the database has schema version {0}, newer than this Cordon knows ({known}); \
@@ -95,6 +102,8 @@ pub trait StoreObserver: Send + Sync {
     fn audit_appended(&self, _record: &AuditRecord) {}
     /// A commit wrote events to the event log (`events`): they can be read.
     fn events_recorded(&self) {}
+    /// A commit queued webhook deliveries: they can be sent.
+    fn webhook_deliveries_queued(&self) {}
 }
 
 /// An action's change of status, as committed.
@@ -126,6 +135,8 @@ struct Inner {
     renderer: Mutex<Option<Arc<dyn EventRenderer>>>,
     /// The schema has the event log, and the writer captures changes.
     events: bool,
+    /// The schema has webhooks: events queue their deliveries.
+    webhooks: bool,
 }
 
 impl Drop for Inner {
@@ -149,6 +160,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migration7_audit_retention.sql"),
     include_str!("migration8_scale_indexes.sql"),
     include_str!("migration9_events.sql"),
+    include_str!("migration10_webhooks.sql"),
 ];
 
 /// Held while a connection opens or closes. The bundled SQLite (3.51.1)
@@ -226,6 +238,7 @@ impl Store {
         let mut conn = open_connection(path)?;
         migrate(&mut conn, version)?;
         let events = version.min(MIGRATIONS.len()) >= events::SINCE_VERSION;
+        let webhooks = version.min(MIGRATIONS.len()) >= events::WEBHOOKS_SINCE_VERSION;
         if events {
             conn.execute_batch(events::CAPTURE)?;
         }
@@ -244,6 +257,7 @@ impl Store {
                 observer,
                 renderer: Mutex::new(None),
                 events,
+                webhooks,
             }),
         })
     }
@@ -317,16 +331,17 @@ impl Store {
             })
             .flatten();
         let capture = self.inner.events;
+        let outbox = self.inner.webhooks;
         let observer = self.inner.observer.clone();
         let job: Job = Box::new(move |conn| {
-            let mut recorded = 0;
+            let mut recorded = events::Recorded::default();
             let outcome = match conn.execute_batch("SAVEPOINT job") {
                 Err(e) => Err(StoreError::from(e)),
                 Ok(()) => {
                     // The change and its events, in one savepoint.
                     let outcome = f(conn).and_then(|value| {
                         if capture {
-                            recorded = events::record(conn, renderer.as_deref())?;
+                            recorded = events::record(conn, renderer.as_deref(), outbox)?;
                         }
                         Ok(value)
                     });
@@ -343,10 +358,14 @@ impl Store {
             };
             Box::new(move |commit: Result<(), String>| {
                 if commit.is_ok()
-                    && recorded > 0
                     && let Some(observer) = observer.get()
                 {
-                    observer.events_recorded();
+                    if recorded.events > 0 {
+                        observer.events_recorded();
+                    }
+                    if recorded.deliveries > 0 {
+                        observer.webhook_deliveries_queued();
+                    }
                 }
                 let _ = tx.send(match commit {
                     Ok(()) => outcome.map(committed),
