@@ -85,6 +85,11 @@ pub struct FleetArgs {
     /// last `Succeeded`.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000))]
     pub bulk: u64,
+    /// Subscribe a webhook receiver in this tool to `machineAction.completed`
+    /// and report how long each completion took to reach it (the app needs
+    /// Machine.ReadWrite.All).
+    #[arg(long)]
+    pub webhook: bool,
     /// Use a running server at this URL instead of starting one (then
     /// `--ca`, `--tenant`, `--client-id`, `--client-secret` and
     /// `--enroll-token` are needed; the token needs a use for each agent).
@@ -140,6 +145,8 @@ pub struct Options {
     pub offline_probes: usize,
     /// Machines isolated in one bulk call after the calls (0: none).
     pub bulk: usize,
+    /// Measure webhook deliveries of the completions.
+    pub webhook: bool,
     pub target: Target,
     /// Progress lines on stderr.
     pub verbose: bool,
@@ -175,6 +182,7 @@ impl FleetArgs {
             restart_after: self.restart_after.map(Duration::from_secs_f64),
             offline_probes: self.offline_probes,
             bulk: self.bulk as usize,
+            webhook: self.webhook,
             target,
             verbose: true,
         })
@@ -245,6 +253,8 @@ pub struct Report {
     pub offline: Option<OfflineReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bulk: Option<BulkReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<crate::webhook::WebhookReport>,
 }
 
 /// `--bulk`.
@@ -342,7 +352,7 @@ pub fn source_address(index: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 0)) + n))
 }
 
-fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -1114,6 +1124,20 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         auth: Mutex::new(String::new()),
     });
     api.sign_in(&server).await?;
+    let receiver = if options.webhook {
+        let receiver = crate::webhook::Receiver::start().await?;
+        let reply = api
+            .request(
+                Method::POST,
+                "/api/webhooks",
+                serde_json::to_vec(&receiver.subscription())?,
+            )
+            .await?;
+        crate::webhook::check_created(reply.status.as_u16(), &reply.body)?;
+        Some(receiver)
+    } else {
+        None
+    };
     // The server is up and has answered: its memory without any session.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pid = server.pid.unwrap_or(0);
@@ -1319,6 +1343,26 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     } else {
         None
     };
+    let webhook = match &receiver {
+        Some(receiver) => {
+            // Every action created completes (or the run counted an error).
+            let expected = counts.actions.load(Ordering::Relaxed) as usize;
+            receiver.wait_for(expected, Duration::from_secs(30)).await;
+            let report = receiver.report();
+            say(format!(
+                "webhook: {} completions received ({} deliveries, {} badly signed); \
+                 completion -> receiver p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                report.distinct,
+                report.deliveries,
+                report.bad_signatures,
+                report.p50_ms,
+                report.p99_ms,
+                report.max_ms
+            ));
+            Some(report)
+        }
+        None => None,
+    };
     let agents_connected_at_end = fleet.stats.connected.load(Ordering::Acquire);
     fleet.stats.counting.store(false, Ordering::Release);
     for agent in &agents {
@@ -1361,6 +1405,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         restart,
         offline,
         bulk,
+        webhook,
     };
     if let Some(running) = &server.in_process {
         running.stop();
@@ -1947,6 +1992,12 @@ pub fn print(report: &Report) {
                 .map_or("never".to_owned(), |ms| format!("{ms:.1} ms")),
             b.median_succeeded_ms
                 .map_or("never".to_owned(), |ms| format!("{ms:.1} ms")),
+        );
+    }
+    if let Some(w) = &report.webhook {
+        println!(
+            "  webhook: {} completions received ({} deliveries, {} badly signed); completion -> receiver p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            w.distinct, w.deliveries, w.bad_signatures, w.p50_ms, w.p99_ms, w.max_ms
         );
     }
     for (kind, count) in &report.error_kinds {

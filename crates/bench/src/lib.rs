@@ -1,10 +1,11 @@
 //! The benchmarks of `cordon-bench`, as a library so tests can run them.
 
 pub mod fleet;
+pub mod webhook;
 
 /// What a benchmark's fresh store holds for it: an application allowed to
-/// isolate and read (client id and secret) and an enroll token without a
-/// limit of uses or time.
+/// isolate, read and manage settings (webhooks; client id and secret) and an
+/// enroll token without a limit of uses or time.
 pub struct Prepared {
     pub client_id: String,
     pub secret: String,
@@ -14,7 +15,11 @@ pub struct Prepared {
 /// Makes the benchmark's application (named `name`) and enroll token in
 /// `store`.
 pub async fn prepare_store(store: &store::Store, name: &str) -> anyhow::Result<Prepared> {
-    let permissions = vec!["Machine.Isolate".into(), "Machine.Read.All".into()];
+    let permissions = vec![
+        "Machine.Isolate".into(),
+        "Machine.Read.All".into(),
+        "Machine.ReadWrite.All".into(),
+    ];
     let (client_id, secret) = server::create_app(store, name, permissions).await?;
     let (_, enroll_token) = server::create_enroll_token(store, None, None).await?;
     Ok(Prepared {

@@ -2,7 +2,8 @@
 //! simulated agents enroll, connect over TLS from many loopback addresses
 //! and answer pushed actions while the API isolates and releases random
 //! machines, then isolates 300 of them in one bulk call, with the server in
-//! this process. No timing is asserted.
+//! this process; a webhook receiver in the tool hears of every completion,
+//! each signed. No timing is asserted.
 
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ async fn a_thousand_agents_answer_every_action() {
         restart_after: None,
         offline_probes: 3,
         bulk: 300,
+        webhook: true,
         target: Target::InProcess,
         verbose: false,
     })
@@ -42,6 +44,11 @@ async fn a_thousand_agents_answer_every_action() {
     );
     let last = bulk.last_succeeded_ms.expect("every bulk action succeeded");
     assert!(bulk.median_succeeded_ms.unwrap() <= last);
+    // Every completion reached the receiver, signed.
+    let webhook = report.webhook.as_ref().expect("the receiver ran");
+    assert_eq!(webhook.distinct as u64, report.actions, "{report:#?}");
+    assert_eq!(webhook.bad_signatures, 0, "{report:#?}");
+    assert!(webhook.p50_ms > 0.0 && webhook.p50_ms <= webhook.p99_ms);
     assert!(report.server_rss_bytes > 0 && report.server_cpu_seconds > 0.0);
     assert_eq!(report.server_pid, std::process::id());
 
@@ -63,6 +70,7 @@ async fn a_thousand_agents_answer_every_action() {
         "agents_gave_up",
         "offline",
         "bulk",
+        "webhook",
     ] {
         assert!(json.get(field).is_some(), "{field} missing from {json}");
     }
