@@ -869,7 +869,7 @@ async fn audit_upkeep(state: Arc<AppState>) {
                 }
                 Err(e) => tracing::warn!(error = %e, "could not prune the event log"),
             }
-            match webhooks::prune(&state.store).await {
+            match webhooks::prune(&state.store, &state.config.webhooks).await {
                 Ok(0) => {}
                 Ok(removed) => tracing::info!(
                     removed,

@@ -52,6 +52,9 @@ pub const MAX_CA_PEM: usize = 64 * 1024;
 pub const IN_FLIGHT: usize = 8;
 /// The longest wait between two attempts of one delivery.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// Deliveries taken from the outbox at once for one receiver (sent
+/// [`IN_FLIGHT`] at a time; their outcomes recorded in one write).
+const BATCH: usize = 64;
 /// How long finished deliveries stay listed before they are pruned.
 pub const HISTORY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Most deliveries one listing returns.
@@ -626,7 +629,7 @@ async fn send_deliveries(
     // time probes it, after a wait that grows with each failed round.
     let mut failing: u32 = 0;
     loop {
-        let batch = if failing > 0 { 1 } else { IN_FLIGHT };
+        let batch = if failing > 0 { 1 } else { BATCH };
         let due = match state
             .store
             .due_deliveries(&webhook.id, now_nanos(), batch)
@@ -654,10 +657,20 @@ async fn send_deliveries(
             }
             continue;
         }
-        let attempts =
-            futures_util::future::join_all(due.iter().map(|d| client.attempt(d, &settings))).await;
+        // Up to IN_FLIGHT at once; their outcomes recorded in one write.
+        let attempts: Vec<(usize, AttemptRecord)> = {
+            use futures_util::StreamExt;
+            let (due, client, settings) = (&due, &client, &settings);
+            futures_util::stream::iter(0..due.len())
+                .map(move |i| async move { (i, client.attempt(&due[i], settings).await) })
+                .buffer_unordered(IN_FLIGHT)
+                .collect()
+                .await
+        };
         let mut failed = false;
-        for (delivery, attempt) in due.iter().zip(attempts) {
+        let mut outcomes = Vec::with_capacity(due.len());
+        for (index, attempt) in attempts {
+            let delivery = &due[index];
             let after = if attempt.error.is_none() {
                 AfterAttempt::Delivered
             } else {
@@ -694,13 +707,11 @@ async fn send_deliveries(
                     "webhook delivery given up: its retry window is over"
                 ),
             }
-            if let Err(e) = state
-                .store
-                .record_attempt(delivery.seq, attempt, after)
-                .await
-            {
-                tracing::warn!(error = %e, "webhooks: cannot record a delivery attempt");
-            }
+            outcomes.push((delivery.seq, attempt, after));
+        }
+        // One write for the round's attempts.
+        if let Err(e) = state.store.record_attempts(outcomes).await {
+            tracing::warn!(error = %e, "webhooks: cannot record delivery attempts");
         }
         if failed {
             failing = failing.saturating_add(1);
@@ -910,11 +921,23 @@ fn tls_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String>
     Ok(Arc::new(config))
 }
 
-/// Removes finished deliveries older than [`HISTORY`], in bounded batches;
-/// the number removed.
-pub async fn prune(store: &Store) -> Result<u64, StoreError> {
+/// Gives up the deliveries past their retry window that were never tried
+/// (held back while their receiver failed), then removes finished
+/// deliveries older than [`HISTORY`], in bounded batches; the number
+/// removed.
+pub async fn prune(store: &Store, settings: &Settings) -> Result<u64, StoreError> {
     const BATCH: usize = 1000;
-    let before = now_nanos().saturating_sub(nanos(HISTORY));
+    let now = now_nanos();
+    let expired = store
+        .expire_deliveries(now.saturating_sub(nanos(settings.retry_for)), now)
+        .await?;
+    if expired > 0 {
+        tracing::warn!(
+            expired,
+            "webhook deliveries given up: their receiver failed throughout the retry window"
+        );
+    }
+    let before = now.saturating_sub(nanos(HISTORY));
     let mut removed = 0;
     loop {
         let batch = store.prune_deliveries(before, BATCH).await?;

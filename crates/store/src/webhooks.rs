@@ -127,6 +127,53 @@ fn get_webhook(conn: &Connection, id: &str) -> Result<Option<WebhookRecord>> {
         .optional()?)
 }
 
+fn record_attempt(
+    conn: &Connection,
+    seq: i64,
+    attempt: &AttemptRecord,
+    after: AfterAttempt,
+) -> Result<bool> {
+    let (state, next, delivered_at) = match after {
+        AfterAttempt::Delivered => ("delivered", None, Some(attempt.at)),
+        AfterAttempt::RetryAt(at) => ("pending", Some(at), None),
+        AfterAttempt::GiveUp => ("failed", None, None),
+    };
+    let n: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?2, \
+             next_attempt_at = ?3, last_attempt_at = ?4, last_status = ?5, \
+             last_error = ?6, delivered_at = ?7 \
+             WHERE seq = ?1 AND state = 'pending' RETURNING attempts",
+        )?
+        .query_row(
+            params![
+                seq,
+                state,
+                next,
+                attempt.at,
+                attempt.status,
+                attempt.error,
+                delivered_at
+            ],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(n) = n else { return Ok(false) };
+    conn.prepare_cached(
+        "INSERT INTO webhook_attempts (delivery_seq, n, at, status, error, duration_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        seq,
+        n,
+        attempt.at,
+        attempt.status,
+        attempt.error,
+        attempt.duration_ms
+    ])?;
+    Ok(true)
+}
+
 fn limit(n: usize) -> i64 {
     n.min(i64::MAX as usize) as i64
 }
@@ -227,55 +274,22 @@ impl Store {
         .await
     }
 
-    /// Records an attempt of the pending delivery `seq` and what follows
-    /// it. A delivery no longer pending (its webhook deleted, or another
-    /// sender finished it) is left as it is: `false`.
-    pub async fn record_attempt(
+    /// Records attempts of pending deliveries (by `seq`) and what follows
+    /// each, in one transaction. A delivery no longer pending (its webhook
+    /// deleted, or another sender finished it) is left as it is. The number
+    /// recorded.
+    pub async fn record_attempts(
         &self,
-        seq: i64,
-        attempt: AttemptRecord,
-        after: AfterAttempt,
-    ) -> Result<bool> {
+        attempts: Vec<(i64, AttemptRecord, AfterAttempt)>,
+    ) -> Result<usize> {
         self.write(move |conn| {
-            let (state, next, delivered_at) = match after {
-                AfterAttempt::Delivered => ("delivered", None, Some(attempt.at)),
-                AfterAttempt::RetryAt(at) => ("pending", Some(at), None),
-                AfterAttempt::GiveUp => ("failed", None, None),
-            };
-            let n: Option<i64> = conn
-                .prepare_cached(
-                    "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?2, \
-                     next_attempt_at = ?3, last_attempt_at = ?4, last_status = ?5, \
-                     last_error = ?6, delivered_at = ?7 \
-                     WHERE seq = ?1 AND state = 'pending' RETURNING attempts",
-                )?
-                .query_row(
-                    params![
-                        seq,
-                        state,
-                        next,
-                        attempt.at,
-                        attempt.status,
-                        attempt.error,
-                        delivered_at
-                    ],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let Some(n) = n else { return Ok(false) };
-            conn.prepare_cached(
-                "INSERT INTO webhook_attempts (delivery_seq, n, at, status, error, duration_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                seq,
-                n,
-                attempt.at,
-                attempt.status,
-                attempt.error,
-                attempt.duration_ms
-            ])?;
-            Ok(true)
+            let mut recorded = 0;
+            for (seq, attempt, after) in attempts {
+                if record_attempt(conn, seq, &attempt, after)? {
+                    recorded += 1;
+                }
+            }
+            Ok(recorded)
         })
         .await
     }
@@ -328,6 +342,24 @@ impl Store {
                 [],
                 |r| r.get::<_, i64>(0),
             )? as u64)
+        })
+        .await
+    }
+
+    /// Gives up the pending deliveries of events older than `before`
+    /// (nanoseconds) that no attempt gave up yet: those held back while
+    /// their receiver failed (only one delivery at a time probes a failing
+    /// receiver). The number given up.
+    pub async fn expire_deliveries(&self, before: i64, now: i64) -> Result<u64> {
+        self.write(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "UPDATE webhook_deliveries SET state = 'failed', next_attempt_at = NULL, \
+                     last_error = coalesce(last_error, 'not sent: the receiver failed \
+                     throughout the retry window') \
+                     WHERE state = 'pending' AND created_at < ?1 AND next_attempt_at <= ?2",
+                )?
+                .execute(params![before, now])? as u64)
         })
         .await
     }
