@@ -56,6 +56,32 @@ enum Command {
     /// Manage webhooks: signed HTTPS pushes of events to playbooks.
     #[command(subcommand)]
     Webhook(webhook_cmd::WebhookCommand),
+    /// Write a backup of the data directory to one file, while the server
+    /// runs: the database as of one moment, with the CA and the server
+    /// certificate and their keys (keep it as safe as the data directory).
+    Backup {
+        #[command(flatten)]
+        data: DataDir,
+        /// The backup file to create (never over an existing file).
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// Print what the backup holds as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into a data directory, with the server stopped.
+    /// Nothing is deleted: the files it replaces are renamed
+    /// `<name>.replaced-<time>` beside them.
+    Restore {
+        #[command(flatten)]
+        data: ServeDataDir,
+        /// The backup file (`cordon backup --to`).
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// Print what was restored as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -639,7 +665,87 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Role(command) => people_cmd::role_command(command).await,
         Command::Group(command) => people_cmd::group_command(command).await,
         Command::Webhook(command) => webhook_cmd::webhook_command(command).await,
+        Command::Backup { data, to, json } => backup_command(data, to, json).await,
+        Command::Restore { data, from, json } => restore_command(data, from, json).await,
     }
+}
+
+fn backup_json(summary: &store::BackupSummary) -> serde_json::Value {
+    serde_json::json!({
+        "tenantId": summary.tenant_id,
+        "schemaVersion": summary.schema_version,
+        "machines": summary.machines,
+        "actions": summary.actions,
+        "files": summary.files,
+    })
+}
+
+async fn backup_command(data: DataDir, to: PathBuf, json: bool) -> anyhow::Result<()> {
+    let store = data.open().await?;
+    let started = std::time::Instant::now();
+    let summary = server::backup::backup(&data.data_dir, &store, &to).await?;
+    server::audit::record_command(&store, "backup.create", &to.display().to_string()).await?;
+    let size = std::fs::metadata(&to).map_or(0, |m| m.len());
+    if json {
+        let mut out = backup_json(&summary);
+        out["file"] = serde_json::json!(server::absolute(&to));
+        out["bytes"] = serde_json::json!(size);
+        println!("{out}");
+    } else {
+        println!(
+            "Wrote {} ({} bytes in {:.1} s): {} machines, {} actions, schema version {}, with {}.",
+            to.display(),
+            size,
+            started.elapsed().as_secs_f64(),
+            summary.machines,
+            summary.actions,
+            summary.schema_version,
+            if summary.files.is_empty() {
+                "no TLS files".to_owned()
+            } else {
+                summary.files.join(", ")
+            }
+        );
+        println!(
+            "It holds the token-signing key and the CA's key: keep it as safe as the data directory."
+        );
+    }
+    Ok(())
+}
+
+async fn restore_command(data: ServeDataDir, from: PathBuf, json: bool) -> anyhow::Result<()> {
+    let restored = server::backup::restore(&data.data_dir, &from)?;
+    // The restore itself goes into the restored audit trail.
+    let store = server::open_store(&data.data_dir)?;
+    server::audit::record_command(&store, "backup.restore", &from.display().to_string()).await?;
+    drop(store);
+    if json {
+        let mut out = backup_json(&restored.summary);
+        out["dataDir"] = serde_json::json!(server::absolute(&data.data_dir));
+        out["movedAside"] = restored
+            .moved_aside
+            .iter()
+            .map(|(from, to)| serde_json::json!({"file": from, "movedTo": to}))
+            .collect();
+        println!("{out}");
+    } else {
+        println!(
+            "Restored {} into {}: tenant {}, {} machines, {} actions.",
+            from.display(),
+            server::absolute(&data.data_dir).display(),
+            restored.summary.tenant_id.as_deref().unwrap_or("?"),
+            restored.summary.machines,
+            restored.summary.actions
+        );
+        for (file, moved) in &restored.moved_aside {
+            println!("  {file} was moved aside to {moved}");
+        }
+        println!(
+            "Start the server on it: cordon serve --data-dir {}",
+            data.data_dir.display()
+        );
+    }
+    Ok(())
 }
 
 async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {

@@ -4,50 +4,12 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::*;
 use proto::agent::Enforced;
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "correct horse battery";
-
-/// `count` machines named `<prefix><i>`, enrolled straight through the
-/// store (fast); their ids in order.
-async fn enroll_many(server: &TestServer, prefix: &str, count: usize) -> Vec<String> {
-    static KEYS: AtomicU64 = AtomicU64::new(1);
-    let token_hash = server::crypto::sha256_hex(server.enroll_token().await.as_bytes());
-    let mut writes = tokio::task::JoinSet::new();
-    for i in 0..count {
-        let store = server.store().clone();
-        let token_hash = token_hash.clone();
-        let name = format!("{prefix}{i}");
-        // One key per machine: a key enrolls once.
-        let key = KEYS.fetch_add(1, Ordering::Relaxed).to_le_bytes().repeat(4);
-        writes.spawn(async move {
-            let machine = store
-                .enroll_machine(
-                    token_hash,
-                    server::crypto::new_machine_id(),
-                    key,
-                    store::Facts {
-                        computer_dns_name: name,
-                        ..Default::default()
-                    },
-                    server::now_nanos(),
-                )
-                .await
-                .unwrap();
-            (i, machine.id)
-        });
-    }
-    let mut ids = vec![String::new(); count];
-    while let Some(joined) = writes.join_next().await {
-        let (i, id) = joined.unwrap();
-        ids[i] = id;
-    }
-    ids
-}
 
 /// An API client of a new app holding `permissions`.
 async fn app_api(server: &TestServer, name: &str, permissions: &[&str]) -> Api {

@@ -11,6 +11,7 @@
 //! Types here are plain data; none of them is serialized.
 
 mod audit;
+mod backup;
 mod events;
 mod exclusions;
 mod people;
@@ -30,6 +31,7 @@ use tokio::sync::oneshot;
 /// The most characters an audit record's `detail` keeps.
 pub use audit::MAX_DETAIL_CHARS;
 pub use audit::{AuditBreak, AuditCheckpoint, AuditField, AuditRecord, NewAuditEvent};
+pub use backup::{BackupSummary, inspect_backup, restore_database};
 pub use events::{
     ACTION_COMPLETED, ACTION_CREATED, ACTION_UPDATED, AUDIT_APPENDED, EVENT_TYPES,
     EXCLUSION_CHANGED, EventAudience, EventBounds, EventRenderer, EventSubject, ISOLATION_CHANGED,

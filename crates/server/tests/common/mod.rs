@@ -566,3 +566,40 @@ impl ClientFrom {
         })
     }
 }
+
+/// `count` machines named `<prefix><i>`, enrolled straight through the
+/// store (fast); their ids in order.
+pub async fn enroll_many(server: &TestServer, prefix: &str, count: usize) -> Vec<String> {
+    static KEYS: AtomicU64 = AtomicU64::new(1);
+    let token_hash = server::crypto::sha256_hex(server.enroll_token().await.as_bytes());
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let store = server.store().clone();
+        let token_hash = token_hash.clone();
+        let name = format!("{prefix}{i}");
+        // One key per machine: a key enrolls once.
+        let key = KEYS.fetch_add(1, Ordering::Relaxed).to_le_bytes().repeat(4);
+        writes.spawn(async move {
+            let machine = store
+                .enroll_machine(
+                    token_hash,
+                    server::crypto::new_machine_id(),
+                    key,
+                    store::Facts {
+                        computer_dns_name: name,
+                        ..Default::default()
+                    },
+                    server::now_nanos(),
+                )
+                .await
+                .unwrap();
+            (i, machine.id)
+        });
+    }
+    let mut ids = vec![String::new(); count];
+    while let Some(joined) = writes.join_next().await {
+        let (i, id) = joined.unwrap();
+        ids[i] = id;
+    }
+    ids
+}
