@@ -180,10 +180,13 @@ impl AppState {
         if self.oidc.provider_for(token).is_some() {
             return self.authenticate_external(token).await;
         }
-        let claims = self.signing_key.verify(token).map_err(|e| {
-            tracing::info!(reason = %e, "token refused");
-            ApiError::unauthorized("The access token is invalid.")
-        })?;
+        let claims = self
+            .key_ring()
+            .verify(token, crate::now_nanos())
+            .map_err(|e| {
+                tracing::info!(reason = %e, "token refused");
+                ApiError::unauthorized("The access token is invalid.")
+            })?;
         self.check_claims(&claims)?;
         if claims.scp.is_some() {
             return self.authenticate_user(claims).await;

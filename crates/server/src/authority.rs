@@ -115,7 +115,7 @@ async fn keys(State(state): State<Arc<AppState>>, TenantParam(tenant): TenantPar
         return e.into_response();
     }
     axum::Json(Jwks {
-        keys: vec![state.signing_key.jwk()],
+        keys: state.key_ring().jwks(crate::now_nanos()),
     })
     .into_response()
 }
@@ -431,7 +431,7 @@ fn token_response(state: &AppState, claims: &Claims, scope: Option<String>) -> R
         token_type: "Bearer".into(),
         expires_in: TOKEN_LIFETIME,
         ext_expires_in: TOKEN_LIFETIME,
-        access_token: state.signing_key.sign(claims),
+        access_token: state.signing_key().sign(claims),
         scope,
     })
     .into_response();

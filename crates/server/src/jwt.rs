@@ -33,6 +33,99 @@ pub enum TokenError {
     Signature,
 }
 
+/// How long after its retirement a key still verifies tokens and stays in
+/// the JWKS: the longest a token it signed can live (a server may sign with
+/// it until it reloads its keys), with the clock skew tokens are allowed.
+pub const RETIRED_KEY_GRACE_SECONDS: i64 = crate::authority::TOKEN_LIFETIME + 300 + 60;
+
+/// A key `cordon keys rotate` replaced, and when (nanoseconds).
+pub struct RetiredKey {
+    pub key: std::sync::Arc<SigningKey>,
+    pub retired_at: i64,
+}
+
+/// The server's token-signing keys: the current one signs; those it
+/// replaced still verify tokens and stay published in the JWKS until every
+/// token they signed has expired, and verify audit checkpoints for ever.
+pub struct KeyRing {
+    current: std::sync::Arc<SigningKey>,
+    retired: Vec<RetiredKey>,
+}
+
+impl KeyRing {
+    pub fn new(current: SigningKey, retired: Vec<RetiredKey>) -> KeyRing {
+        KeyRing {
+            current: std::sync::Arc::new(current),
+            retired,
+        }
+    }
+
+    /// The key that signs.
+    pub fn current(&self) -> std::sync::Arc<SigningKey> {
+        self.current.clone()
+    }
+
+    /// The keys that verify tokens at `now` (nanoseconds): the current one,
+    /// then those retired less than [`RETIRED_KEY_GRACE_SECONDS`] ago.
+    fn verifying(&self, now: i64) -> impl Iterator<Item = &SigningKey> {
+        let grace = RETIRED_KEY_GRACE_SECONDS.saturating_mul(1_000_000_000);
+        std::iter::once(&*self.current).chain(
+            self.retired
+                .iter()
+                .filter(move |r| r.retired_at.saturating_add(grace) > now)
+                .map(|r| &*r.key),
+        )
+    }
+
+    /// Checks `token` with the key its header names, among those that
+    /// verify tokens at `now`.
+    pub fn verify(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
+        let kid = token_kid(token)?;
+        self.verifying(now)
+            .find(|key| key.kid == kid)
+            .ok_or(TokenError::UnknownKey)?
+            .verify(token)
+    }
+
+    /// The public keys published at `now`.
+    pub fn jwks(&self, now: i64) -> Vec<Jwk> {
+        self.verifying(now).map(SigningKey::jwk).collect()
+    }
+
+    /// Whether any key, retired or not, signed `text` (audit checkpoints).
+    pub fn verify_text(&self, text: &str, signature: &str) -> bool {
+        std::iter::once(&self.current)
+            .chain(self.retired.iter().map(|r| &r.key))
+            .any(|key| key.verify_text(text, signature))
+    }
+
+    /// The key ids and retirement times, current first: two rings with the
+    /// same are the same.
+    pub fn fingerprint(&self) -> Vec<(String, i64)> {
+        std::iter::once((self.current.kid.clone(), 0))
+            .chain(
+                self.retired
+                    .iter()
+                    .map(|r| (r.key.kid.clone(), r.retired_at)),
+            )
+            .collect()
+    }
+}
+
+/// The `kid` of a token whose header says RS256.
+fn token_kid(token: &str) -> Result<String, TokenError> {
+    let header = token.split('.').next().ok_or(TokenError::Malformed)?;
+    let header: JwtHeader = URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|h| crate::json::from_slice(&h).ok())
+        .ok_or(TokenError::Malformed)?;
+    if header.alg != "RS256" {
+        return Err(TokenError::Algorithm);
+    }
+    header.kid.ok_or(TokenError::UnknownKey)
+}
+
 impl SigningKey {
     pub fn generate() -> anyhow::Result<SigningKey> {
         let key_pair = KeyPair::generate(KeySize::Rsa2048)

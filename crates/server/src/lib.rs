@@ -131,6 +131,9 @@ pub struct Config {
     pub event_replay_max: usize,
     /// How webhook deliveries are retried (no flags: tests shorten them).
     pub webhooks: webhooks::Settings,
+    /// How often the server rereads its token-signing keys, to see a
+    /// `cordon keys rotate` (no flag: tests shorten it).
+    pub key_reload: Duration,
 }
 
 impl Config {
@@ -170,6 +173,7 @@ impl Config {
             event_retention: events::RETENTION,
             event_replay_max: events::REPLAY_MAX,
             webhooks: webhooks::Settings::default(),
+            key_reload: Duration::from_secs(10),
         }
     }
 }
@@ -183,7 +187,9 @@ pub struct AppState {
     pub public_url: String,
     /// `<public-url>/<tenant>/v2.0`: every token's `iss`.
     pub issuer: String,
-    pub signing_key: Arc<jwt::SigningKey>,
+    /// The token-signing keys (`cordon keys rotate` changes them; the
+    /// server reloads them every `key_reload`).
+    pub keys: std::sync::RwLock<Arc<jwt::KeyRing>>,
     pub limiter: ratelimit::RateLimiter,
     /// Enrollment attempts per source address, and in total.
     pub enroll_per_source: ratelimit::RateLimiter,
@@ -217,6 +223,16 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The key that signs tokens now.
+    pub fn signing_key(&self) -> Arc<jwt::SigningKey> {
+        self.key_ring().current()
+    }
+
+    /// Every token-signing key.
+    pub fn key_ring(&self) -> Arc<jwt::KeyRing> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Checks `secret` against a slow (PBKDF2) hash, waiting for one of the
     /// few slots; `None` if the server is shutting down.
     pub async fn verify_slow_hash(&self, secret: String, encoded: String) -> Option<bool> {
@@ -581,17 +597,113 @@ pub async fn tenant_id(store: &store::Store) -> anyhow::Result<String> {
 
 /// The token-signing key, created on first use.
 pub async fn signing_key(store: &store::Store) -> anyhow::Result<jwt::SigningKey> {
-    let encoded = match store.meta("signing_key").await? {
+    let encoded = match store.meta(SIGNING_KEY).await? {
         Some(encoded) => encoded,
         None => {
             let fresh = jwt::SigningKey::generate()?.to_pkcs8_base64();
-            store.meta_or_init("signing_key", || fresh).await?
+            store.meta_or_init(SIGNING_KEY, || fresh).await?
         }
     };
+    decode_key(&encoded)
+}
+
+/// The `meta` key of the current token-signing key (base64 PKCS#8).
+const SIGNING_KEY: &str = "signing_key";
+/// The `meta` key of the retired ones: a JSON array of
+/// `{"key": <base64 PKCS#8>, "retiredAt": <nanoseconds>}`.
+const RETIRED_SIGNING_KEYS: &str = "retired_signing_keys";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredRetiredKey {
+    key: String,
+    retired_at: i64,
+}
+
+fn decode_key(encoded: &str) -> anyhow::Result<jwt::SigningKey> {
     let der = base64::engine::general_purpose::STANDARD
         .decode(encoded)
         .context("the stored signing key is not base64")?;
     jwt::SigningKey::from_pkcs8(&der)
+}
+
+/// Every token-signing key of the store: the current one (made on first
+/// use) and those `cordon keys rotate` retired.
+pub async fn key_ring(store: &store::Store) -> anyhow::Result<jwt::KeyRing> {
+    let current = signing_key(store).await?;
+    let retired: Vec<StoredRetiredKey> = match store.meta(RETIRED_SIGNING_KEYS).await? {
+        Some(text) => {
+            serde_json::from_str(&text).context("the retired signing keys are damaged")?
+        }
+        None => Vec::new(),
+    };
+    let retired = retired
+        .iter()
+        .map(|r| {
+            Ok(jwt::RetiredKey {
+                key: Arc::new(decode_key(&r.key)?),
+                retired_at: r.retired_at,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(jwt::KeyRing::new(current, retired))
+}
+
+/// Makes a new token-signing key the current one; the one it replaces is
+/// retired (still verifying tokens for their lifetime). Returns the old and
+/// new key ids.
+pub async fn rotate_signing_key(store: &store::Store) -> anyhow::Result<(String, String)> {
+    // The current key exists (made now if this store never had one).
+    let old = signing_key(store).await?;
+    let fresh = jwt::SigningKey::generate()?;
+    let (encoded, new_kid) = (fresh.to_pkcs8_base64(), fresh.kid().to_owned());
+    let expected_kid = old.kid().to_owned();
+    let now = now_nanos();
+    store
+        .update_meta(
+            vec![SIGNING_KEY.to_owned(), RETIRED_SIGNING_KEYS.to_owned()],
+            move |values| {
+                let current = values[0].clone().ok_or("no current signing key")?;
+                // Another rotation between the read above and this write
+                // would be retired unseen: refuse instead.
+                let current_kid = decode_key(&current).map_err(|e| e.to_string())?;
+                if current_kid.kid() != expected_kid {
+                    return Err("the signing key changed meanwhile; run it again".into());
+                }
+                let mut retired: Vec<StoredRetiredKey> = match &values[1] {
+                    Some(text) => serde_json::from_str(text).map_err(|e| e.to_string())?,
+                    None => Vec::new(),
+                };
+                retired.push(StoredRetiredKey {
+                    key: current,
+                    retired_at: now,
+                });
+                let retired = serde_json::to_string(&retired).map_err(|e| e.to_string())?;
+                Ok(vec![encoded, retired])
+            },
+        )
+        .await?;
+    Ok((old.kid().to_owned(), new_kid))
+}
+
+/// Rereads the token-signing keys every `key_reload`, so that a rotation
+/// made by `cordon keys rotate` takes effect without a restart.
+async fn reload_keys(state: Arc<AppState>) {
+    loop {
+        tokio::time::sleep(state.config.key_reload).await;
+        match key_ring(&state.store).await {
+            Ok(ring) => {
+                if ring.fingerprint() != state.key_ring().fingerprint() {
+                    tracing::info!(
+                        kid = ring.current().kid(),
+                        "token-signing key rotated: new tokens are signed with the new key"
+                    );
+                    *state.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ring);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not reread the token-signing keys"),
+        }
+    }
 }
 
 /// Starts the server: store, keys, certificate, listener and background
@@ -638,7 +750,7 @@ pub async fn start_with(
         tracing::warn!(%change, "the data directory or a file in it was open to other users; made private");
     }
     let tenant_id = tenant_id(&store).await?;
-    let signing_key = signing_key(&store).await?;
+    let keys = key_ring(&store).await?;
     let first = listeners.first().context("no listener")?;
     let local_addr = first.local_addr()?;
     let mut listen_addrs = Vec::new();
@@ -746,7 +858,7 @@ pub async fn start_with(
         tenant_id: tenant_id.clone(),
         public_url: public_url.clone(),
         issuer,
-        signing_key: Arc::new(signing_key),
+        keys: std::sync::RwLock::new(Arc::new(keys)),
         gateway: gateway::Gateway::new(metrics.agent_sessions.clone()),
         dummy_hash: crypto::hash_secret("not a secret"),
         throttle: throttle::Throttle::new(config_signin.0, config_signin.1),
@@ -765,6 +877,7 @@ pub async fn start_with(
         tokio::spawn(audit_upkeep(state.clone())),
         tokio::spawn(events::run(state.clone())),
         tokio::spawn(webhooks::run(state.clone())),
+        tokio::spawn(reload_keys(state.clone())),
     ];
     let metrics_addr = match metrics_listener {
         Some(listener) => {
@@ -889,7 +1002,7 @@ async fn audit_upkeep(state: Arc<AppState>) {
         let before = now_nanos().saturating_sub(retention.as_nanos().min(i64::MAX as u128) as i64);
         match audit::prune(
             &state.store,
-            state.signing_key.clone(),
+            state.signing_key(),
             before,
             "server (audit retention)".to_owned(),
             "SERVER",

@@ -56,6 +56,9 @@ enum Command {
     /// Manage webhooks: signed HTTPS pushes of events to playbooks.
     #[command(subcommand)]
     Webhook(webhook_cmd::WebhookCommand),
+    /// Manage the token-signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Write a backup of the data directory to one file, while the server
     /// runs: the database as of one moment, with the CA and the server
     /// certificate and their keys (keep it as safe as the data directory).
@@ -79,6 +82,21 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         from: PathBuf,
         /// Print what was restored as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a new token-signing key: tokens are signed with it from now on
+    /// (a running server takes it within 10 s). The old key stays in the
+    /// JWKS, and its tokens stay valid, until every token it signed has
+    /// expired (an hour and a few minutes).
+    Rotate {
+        #[command(flatten)]
+        data: DataDir,
+        /// Print the old and new key ids as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -665,6 +683,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Role(command) => people_cmd::role_command(command).await,
         Command::Group(command) => people_cmd::group_command(command).await,
         Command::Webhook(command) => webhook_cmd::webhook_command(command).await,
+        Command::Keys(KeysCommand::Rotate { data, json }) => {
+            let store = data.open().await?;
+            let (old, new) = server::rotate_signing_key(&store).await?;
+            server::audit::record_command(&store, "keys.rotate", &new).await?;
+            let until = server::now_nanos()
+                + server::jwt::RETIRED_KEY_GRACE_SECONDS.saturating_mul(1_000_000_000);
+            let until = proto::time::format_utc(until);
+            if json {
+                let out = serde_json::json!({
+                    "oldKeyId": old,
+                    "newKeyId": new,
+                    "oldKeyValidUntil": until,
+                });
+                println!("{out}");
+            } else {
+                println!("New token-signing key {new} (it replaces {old}).");
+                println!(
+                    "A running server signs with it within 10 s; tokens signed with {old} stay \
+                     valid, and it stays in the JWKS, until {until}."
+                );
+            }
+            Ok(())
+        }
         Command::Backup { data, to, json } => backup_command(data, to, json).await,
         Command::Restore { data, from, json } => restore_command(data, from, json).await,
     }
@@ -754,8 +795,8 @@ async fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
             let store = data.open().await?;
             let checkpoint = store.audit_checkpoint().await?;
             if let Some(c) = &checkpoint {
-                let key = server::signing_key(&store).await?;
-                if !key.verify_text(&c.signed_text(), &c.signature) {
+                let keys = server::key_ring(&store).await?;
+                if !keys.verify_text(&c.signed_text(), &c.signature) {
                     bail!(
                         "the audit chain is broken: the checkpoint of the last prune (record {}) \
                          is not signed by this server's key (it was altered)",

@@ -56,7 +56,7 @@ async fn status_with(server: &TestServer, token: &str) -> (u16, Option<String>) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_stale_tokens_are_refused() {
     let server = TestServer::start().await;
-    let key = &server.server.state.signing_key;
+    let key = &server.server.state.signing_key();
     // The server's own signature on good claims works.
     assert_eq!(
         status_with(&server, &key.sign(&claims(&server))).await.0,

@@ -1119,7 +1119,7 @@ async fn a_stream_ends_when_its_token_expires() {
     )
     .unwrap();
     claims.exp = server::unix_seconds() + 2;
-    let short = server.server.state.signing_key.sign(&claims);
+    let short = server.server.state.signing_key().sign(&claims);
     let mut stream = open(&server, &short, None).await;
     let started = tokio::time::Instant::now();
     while stream.frame_within(Duration::from_secs(10)).await.is_some() {}

@@ -189,8 +189,8 @@ async fn tokens_of_another_cordon_server_verify_and_forgeries_do_not() {
     assert!(matches!(refused, Err(OidcError::Signature)), "{refused:?}");
 
     // `none`, and HS256 keyed with the provider's public key.
-    let kid = provider.server.state.signing_key.kid().to_owned();
-    let public = serde_json::to_vec(&provider.server.state.signing_key.jwk()).unwrap();
+    let kid = provider.server.state.signing_key().kid().to_owned();
+    let public = serde_json::to_vec(&provider.server.state.signing_key().jwk()).unwrap();
     for alg in ["none", "HS256"] {
         let header =
             URL_SAFE_NO_PAD.encode(json!({"alg": alg, "typ": "JWT", "kid": kid}).to_string());

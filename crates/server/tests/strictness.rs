@@ -115,7 +115,7 @@ async fn token_times_at_the_ends_of_the_integers_do_not_wrap() {
     ] {
         let mut api = Api {
             http: server.https(),
-            token: state.signing_key.sign(&claims(nbf, exp)),
+            token: state.signing_key().sign(&claims(nbf, exp)),
         };
         let reply = api.get("/api/machines").await;
         assert_eq!(

@@ -430,6 +430,35 @@ impl Store {
         outcome
     }
 
+    /// Reads values of the `meta` table (`None`: absent) and writes the
+    /// values `change` makes of them, in one write transaction: a
+    /// read-modify-write no other writer can come between. `change`'s error
+    /// fails the write, which then changes nothing.
+    pub async fn update_meta<F>(&self, keys: Vec<String>, change: F) -> Result<()>
+    where
+        F: FnOnce(Vec<Option<String>>) -> std::result::Result<Vec<String>, String> + Send + 'static,
+    {
+        self.write(move |conn| {
+            let mut current = Vec::with_capacity(keys.len());
+            for key in &keys {
+                current.push(
+                    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                        .optional()?,
+                );
+            }
+            let values = change(current).map_err(StoreError::Commit)?;
+            for (key, value) in keys.iter().zip(values) {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    params![key, value],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Reads a value of the `meta` table, creating it with `init` when absent.
     pub async fn meta_or_init(&self, key: &str, init: impl FnOnce() -> String) -> Result<String> {
         let key = key.to_owned();
