@@ -179,6 +179,26 @@ class Receiver(http.server.ThreadingHTTPServer):
         self.completed: Dict[str, dict] = {}  # action id -> final MachineAction
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.tls.load_cert_chain(cert, cert_key)
+        self.slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+
+    # At most this many connections at once (one thread each); more are closed.
+    MAX_CONNECTIONS = 32
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            request.close()  # Cordon retries what was not answered
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def finish_request(self, request, client_address):
         # Runs in the connection's own thread: a slow or failed TLS handshake holds
@@ -197,9 +217,12 @@ class Receiver(http.server.ThreadingHTTPServer):
 
 class WebhookHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
-        length = int(self.headers.get("content-length") or 0)
-        if length > 1 << 20:
-            return self.answer(413)
+        try:
+            length = int(self.headers.get("content-length", ""))
+        except ValueError:
+            return self.answer(411)  # no length, or not a number: refused, nothing read
+        if not 0 <= length <= 1 << 20:
+            return self.answer(413)  # negative (read(-1) would read to the end) or too large
         body = self.rfile.read(length)
         server: Receiver = self.server
         if not verify(server.key, self.headers, body):

@@ -612,8 +612,10 @@ async fn tampering_is_undone_within_a_second_and_reported() {
     }
     assert_eq!(env.reach(&m1.host), NONE);
 
-    // Reported to the server and visible on the machine.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // Reported to the server and visible on the machine (the second report
+    // within 5 s of the first is written when those 5 s are up: the server
+    // folds a session's tamper reports).
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let machine = env.machine(&m1.machine_id).await;
         if machine["tamperCount"].as_i64().unwrap_or(0) >= 2 {

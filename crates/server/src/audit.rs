@@ -31,6 +31,12 @@ use crate::auth::Principal;
 use crate::error::{ApiError, ErrorSummary};
 use crate::{AppState, ConnInfo, crypto, odata};
 
+/// What the audit middleware writes as a call's `detail` when the handler
+/// leaves it on its response: what a bulk call created and refused, which
+/// webhook a call created or deleted.
+#[derive(Debug, Clone)]
+pub struct AuditDetail(pub String);
+
 /// Where the [`Principal`] extractor leaves the caller's name for the
 /// middleware (a request extension shared with it).
 #[derive(Debug, Clone, Default)]
@@ -349,10 +355,11 @@ pub async fn record(
         .to_owned();
     let detail = match response.extensions().get::<ErrorSummary>() {
         Some(e) => Some(format!("{}: {}", e.code, e.message)),
-        // A bulk call: what it created and refused.
+        // What the handler said the call did (a bulk call: what it created
+        // and refused; a webhook: which one, to where).
         None => response
             .extensions()
-            .get::<crate::bulk::AuditDetail>()
+            .get::<AuditDetail>()
             .map(|d| d.0.clone()),
     };
     let outcome = outcome(status);

@@ -35,10 +35,7 @@ pub const MAX_MACHINES: usize = 1_000;
 /// it created (the store keeps 512 characters of a record's detail).
 const DETAIL_BUDGET: usize = store::MAX_DETAIL_CHARS;
 
-/// What the audit middleware writes as the bulk call's `detail`: what was
-/// asked, what was created and what was refused (left on the response).
-#[derive(Debug, Clone)]
-pub struct AuditDetail(pub String);
+use crate::audit::AuditDetail;
 
 /// `POST /api/machines/isolate`.
 pub async fn isolate(

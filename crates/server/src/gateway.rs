@@ -759,6 +759,9 @@ async fn run_session<IO>(
             Reported {
                 scope: machine.isolation_scope,
                 exclusion_version: machine.exclusion_version,
+                tamper_recorded: None,
+                tamper_folded: 0,
+                tamper_detail: String::new(),
             },
             // A reconnecting agent usually reports what is stored: nothing
             // to write then (a fleet reconnecting after a restart would make
@@ -782,9 +785,89 @@ async fn run_session<IO>(
 struct Reported {
     scope: Option<String>,
     exclusion_version: Option<i64>,
+    /// When this session last recorded a tamper report, and the reports
+    /// folded since (at most one a [`TAMPER_FOLD`] is written: each is a
+    /// durable write, an event and a webhook delivery).
+    tamper_recorded: Option<std::time::Instant>,
+    tamper_folded: u32,
+    /// The last report's words.
+    tamper_detail: String,
+}
+
+/// The shortest time between two tamper reports of one session written to
+/// the store; the ones between are folded into one record, written when the
+/// time is up.
+const TAMPER_FOLD: Duration = Duration::from_secs(5);
+
+/// Messages a session may send in a burst, and a second on average after
+/// it: far above what an agent sends (a heartbeat every few seconds, an
+/// acknowledgement and a result per action), far below what would load the
+/// store. Past it, the session is closed.
+const MESSAGE_BURST: f64 = 50.0;
+const MESSAGES_PER_SECOND: f64 = 10.0;
+
+/// A session's message budget (a token bucket).
+struct MessageBudget {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl MessageBudget {
+    fn new() -> MessageBudget {
+        MessageBudget {
+            tokens: MESSAGE_BURST,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes one message's place; `false` when the budget is spent.
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * MESSAGES_PER_SECOND;
+        self.tokens = (self.tokens + refill).min(MESSAGE_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Reported {
+    /// When the folded tamper reports are to be written, if there are any.
+    fn tamper_due(&self) -> Option<tokio::time::Instant> {
+        (self.tamper_folded > 0).then(|| {
+            self.tamper_recorded
+                .map_or_else(tokio::time::Instant::now, |at| (at + TAMPER_FOLD).into())
+        })
+    }
+
+    /// Writes the tamper reports received since the last write, as one.
+    async fn flush_tamper(&mut self, state: &AppState, machine_id: &str) {
+        let count = std::mem::take(&mut self.tamper_folded);
+        if count == 0 {
+            return;
+        }
+        self.tamper_recorded = Some(std::time::Instant::now());
+        let detail = match count {
+            1 => self.tamper_detail.clone(),
+            n => format!(
+                "{} ({n} reports in {} s)",
+                self.tamper_detail,
+                TAMPER_FOLD.as_secs()
+            ),
+        };
+        if let Err(e) = state
+            .store
+            .record_tamper(machine_id, detail, i64::from(count), crate::now_nanos())
+            .await
+        {
+            tracing::warn!(error = %e, "could not record a tamper report");
+        }
+    }
+
     async fn record_scope(&mut self, state: &AppState, machine_id: &str, scope: Option<String>) {
         if scope == self.scope {
             return;
@@ -905,8 +988,13 @@ where
         drop(setup);
         let idle_limit = state.config.heartbeat_interval * 3 + Duration::from_secs(5);
         let mut line = Vec::new();
+        let mut budget = MessageBudget::new();
         loop {
+            let tamper_due = reported.tamper_due();
             tokio::select! {
+                _ = tokio::time::sleep_until(tamper_due.unwrap_or_else(tokio::time::Instant::now)), if tamper_due.is_some() => {
+                    reported.flush_tamper(&state, &machine_id).await;
+                }
                 read = tokio::time::timeout(idle_limit, read_line(&mut reader, &mut line)) => {
                     match read {
                         Err(_) => {
@@ -921,6 +1009,11 @@ where
                         Ok(Ok(Some(()))) => {}
                     }
                     state.gateway.touch(&machine_id);
+                    if !budget.take() {
+                        tracing::warn!("agent sends messages faster than any agent does; closing the session");
+                        refuse(&mut writer, "ProtocolError", "too many messages: at most 10 a second on average").await;
+                        return Ok(());
+                    }
                     let parsed = crate::json::from_slice::<AgentMessage>(&line);
                     line.clear();
                     if line.capacity() > SESSION_LINE_KEPT {
@@ -1097,9 +1190,14 @@ async fn handle(
                 .filter(|c| !c.is_control())
                 .take(500)
                 .collect();
-            tracing::warn!(%detail, restored, "agent reports its isolation rules were tampered with");
-            if let Err(e) = state.store.record_tamper(machine_id, detail, now).await {
-                tracing::warn!(error = %e, "could not record a tamper report");
+            let due = reported
+                .tamper_recorded
+                .is_none_or(|at| at.elapsed() >= TAMPER_FOLD);
+            reported.tamper_detail = detail;
+            reported.tamper_folded = reported.tamper_folded.saturating_add(1);
+            if due {
+                tracing::warn!(detail = %reported.tamper_detail, restored, "agent reports its isolation rules were tampered with");
+                reported.flush_tamper(state, machine_id).await;
             }
             None
         }

@@ -62,6 +62,8 @@ pub const MAX_LISTED: usize = 100;
 /// How often the sender looks for webhooks and deliveries written by another
 /// process (admin commands), and for retries that came due.
 const POLL: Duration = Duration::from_secs(1);
+/// The longest error text an attempt records, in characters.
+const MAX_ERROR: usize = 300;
 /// How much of a receiver's answer is read (and thrown away).
 const MAX_ANSWER: usize = 64 * 1024;
 /// Where the system's CA certificates are (Debian, Ubuntu, Alpine, Arch).
@@ -519,13 +521,16 @@ async fn create_endpoint(
     let webhook = create(&state.store, webhook).await?;
     tracing::info!(webhook_id = %webhook.id, url = %webhook.url, by = %principal.display_name, "webhook created");
     state.metrics.webhooks_changed.notify_one();
-    Ok(webhook_response(
-        StatusCode::CREATED,
-        &state,
-        &headers,
-        &webhook,
-        true,
-    ))
+    let mut response = webhook_response(StatusCode::CREATED, &state, &headers, &webhook, true);
+    response
+        .extensions_mut()
+        .insert(crate::audit::AuditDetail(format!(
+            "webhook {} to {} for {}",
+            webhook.id,
+            webhook.url,
+            webhook.events.join(", ")
+        )));
+    Ok(response)
 }
 
 async fn delete(
@@ -535,6 +540,12 @@ async fn delete(
 ) -> Result<Response, ApiError> {
     require_manager(&principal)?;
     let id = webhook_id_param(&id)?;
+    let url = state
+        .store
+        .get_webhook(&id)
+        .await?
+        .ok_or_else(|| not_found(&id))?
+        .url;
     match state.store.delete_webhook(&id).await {
         Ok(()) => {}
         Err(StoreError::NotFound) => return Err(not_found(&id)),
@@ -542,7 +553,11 @@ async fn delete(
     }
     tracing::info!(webhook_id = %id, by = %principal.display_name, "webhook deleted");
     state.metrics.webhooks_changed.notify_one();
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response
+        .extensions_mut()
+        .insert(crate::audit::AuditDetail(format!("webhook {id} to {url}")));
+    Ok(response)
 }
 
 async fn list_deliveries(
@@ -667,14 +682,18 @@ async fn send_deliveries(
                 .collect()
                 .await
         };
-        let mut failed = false;
+        // The receiver, not one delivery, is failing: no answer, or a 5xx
+        // or 429. (A 4xx for one delivery leaves the others going.)
+        let mut receiver_failing = false;
         let mut outcomes = Vec::with_capacity(due.len());
         for (index, attempt) in attempts {
             let delivery = &due[index];
             let after = if attempt.error.is_none() {
                 AfterAttempt::Delivered
             } else {
-                failed = true;
+                receiver_failing |= attempt
+                    .status
+                    .is_none_or(|status| status >= 500 || status == 429);
                 next_attempt(delivery, &settings, attempt.at)
             };
             let outcome = match after {
@@ -709,11 +728,14 @@ async fn send_deliveries(
             }
             outcomes.push((delivery.seq, attempt, after));
         }
-        // One write for the round's attempts.
+        // One write for the round's attempts. If it fails (a full disk, say)
+        // the deliveries stay due: back off rather than send them again at
+        // once.
         if let Err(e) = state.store.record_attempts(outcomes).await {
             tracing::warn!(error = %e, "webhooks: cannot record delivery attempts");
+            receiver_failing = true;
         }
-        if failed {
+        if receiver_failing {
             failing = failing.saturating_add(1);
             tokio::time::sleep(backoff(settings.retry_base, failing)).await;
         } else {
@@ -799,7 +821,7 @@ impl Client {
                 Some(status.as_u16()),
                 Some(format!("the receiver answered {status}")),
             ),
-            Ok(Err(e)) => (None, Some(e)),
+            Ok(Err(e)) => (None, Some(shorten_error(e))),
             Err(_) => (
                 None,
                 Some(format!(
@@ -817,10 +839,23 @@ impl Client {
     }
 
     async fn post(&self, delivery: &DeliveryRecord) -> Result<StatusCode, String> {
-        let mut sender = match self.idle_connection() {
-            Some(sender) => sender,
-            None => self.connect().await?,
-        };
+        if let Some(sender) = self.idle_connection() {
+            match self.post_on(sender, delivery).await {
+                Ok(status) => return Ok(status),
+                // The receiver may have closed the kept-alive connection
+                // just as it was taken: once more, on a new one.
+                Err(e) => tracing::debug!(error = %e, "webhook: a kept-alive connection failed"),
+            }
+        }
+        let sender = self.connect().await?;
+        self.post_on(sender, delivery).await
+    }
+
+    async fn post_on(
+        &self,
+        mut sender: SendRequest<Full<Bytes>>,
+        delivery: &DeliveryRecord,
+    ) -> Result<StatusCode, String> {
         let timestamp = now_nanos() / 1_000_000_000;
         let body = Bytes::from(delivery.body.clone());
         let request = http::Request::post(self.path.as_str())
@@ -893,6 +928,16 @@ impl Client {
     }
 }
 
+/// An error as recorded and logged: at most [`MAX_ERROR`] characters (a
+/// TLS error names every name of the receiver's certificate).
+fn shorten_error(mut error: String) -> String {
+    if let Some((cut, _)) = error.char_indices().nth(MAX_ERROR) {
+        error.truncate(cut);
+        error.push('…');
+    }
+    error
+}
+
 /// The TLS settings for a receiver: its own CA certificates, or the
 /// system's roots.
 fn tls_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
@@ -926,11 +971,19 @@ fn tls_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String>
 /// deliveries older than [`HISTORY`], in bounded batches; the number
 /// removed.
 pub async fn prune(store: &Store, settings: &Settings) -> Result<u64, StoreError> {
-    const BATCH: usize = 1000;
+    const BATCH: usize = store::DELETE_BATCH;
     let now = now_nanos();
-    let expired = store
-        .expire_deliveries(now.saturating_sub(nanos(settings.retry_for)), now)
-        .await?;
+    let mut expired = 0;
+    loop {
+        let batch = store
+            .expire_deliveries(now.saturating_sub(nanos(settings.retry_for)), now)
+            .await?;
+        expired += batch;
+        if batch < BATCH as u64 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
     if expired > 0 {
         tracing::warn!(
             expired,

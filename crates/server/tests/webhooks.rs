@@ -964,3 +964,87 @@ async fn the_cli_manages_webhooks_and_a_killed_server_still_delivers() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+// ---- what a compromised agent can put in the outbox ---------------------------
+
+/// A hostile agent (root on an isolated machine holds its key) can't flood
+/// the event log and the webhooks' outbox: its tamper reports are folded
+/// into one record every 5 s, and a session sending more than 10 messages
+/// a second (after a burst of 50) is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_agent_is_folded_then_cut_off() {
+    use proto::agent::ServerMessage;
+    let server = TestServer::start().await;
+    let agent = server.enroll("flooder").await;
+    let mut session = agent.connect().await;
+    let tamper_events = || async {
+        server
+            .store()
+            .events_after(0, i64::MAX, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.event_type == "machine.tamperDetected")
+            .count()
+    };
+    for n in 0..30 {
+        session
+            .send(&AgentMessage::Tamper {
+                detail: format!("report {n}"),
+                restored: true,
+            })
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut api = server.api().await;
+    assert_eq!(tamper_events().await, 1);
+    assert_eq!(api.machine(&agent.machine_id()).await["tamperCount"], 1);
+    // The other 29, as one record, once the 5 s are up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let machine = api.machine(&agent.machine_id()).await;
+        if machine["tamperCount"] == 30 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{machine}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(tamper_events().await, 2);
+    let last = server
+        .store()
+        .events_after(0, i64::MAX, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .rfind(|e| e.event_type == "machine.tamperDetected")
+        .unwrap();
+    assert!(
+        last.body.contains("report 29 (29 reports in 5 s)"),
+        "{}",
+        last.body
+    );
+
+    // Past the message budget, the session is closed.
+    let heartbeat = AgentMessage::Heartbeat {
+        enforced: Enforced::NotIsolated,
+        exclusion_version: None,
+    };
+    let mut refused = None;
+    for _ in 0..200 {
+        if session.send(&heartbeat).await.is_err() {
+            break;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while refused.is_none() && tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), session.recv()).await {
+            Ok(Ok(ServerMessage::Refused { code, reason, .. })) => refused = Some((code, reason)),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    let (code, reason) = refused.expect("the session was refused");
+    assert_eq!(code, "ProtocolError");
+    assert!(reason.contains("too many messages"), "{reason}");
+}

@@ -43,7 +43,9 @@ pub use people::{
 };
 pub use query::{CmpOp, Cursor, Direction, FieldSql, Filter, Kind, Page, Query, SqlContext, Value};
 pub use records::*;
-pub use webhooks::{AfterAttempt, AttemptRecord, DeliveryRecord, MAX_WEBHOOKS, WebhookRecord};
+pub use webhooks::{
+    AfterAttempt, AttemptRecord, DELETE_BATCH, DeliveryRecord, MAX_WEBHOOKS, WebhookRecord,
+};
 
 /// Errors of the store. Domain outcomes have their own variants so that the
 /// server can map them to the contract's error codes.

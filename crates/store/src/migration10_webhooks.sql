@@ -50,8 +50,16 @@ CREATE TABLE webhook_deliveries (
 -- The dispatcher's question: a webhook's deliveries due now, oldest first.
 CREATE INDEX webhook_deliveries_due
     ON webhook_deliveries (webhook_id, next_attempt_at, seq) WHERE state = 'pending';
--- `cordon webhook deliveries`, newest first, and the history prune.
-CREATE INDEX webhook_deliveries_created ON webhook_deliveries (created_at);
+-- One webhook's deliveries, newest first (`cordon webhook deliveries
+-- --webhook`, `GET /api/webhooks/{id}/deliveries`), and its deletion in
+-- batches.
+CREATE INDEX webhook_deliveries_webhook ON webhook_deliveries (webhook_id, seq);
+-- The history prune: finished deliveries, oldest first.
+CREATE INDEX webhook_deliveries_created ON webhook_deliveries (created_at)
+    WHERE state != 'pending';
+-- The expiry of deliveries never tried within their window.
+CREATE INDEX webhook_deliveries_pending_created ON webhook_deliveries (created_at)
+    WHERE state = 'pending';
 
 -- Every attempt of a delivery and its outcome.
 CREATE TABLE webhook_attempts (

@@ -974,15 +974,22 @@ impl Store {
         .await
     }
 
-    /// Records that the machine's agent found its table tampered with.
-    pub async fn record_tamper(&self, machine_id: &str, detail: String, now: i64) -> Result<()> {
+    /// Records that the machine's agent found its table tampered with
+    /// (`count` reports folded into one record).
+    pub async fn record_tamper(
+        &self,
+        machine_id: &str,
+        detail: String,
+        count: i64,
+        now: i64,
+    ) -> Result<()> {
         let machine_id = machine_id.to_owned();
         self.write(move |conn| {
             conn.prepare_cached(
-                "UPDATE machines SET tamper_count = tamper_count + 1, last_tamper_at = ?2, \
+                "UPDATE machines SET tamper_count = tamper_count + ?4, last_tamper_at = ?2, \
                  last_tamper_detail = ?3 WHERE id = ?1",
             )?
-            .execute(params![machine_id, now, detail])?;
+            .execute(params![machine_id, now, detail, count.max(1)])?;
             Ok(())
         })
         .await

@@ -15,6 +15,10 @@ use crate::{Result, Store, StoreError};
 /// its types, inside the transaction of the change.
 pub const MAX_WEBHOOKS: usize = 50;
 
+/// Rows removed or changed by one write of the housekeeping (deleting a
+/// webhook's deliveries, expiring, pruning).
+pub const DELETE_BATCH: usize = 1000;
+
 /// A webhook as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WebhookRecord {
@@ -143,7 +147,8 @@ fn record_attempt(
             "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?2, \
              next_attempt_at = ?3, last_attempt_at = ?4, last_status = ?5, \
              last_error = ?6, delivered_at = ?7 \
-             WHERE seq = ?1 AND state = 'pending' RETURNING attempts",
+             WHERE seq = ?1 AND (state = 'pending' OR (state = 'failed' AND ?2 = 'delivered')) \
+             RETURNING attempts",
         )?
         .query_row(
             params![
@@ -223,8 +228,31 @@ impl Store {
         self.read(move |conn| get_webhook(conn, &id)).await
     }
 
-    /// Removes a webhook and its deliveries, sent or not.
+    /// Removes a webhook and its deliveries, sent or not: the deliveries
+    /// first, [`DELETE_BATCH`] per write (a webhook whose receiver was down
+    /// for a day may have many; one transaction would hold the writer that
+    /// long), then the webhook.
     pub async fn delete_webhook(&self, id: &str) -> Result<()> {
+        if self.get_webhook(id).await?.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        loop {
+            let webhook_id = id.to_owned();
+            let removed = self
+                .write(move |conn| {
+                    Ok(conn
+                        .prepare_cached(
+                            "DELETE FROM webhook_deliveries WHERE seq IN \
+                             (SELECT seq FROM webhook_deliveries WHERE webhook_id = ?1 \
+                              ORDER BY seq LIMIT ?2)",
+                        )?
+                        .execute(params![webhook_id, limit(DELETE_BATCH)])?)
+                })
+                .await?;
+            if removed < DELETE_BATCH {
+                break;
+            }
+        }
         let id = id.to_owned();
         self.write(move |conn| {
             match conn
@@ -276,8 +304,9 @@ impl Store {
 
     /// Records attempts of pending deliveries (by `seq`) and what follows
     /// each, in one transaction. A delivery no longer pending (its webhook
-    /// deleted, or another sender finished it) is left as it is. The number
-    /// recorded.
+    /// deleted, or another sender finished it) is left as it is, except that
+    /// a delivery given up while its last attempt was in flight takes that
+    /// attempt's success. The number recorded.
     pub async fn record_attempts(
         &self,
         attempts: Vec<(i64, AttemptRecord, AfterAttempt)>,
@@ -302,13 +331,24 @@ impl Store {
     ) -> Result<Vec<DeliveryRecord>> {
         let webhook_id = webhook_id.map(str::to_owned);
         self.read(move |conn| {
-            Ok(conn
-                .prepare_cached(&format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries \
-                     WHERE ?1 IS NULL OR webhook_id = ?1 ORDER BY seq DESC LIMIT ?2"
-                ))?
-                .query_map(params![webhook_id, limit(limit_to)], delivery_from_row)?
-                .collect::<rusqlite::Result<_>>()?)
+            // Two statements, each with its index: one webhook's
+            // (`webhook_deliveries_webhook`), or all in `seq` order.
+            Ok(match webhook_id {
+                Some(id) => conn
+                    .prepare_cached(&format!(
+                        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries \
+                         WHERE webhook_id = ?1 ORDER BY seq DESC LIMIT ?2"
+                    ))?
+                    .query_map(params![id, limit(limit_to)], delivery_from_row)?
+                    .collect::<rusqlite::Result<_>>()?,
+                None => conn
+                    .prepare_cached(&format!(
+                        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries \
+                         ORDER BY seq DESC LIMIT ?1"
+                    ))?
+                    .query_map(params![limit(limit_to)], delivery_from_row)?
+                    .collect::<rusqlite::Result<_>>()?,
+            })
         })
         .await
     }
@@ -350,6 +390,7 @@ impl Store {
     /// (nanoseconds) that no attempt gave up yet: those held back while
     /// their receiver failed (only one delivery at a time probes a failing
     /// receiver). The number given up.
+    /// At most [`DELETE_BATCH`] a call: a caller expiring more calls again.
     pub async fn expire_deliveries(&self, before: i64, now: i64) -> Result<u64> {
         self.write(move |conn| {
             Ok(conn
@@ -357,9 +398,11 @@ impl Store {
                     "UPDATE webhook_deliveries SET state = 'failed', next_attempt_at = NULL, \
                      last_error = coalesce(last_error, 'not sent: the receiver failed \
                      throughout the retry window') \
-                     WHERE state = 'pending' AND created_at < ?1 AND next_attempt_at <= ?2",
+                     WHERE seq IN (SELECT seq FROM webhook_deliveries \
+                     WHERE state = 'pending' AND created_at < ?1 AND next_attempt_at <= ?2 \
+                     ORDER BY created_at LIMIT ?3)",
                 )?
-                .execute(params![before, now])? as u64)
+                .execute(params![before, now, limit(DELETE_BATCH)])? as u64)
         })
         .await
     }
