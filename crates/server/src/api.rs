@@ -63,6 +63,19 @@ pub fn routes() -> Router<Arc<AppState>> {
         .merge(crate::exclusions::routes())
 }
 
+/// A path id that must be a GUID, in lower case; `InvalidInput` naming
+/// `what` it should have been otherwise.
+pub(crate) fn guid_param(id: &str, what: &str) -> Result<String, ApiError> {
+    if crate::crypto::is_guid(id) {
+        Ok(id.to_ascii_lowercase())
+    } else {
+        Err(ApiError::invalid_input(format!(
+            "'{}' is not {what} (a GUID).",
+            shorten(id)
+        )))
+    }
+}
+
 /// The `{id}` of the path, decoded; a path that is not UTF-8 is an
 /// `InvalidInput` instead of axum's plain-text rejection.
 pub struct IdParam(pub String);

@@ -601,14 +601,7 @@ pub async fn delete_rule(store: &Store, id: &str) -> Result<(), ApiError> {
 // ---- the endpoints -----------------------------------------------------------
 
 fn rule_id_param(id: &str) -> Result<String, ApiError> {
-    if crypto::is_guid(id) {
-        Ok(id.to_ascii_lowercase())
-    } else {
-        Err(ApiError::invalid_input(format!(
-            "'{}' is not an exclusion rule id (a GUID).",
-            shorten(id)
-        )))
-    }
+    crate::api::guid_param(id, "an exclusion rule id")
 }
 
 /// These endpoints take no query options; a `$` option is refused as

@@ -352,14 +352,7 @@ fn require_manager(principal: &Principal) -> Result<(), ApiError> {
 }
 
 fn webhook_id_param(id: &str) -> Result<String, ApiError> {
-    if crypto::is_guid(id) {
-        Ok(id.to_ascii_lowercase())
-    } else {
-        Err(ApiError::invalid_input(format!(
-            "'{}' is not a webhook id (a GUID).",
-            shorten(id)
-        )))
-    }
+    crate::api::guid_param(id, "a webhook id")
 }
 
 fn not_found(id: &str) -> ApiError {

@@ -5,22 +5,12 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-
-async fn cordon(args: &[&str], data_dir: &Path) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_cordon"))
-        .args(args)
-        .env("CORDON_DATA_DIR", data_dir)
-        .output()
-        .await
-        .unwrap()
-}
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -58,7 +48,7 @@ async fn a_backup_under_write_load_holds_every_acknowledged_action_and_restores(
     let _ = std::fs::remove_file(&file);
     let started = Instant::now();
     let backed_up =
-        json(&cordon(&["backup", "--to", file.to_str().unwrap(), "--json"], &data).await);
+        json(&cordon_cli(&["backup", "--to", file.to_str().unwrap(), "--json"], &data).await);
     let during = acked.lock().unwrap().len();
     load.await.unwrap();
     let acked = acked.lock().unwrap().clone();
@@ -77,7 +67,7 @@ async fn a_backup_under_write_load_holds_every_acknowledged_action_and_restores(
     assert_eq!(mode, 0o600, "the backup holds keys");
 
     // Never over an existing file.
-    let again = cordon(&["backup", "--to", file.to_str().unwrap()], &data).await;
+    let again = cordon_cli(&["backup", "--to", file.to_str().unwrap()], &data).await;
     assert!(!again.status.success());
     assert!(
         stderr(&again).contains("exists already"),
@@ -85,7 +75,7 @@ async fn a_backup_under_write_load_holds_every_acknowledged_action_and_restores(
         stderr(&again)
     );
     // Not while the server serves the directory.
-    let busy = cordon(&["restore", "--from", file.to_str().unwrap()], &data).await;
+    let busy = cordon_cli(&["restore", "--from", file.to_str().unwrap()], &data).await;
     assert!(!busy.status.success());
     assert!(
         stderr(&busy).contains("already serving"),
@@ -98,7 +88,7 @@ async fn a_backup_under_write_load_holds_every_acknowledged_action_and_restores(
     let restored_dir = TempDir::new("restored");
     let target = restored_dir.0.join("data");
     let restored = json(
-        &cordon(
+        &cordon_cli(
             &["restore", "--from", file.to_str().unwrap(), "--json"],
             &target,
         )
@@ -134,7 +124,7 @@ async fn a_backup_under_write_load_holds_every_acknowledged_action_and_restores(
 
     // Restoring over a directory moves what it replaces aside.
     let over = json(
-        &cordon(
+        &cordon_cli(
             &["restore", "--from", file.to_str().unwrap(), "--json"],
             &target,
         )
@@ -151,7 +141,7 @@ async fn a_backup_under_write_load_holds_every_acknowledged_action_and_restores(
     assert!(target.join(aside).exists(), "{over}");
 
     // A server starts on it: same tenant, the machines and the trail.
-    let text = cordon(&["audit", "verify"], &target).await;
+    let text = cordon_cli(&["audit", "verify"], &target).await;
     assert!(text.status.success(), "{}", stderr(&text));
     server.server.stop();
     let revived = TestServer::start_in(restored_dir_with(target), |_| {}).await;
@@ -163,7 +153,7 @@ async fn a_backup_under_write_load_holds_every_acknowledged_action_and_restores(
     // Not a backup: refused, nothing changed.
     let garbage = restored_dir.0.join("garbage");
     std::fs::write(&garbage, b"not a database at all").unwrap();
-    let refused = cordon(
+    let refused = cordon_cli(
         &["restore", "--from", garbage.to_str().unwrap()],
         &restored_dir.0.join("other"),
     )

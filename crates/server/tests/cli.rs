@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -23,95 +23,6 @@ fn run_json(args: &[&str]) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `cordon serve` process, killed on drop.
-struct Served {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(data_dir: &Path) -> Served {
-    serve_on(data_dir, free_port())
-}
-
-fn serve_on(data_dir: &Path, port: u16) -> Served {
-    serve_with(data_dir, port, &[])
-}
-
-/// `cordon serve` with extra arguments.
-fn serve_with(data_dir: &Path, port: u16, extra: &[&str]) -> Served {
-    let mut child = cordon()
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(extra)
-        .env("CORDON_DATA_DIR", data_dir)
-        .env("CORDON_RATE_LIMIT_PER_MINUTE", "0")
-        .env("CORDON_RATE_LIMIT_PER_HOUR", "0")
-        .env("CORDON_ENROLL_LIMIT_PER_SOURCE", "0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut printed = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        printed.push_str(&line);
-        printed.push('\n');
-        if line.contains("CA file:") {
-            break;
-        }
-    }
-    assert!(printed.contains("Tenant id:"), "{printed}");
-    assert!(printed.contains("  Console:   https://"), "{printed}");
-    assert!(
-        printed.contains(&data_dir.join("ca.pem").display().to_string()),
-        "{printed}"
-    );
-    std::thread::spawn(move || for _ in lines {});
-    Served {
-        child,
-        url: format!("https://localhost:{port}"),
-    }
-}
-
-async fn token(url: &str, ca: &Path, app: &Value) -> String {
-    let mut http = agent::HttpsClient::new(agent::https::tls_config(ca).unwrap(), url).unwrap();
-    let reply = http
-        .request(
-            http::Method::POST,
-            &format!("/{}/oauth2/v2.0/token", app["tenantId"].as_str().unwrap()),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", app["clientId"].as_str().unwrap()),
-                ("client_secret", app["clientSecret"].as_str().unwrap()),
-                ("scope", "https://api.securitycenter.microsoft.com/.default"),
-            ]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{:?}", reply.body);
-    reply.json().unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
 }
 
 #[test]
@@ -459,7 +370,7 @@ async fn admin_commands_work_beside_a_running_server() {
         .unwrap();
     assert!(!bad.status.success());
 
-    let token = token(&served.url, &ca, &app).await;
+    let token = app_token(&served.url, &ca, &app).await;
     let enroll = run_json(&[
         "enroll-token",
         "create",
@@ -551,7 +462,7 @@ async fn acknowledged_actions_survive_a_sigkill() {
         machines.push(identity.machine_id);
         states.push(state);
     }
-    let token = token(&served.url, &ca, &app).await;
+    let token = app_token(&served.url, &ca, &app).await;
 
     // A burst of isolate requests; the server dies the moment the last 201 arrives.
     let mut tasks = Vec::new();

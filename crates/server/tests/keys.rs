@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -12,15 +11,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::*;
 use serde_json::Value;
-
-async fn cordon(args: &[&str], data_dir: &Path) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_cordon"))
-        .args(args)
-        .env("CORDON_DATA_DIR", data_dir)
-        .output()
-        .await
-        .unwrap()
-}
 
 fn succeeded(output: &Output) -> String {
     assert!(
@@ -83,7 +73,7 @@ async fn a_rotated_key_signs_new_tokens_while_the_old_ones_live_out_their_time()
     assert_eq!(published_kids(&server).await, vec![old_kid.clone()]);
     // A checkpoint signed with the old key: a record, then a prune of it.
     succeeded(
-        &cordon(
+        &cordon_cli(
             &[
                 "app",
                 "create",
@@ -98,11 +88,12 @@ async fn a_rotated_key_signs_new_tokens_while_the_old_ones_live_out_their_time()
     );
     tokio::time::sleep(Duration::from_millis(20)).await;
     let now = proto::time::format_utc(server::now_nanos());
-    let pruned = succeeded(&cordon(&["audit", "prune", "--before", &now, "--json"], &data).await);
+    let pruned =
+        succeeded(&cordon_cli(&["audit", "prune", "--before", &now, "--json"], &data).await);
     assert!(pruned.contains("\"checkpointSeq\":1"), "{pruned}");
 
     let rotated: Value = serde_json::from_str(&succeeded(
-        &cordon(&["keys", "rotate", "--json"], &data).await,
+        &cordon_cli(&["keys", "rotate", "--json"], &data).await,
     ))
     .unwrap();
     assert_eq!(rotated["oldKeyId"], old_kid.as_str());
@@ -124,7 +115,7 @@ async fn a_rotated_key_signs_new_tokens_while_the_old_ones_live_out_their_time()
     );
     assert_eq!(before.get("/api/machines").await.status, 200);
     assert_eq!(after.get("/api/machines").await.status, 200);
-    let verified = succeeded(&cordon(&["audit", "verify"], &data).await);
+    let verified = succeeded(&cordon_cli(&["audit", "verify"], &data).await);
     assert!(verified.contains("chain intact"), "{verified}");
 
     // Once the old key's tokens have all expired (its retirement moved two
@@ -154,11 +145,11 @@ async fn a_rotated_key_signs_new_tokens_while_the_old_ones_live_out_their_time()
     .await;
     assert_eq!(published_kids(&server).await, vec![new_kid.clone()]);
     assert_eq!(after.get("/api/machines").await.status, 200);
-    let verified = succeeded(&cordon(&["audit", "verify"], &data).await);
+    let verified = succeeded(&cordon_cli(&["audit", "verify"], &data).await);
     assert!(verified.contains("chain intact"), "{verified}");
 
     // Rotated twice: the trail names each rotation.
-    succeeded(&cordon(&["keys", "rotate"], &data).await);
-    let trail = succeeded(&cordon(&["audit", "export"], &data).await);
+    succeeded(&cordon_cli(&["keys", "rotate"], &data).await);
+    let trail = succeeded(&cordon_cli(&["audit", "export"], &data).await);
     assert_eq!(trail.matches("\"keys.rotate\"").count(), 2, "{trail}");
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -757,37 +757,6 @@ fn stdout_json(output: &std::process::Output) -> Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-/// `cordon serve` on `data`; returns the process and its API port.
-fn serve(data: &std::path::Path, log: &std::path::Path) -> (std::process::Child, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cordon"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "off",
-        ])
-        .env("CORDON_DATA_DIR", data)
-        .env("CORDON_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut port = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("Cordon is serving on https://127.0.0.1:") {
-            port = rest.trim().trim_end_matches('/').parse().ok();
-        }
-        if line.contains("CA file:") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    (child, port.expect("the serving line"))
-}
-
 /// `cordon webhook create|list|deliveries|delete` as a user types them,
 /// with the secret on standard input; then SIGKILL of the server while a
 /// delivery waits for its receiver: after the restart it arrives, signed,
@@ -796,8 +765,7 @@ fn serve(data: &std::path::Path, log: &std::path::Path) -> (std::process::Child,
 async fn the_cli_manages_webhooks_and_a_killed_server_still_delivers() {
     let dir = TempDir::new("webhook-cli");
     let data = dir.0.join("data");
-    let log = dir.0.join("serve.log");
-    let (mut child, port) = serve(&data, &log);
+    let served = serve(&data);
     let ca_file = dir.0.join("receiver-ca.pem");
     let spare = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = spare.local_addr().unwrap();
@@ -871,32 +839,8 @@ async fn the_cli_manages_webhooks_and_a_killed_server_still_delivers() {
         None,
     ));
     let ca = data.join("ca.pem");
-    let mut http = HttpsClient::new(
-        agent::https::tls_config(&ca).unwrap(),
-        &format!("https://localhost:{port}"),
-    )
-    .unwrap();
-    let tenant = app["tenantId"].as_str().unwrap();
-    let token = {
-        let reply = http
-            .request(
-                http::Method::POST,
-                &format!("/{tenant}/oauth2/v2.0/token"),
-                &[("content-type", "application/x-www-form-urlencoded")],
-                form(&[
-                    ("grant_type", "client_credentials"),
-                    ("client_id", app["clientId"].as_str().unwrap()),
-                    ("client_secret", app["clientSecret"].as_str().unwrap()),
-                    ("scope", "https://api.securitycenter.microsoft.com/.default"),
-                ]),
-            )
-            .await
-            .unwrap();
-        reply.json().unwrap()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let http = HttpsClient::new(agent::https::tls_config(&ca).unwrap(), &served.url).unwrap();
+    let token = app_token(&served.url, &ca, &app).await;
     let mut api = Api { http, token };
     let rule = api
         .post(
@@ -936,12 +880,12 @@ async fn the_cli_manages_webhooks_and_a_killed_server_still_delivers() {
         text.contains("exclusionRule.changed") && text.contains("no answer"),
         "{text}"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // SIGKILL, then the same command again.
+    drop(served);
 
     let receiver = Receiver::restart(addr, ca_pem, cert, key).await;
     *receiver.secret.lock().unwrap() = secret;
-    let (mut child, _) = serve(&data, &log);
+    let served = serve(&data);
     let received = receiver
         .wait_for("the delivery made before the kill", |r| {
             r.iter().any(|r| r.id == pending["id"].as_str().unwrap())
@@ -961,8 +905,7 @@ async fn the_cli_manages_webhooks_and_a_killed_server_still_delivers() {
     assert_eq!(listed, json!([]));
     let again = cordon(&data, &["webhook", "delete", &webhook_id], None);
     assert!(!again.status.success());
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(served);
 }
 
 // ---- what a compromised agent can put in the outbox ---------------------------

@@ -603,3 +603,106 @@ pub async fn enroll_many(server: &TestServer, prefix: &str, count: usize) -> Vec
     }
     ids
 }
+
+/// A client-credentials token of the application `app` (as `cordon app
+/// create --json` prints it) from the server at `url`.
+pub async fn app_token(url: &str, ca: &Path, app: &Value) -> String {
+    let mut http = agent::HttpsClient::new(agent::https::tls_config(ca).unwrap(), url).unwrap();
+    let reply = http
+        .request(
+            http::Method::POST,
+            &format!("/{}/oauth2/v2.0/token", app["tenantId"].as_str().unwrap()),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", app["clientId"].as_str().unwrap()),
+                ("client_secret", app["clientSecret"].as_str().unwrap()),
+                ("scope", "https://api.securitycenter.microsoft.com/.default"),
+            ]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    reply.json().unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// `cordon ARGS` on the data directory `data_dir`, as a user types it.
+pub async fn cordon_cli(args: &[&str], data_dir: &Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_cordon"))
+        .args(args)
+        .env("CORDON_DATA_DIR", data_dir)
+        .output()
+        .await
+        .unwrap()
+}
+
+// ---- `cordon serve` as a process ------------------------------------------
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `cordon serve` process, killed on drop.
+pub struct Served {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn serve(data_dir: &Path) -> Served {
+    serve_on(data_dir, free_port())
+}
+
+pub fn serve_on(data_dir: &Path, port: u16) -> Served {
+    serve_with(data_dir, port, &[])
+}
+
+/// `cordon serve` with extra arguments.
+pub fn serve_with(data_dir: &Path, port: u16, extra: &[&str]) -> Served {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cordon"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .env("CORDON_DATA_DIR", data_dir)
+        .env("CORDON_RATE_LIMIT_PER_MINUTE", "0")
+        .env("CORDON_RATE_LIMIT_PER_HOUR", "0")
+        .env("CORDON_ENROLL_LIMIT_PER_SOURCE", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let mut printed = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("CA file:") {
+            break;
+        }
+    }
+    assert!(printed.contains("Tenant id:"), "{printed}");
+    assert!(printed.contains("  Console:   https://"), "{printed}");
+    assert!(
+        printed.contains(&data_dir.join("ca.pem").display().to_string()),
+        "{printed}"
+    );
+    std::thread::spawn(move || for _ in lines {});
+    Served {
+        child,
+        url: format!("https://localhost:{port}"),
+    }
+}
