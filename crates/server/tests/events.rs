@@ -466,7 +466,7 @@ async fn an_isolation_streams_its_whole_life_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_of_one_group_never_sees_another_groups_machines() {
+async fn a_user_of_one_group_never_sees_another_groups_machines_nor_does_a_viewer() {
     let server = TestServer::start().await;
     create_prefix_group(&server, "Finance", 1, "FIN-", "soc-eu").await;
     create_prefix_group(&server, "HR", 2, "hr-", "soc-hr").await;
@@ -474,6 +474,10 @@ async fn a_user_of_one_group_never_sees_another_groups_machines() {
     let hr = server.enroll("hr-ws-1").await.machine_id();
     add_user(&server, "alice@example.com", "Responder", &["soc-eu"]).await;
     let alice = user_api(&server, "alice@example.com").await;
+    // A Viewer of the same group, reading only.
+    add_user(&server, "victor@example.com", "Viewer", &["soc-eu"]).await;
+    let victor = user_api(&server, "victor@example.com").await;
+    let mut victors = open(&server, &victor.token, None).await;
     let mut app = server.api().await;
 
     let mut alices = open(&server, &alice.token, None).await;
@@ -517,6 +521,24 @@ async fn a_user_of_one_group_never_sees_another_groups_machines() {
         assert_eq!(machine, fin.as_str(), "{event:?}");
     }
     assert!(alices.quiet_for(Duration::from_millis(500)).await.is_none());
+    // The Viewer got the same events, Finance's only.
+    let viewed = victors
+        .events_until(is("machineAction.completed", &fin_action))
+        .await;
+    assert!(!viewed.is_empty());
+    assert!(
+        viewed.iter().filter(|f| f.event.is_some()).all(|f| !f
+            .data
+            .as_ref()
+            .unwrap()
+            .contains(&hr)),
+        "{viewed:?}"
+    );
+    assert!(
+        viewed
+            .iter()
+            .any(|f| f.json()["data"]["id"] == fin_action.as_str())
+    );
     // The app reaches every group: it saw both.
     let all = apps
         .events_until(is("machineAction.completed", &fin_action))
