@@ -49,12 +49,12 @@ pub const MAX_DESCRIPTION: usize = 1000;
 /// Largest CA certificate text, in bytes.
 pub const MAX_CA_PEM: usize = 64 * 1024;
 /// Deliveries in flight to one receiver at once (each on its own connection).
-pub const IN_FLIGHT: usize = 8;
+pub const IN_FLIGHT: usize = 16;
 /// The longest wait between two attempts of one delivery.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// Deliveries taken from the outbox at once for one receiver (sent
 /// [`IN_FLIGHT`] at a time; their outcomes recorded in one write).
-const BATCH: usize = 64;
+const BATCH: usize = 128;
 /// How long finished deliveries stay listed before they are pruned.
 pub const HISTORY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Most deliveries one listing returns.
