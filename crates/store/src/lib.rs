@@ -19,7 +19,7 @@ mod people;
 mod plans;
 mod query;
 mod records;
-mod webhooks;
+pub(crate) mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};

@@ -608,3 +608,123 @@ fn a_store_of_migration_7_migrates_with_its_rows() {
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The webhook outbox's queries use their indexes: the sender's question
+/// (due deliveries, the next due time) and the listings never pass over a
+/// backlog, and the housekeeping's batches (deleting a webhook's
+/// deliveries, expiring, pruning) find their rows through an index.
+#[test]
+fn the_outbox_queries_use_their_indexes() {
+    use crate::webhooks as w;
+    let dir = std::env::temp_dir().join(format!("cordon-store-outbox-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cordon.db");
+    drop(Store::open(&path).unwrap());
+    let mut conn = Connection::open(&path).unwrap();
+    let tx = conn.transaction().unwrap();
+    for hook in ["a", "b", "c"] {
+        tx.execute(
+            "INSERT INTO webhooks (id, url, events, secret, created_by, created_at) \
+             VALUES (?1, 'https://x/', 'machineAction.completed', 'whsec_', 'p', 0)",
+            [hook],
+        )
+        .unwrap();
+    }
+    // 30,000 deliveries: most delivered, some failed, a backlog pending.
+    for n in 0..30_000i64 {
+        let state = match n % 10 {
+            0 => "pending",
+            1 => "failed",
+            _ => "delivered",
+        };
+        tx.execute(
+            "INSERT INTO webhook_deliveries (id, webhook_id, event_seq, event_type, body, \
+             created_at, state, next_attempt_at) VALUES (?1, ?2, ?3, 't', '{}', ?3, ?4, ?5)",
+            rusqlite::params![
+                format!("msg_{n}"),
+                ["a", "b", "c"][(n % 3) as usize],
+                n,
+                state,
+                (state == "pending").then_some(n)
+            ],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    let id: &dyn rusqlite::ToSql = &"a";
+    let at: &dyn rusqlite::ToSql = &15_000i64;
+    let n: &dyn rusqlite::ToSql = &100i64;
+    /// A label, the SQL, its parameters, the indexes its plan names.
+    type Checked<'a> = (
+        &'a str,
+        &'a str,
+        Vec<&'a dyn rusqlite::ToSql>,
+        &'a [&'a str],
+    );
+    let queries: [Checked<'_>; 7] = [
+        (
+            "due",
+            w::DUE_DELIVERIES,
+            vec![id, at, n],
+            &["webhook_deliveries_due"],
+        ),
+        (
+            "next due",
+            w::NEXT_DUE,
+            vec![id],
+            &["webhook_deliveries_due"],
+        ),
+        (
+            "one webhook's",
+            w::WEBHOOK_DELIVERIES,
+            vec![id, n],
+            &["webhook_deliveries_webhook"],
+        ),
+        ("all", w::ALL_DELIVERIES, vec![n], &[]),
+        (
+            "delete",
+            w::DELETE_WEBHOOK_DELIVERIES,
+            vec![id, n],
+            &["webhook_deliveries_webhook"],
+        ),
+        (
+            "expire",
+            w::EXPIRE_DELIVERIES,
+            vec![at, at, n],
+            &["webhook_deliveries_pending_created"],
+        ),
+        (
+            "prune",
+            w::PRUNE_DELIVERIES,
+            vec![at, n],
+            &["webhook_deliveries_created"],
+        ),
+    ];
+    for when in ["no statistics", "after ANALYZE"] {
+        for (label, sql, params, uses) in &queries {
+            let lines = plan(&conn, sql, params);
+            let text = lines.join("\n");
+            for used in *uses {
+                assert!(
+                    lines.iter().any(|l| l.contains(used)),
+                    "{label} ({when}) does not use {used}:\n{text}"
+                );
+            }
+            for line in &lines {
+                // The only scan: every delivery in `seq` order, newest
+                // first, which stops at the page's end.
+                let scan = line.starts_with("SCAN webhook_deliveries")
+                    && !(*label == "all" && line == "SCAN webhook_deliveries");
+                assert!(!scan, "{label} ({when}): a full scan:\n{text}");
+                assert!(
+                    !line.contains("TEMP B-TREE"),
+                    "{label} ({when}): a sort:\n{text}"
+                );
+            }
+        }
+        conn.execute_batch("ANALYZE").unwrap();
+    }
+    drop(conn);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -100,8 +100,51 @@ fn webhook_from_row(row: &Row<'_>) -> rusqlite::Result<WebhookRecord> {
     })
 }
 
-const DELIVERY_COLUMNS: &str = "seq, id, webhook_id, event_seq, event_type, body, created_at, \
-     state, attempts, next_attempt_at, last_attempt_at, last_status, last_error, delivered_at";
+macro_rules! delivery_columns {
+    () => {
+        "seq, id, webhook_id, event_seq, event_type, body, created_at, state, attempts, \
+         next_attempt_at, last_attempt_at, last_status, last_error, delivered_at"
+    };
+}
+
+// The outbox's queries, each served by an index of migration 10
+// (`plans.rs` checks them).
+
+/// A webhook's pending deliveries due by ?2, oldest first (?3 at most).
+pub(crate) const DUE_DELIVERIES: &str = concat!(
+    "SELECT ",
+    delivery_columns!(),
+    " FROM webhook_deliveries WHERE webhook_id = ?1 AND state = 'pending' \
+     AND next_attempt_at <= ?2 ORDER BY next_attempt_at, seq LIMIT ?3"
+);
+/// When a webhook's next pending delivery is due.
+pub(crate) const NEXT_DUE: &str = "SELECT min(next_attempt_at) FROM webhook_deliveries \
+     WHERE webhook_id = ?1 AND state = 'pending'";
+/// One webhook's deliveries, newest first.
+pub(crate) const WEBHOOK_DELIVERIES: &str = concat!(
+    "SELECT ",
+    delivery_columns!(),
+    " FROM webhook_deliveries WHERE webhook_id = ?1 ORDER BY seq DESC LIMIT ?2"
+);
+/// Every webhook's deliveries, newest first.
+pub(crate) const ALL_DELIVERIES: &str = concat!(
+    "SELECT ",
+    delivery_columns!(),
+    " FROM webhook_deliveries ORDER BY seq DESC LIMIT ?1"
+);
+/// A batch of a webhook's deliveries removed (before the webhook).
+pub(crate) const DELETE_WEBHOOK_DELIVERIES: &str = "DELETE FROM webhook_deliveries WHERE seq IN \
+     (SELECT seq FROM webhook_deliveries WHERE webhook_id = ?1 ORDER BY seq LIMIT ?2)";
+/// A batch of pending deliveries never tried within their window given up.
+pub(crate) const EXPIRE_DELIVERIES: &str = "UPDATE webhook_deliveries SET state = 'failed', \
+     next_attempt_at = NULL, last_error = coalesce(last_error, 'not sent: the receiver failed \
+     throughout the retry window') WHERE seq IN (SELECT seq FROM webhook_deliveries \
+     WHERE state = 'pending' AND created_at < ?1 AND next_attempt_at <= ?2 \
+     ORDER BY created_at LIMIT ?3)";
+/// A batch of finished deliveries past their history removed.
+pub(crate) const PRUNE_DELIVERIES: &str = "DELETE FROM webhook_deliveries WHERE seq IN \
+     (SELECT seq FROM webhook_deliveries WHERE created_at < ?1 AND state != 'pending' \
+     ORDER BY created_at LIMIT ?2)";
 
 fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<DeliveryRecord> {
     Ok(DeliveryRecord {
@@ -241,11 +284,7 @@ impl Store {
             let removed = self
                 .write(move |conn| {
                     Ok(conn
-                        .prepare_cached(
-                            "DELETE FROM webhook_deliveries WHERE seq IN \
-                             (SELECT seq FROM webhook_deliveries WHERE webhook_id = ?1 \
-                              ORDER BY seq LIMIT ?2)",
-                        )?
+                        .prepare_cached(DELETE_WEBHOOK_DELIVERIES)?
                         .execute(params![webhook_id, limit(DELETE_BATCH)])?)
                 })
                 .await?;
@@ -277,11 +316,7 @@ impl Store {
         let webhook_id = webhook_id.to_owned();
         self.read(move |conn| {
             Ok(conn
-                .prepare_cached(&format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries \
-                     WHERE webhook_id = ?1 AND state = 'pending' AND next_attempt_at <= ?2 \
-                     ORDER BY next_attempt_at, seq LIMIT ?3"
-                ))?
+                .prepare_cached(DUE_DELIVERIES)?
                 .query_map(params![webhook_id, now, limit(limit_to)], delivery_from_row)?
                 .collect::<rusqlite::Result<_>>()?)
         })
@@ -293,10 +328,7 @@ impl Store {
         let webhook_id = webhook_id.to_owned();
         self.read(move |conn| {
             Ok(conn
-                .prepare_cached(
-                    "SELECT min(next_attempt_at) FROM webhook_deliveries \
-                     WHERE webhook_id = ?1 AND state = 'pending'",
-                )?
+                .prepare_cached(NEXT_DUE)?
                 .query_row([webhook_id], |r| r.get(0))?)
         })
         .await
@@ -335,17 +367,11 @@ impl Store {
             // (`webhook_deliveries_webhook`), or all in `seq` order.
             Ok(match webhook_id {
                 Some(id) => conn
-                    .prepare_cached(&format!(
-                        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries \
-                         WHERE webhook_id = ?1 ORDER BY seq DESC LIMIT ?2"
-                    ))?
+                    .prepare_cached(WEBHOOK_DELIVERIES)?
                     .query_map(params![id, limit(limit_to)], delivery_from_row)?
                     .collect::<rusqlite::Result<_>>()?,
                 None => conn
-                    .prepare_cached(&format!(
-                        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries \
-                         ORDER BY seq DESC LIMIT ?1"
-                    ))?
+                    .prepare_cached(ALL_DELIVERIES)?
                     .query_map(params![limit(limit_to)], delivery_from_row)?
                     .collect::<rusqlite::Result<_>>()?,
             })
@@ -393,16 +419,11 @@ impl Store {
     /// At most [`DELETE_BATCH`] a call: a caller expiring more calls again.
     pub async fn expire_deliveries(&self, before: i64, now: i64) -> Result<u64> {
         self.write(move |conn| {
-            Ok(conn
-                .prepare_cached(
-                    "UPDATE webhook_deliveries SET state = 'failed', next_attempt_at = NULL, \
-                     last_error = coalesce(last_error, 'not sent: the receiver failed \
-                     throughout the retry window') \
-                     WHERE seq IN (SELECT seq FROM webhook_deliveries \
-                     WHERE state = 'pending' AND created_at < ?1 AND next_attempt_at <= ?2 \
-                     ORDER BY created_at LIMIT ?3)",
-                )?
-                .execute(params![before, now, limit(DELETE_BATCH)])? as u64)
+            Ok(conn.prepare_cached(EXPIRE_DELIVERIES)?.execute(params![
+                before,
+                now,
+                limit(DELETE_BATCH)
+            ])? as u64)
         })
         .await
     }
@@ -412,11 +433,7 @@ impl Store {
     pub async fn prune_deliveries(&self, before: i64, batch: usize) -> Result<u64> {
         self.write(move |conn| {
             Ok(conn
-                .prepare_cached(
-                    "DELETE FROM webhook_deliveries WHERE seq IN \
-                     (SELECT seq FROM webhook_deliveries WHERE created_at < ?1 \
-                      AND state != 'pending' ORDER BY created_at LIMIT ?2)",
-                )?
+                .prepare_cached(PRUNE_DELIVERIES)?
                 .execute(params![before, limit(batch)])? as u64)
         })
         .await
