@@ -78,6 +78,27 @@ impl Session {
         enforced: Enforced,
         local: Option<std::net::IpAddr>,
     ) -> anyhow::Result<Session> {
+        let machine_id = identity.machine_id.clone();
+        Session::open_with_hello(identity, local, move |proof| {
+            let hello = AgentMessage::Hello {
+                machine_id,
+                proof,
+                facts,
+                enforced,
+            };
+            serde_json::to_vec(&hello).expect("a hello serializes")
+        })
+        .await
+    }
+
+    /// Like [`Session::open_from`], with the `hello` line (without its
+    /// `\n`) made by `hello` from the proof: the protocol's compatibility
+    /// tests send the messages of earlier agents with it.
+    pub async fn open_with_hello(
+        identity: &Identity,
+        local: Option<std::net::IpAddr>,
+        hello: impl FnOnce(String) -> Vec<u8>,
+    ) -> anyhow::Result<Session> {
         let (host, port) = parse_server(&identity.server)?;
         // Announced as an agent's session connection: the server counts it
         // in the agents' share, not the API clients'.
@@ -147,14 +168,9 @@ impl Session {
             &nonce,
             &exporter,
         ));
-        session
-            .send(&AgentMessage::Hello {
-                machine_id: identity.machine_id.clone(),
-                proof,
-                facts,
-                enforced,
-            })
-            .await?;
+        let mut line = hello(proof);
+        line.push(b'\n');
+        session.send_raw(&line).await?;
         match session.recv().await? {
             ServerMessage::Welcome {
                 heartbeat_seconds, ..

@@ -156,6 +156,11 @@ pub enum ServerMessage {
     /// timed out, or already finished).
     #[serde(rename_all = "camelCase")]
     Withdrawn { action_id: String, status: String },
+    /// A message type of a newer server that this agent doesn't know:
+    /// ignored, so that a server may add messages within `cordon-agent/1`
+    /// without breaking the agents already out there. Never sent.
+    #[serde(other)]
+    Unknown,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
