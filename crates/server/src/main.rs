@@ -747,9 +747,16 @@ async fn backup_command(data: DataDir, to: PathBuf, json: bool) -> anyhow::Resul
                 summary.files.join(", ")
             }
         );
-        println!(
-            "It holds the token-signing key and the CA's key: keep it as safe as the data directory."
-        );
+        if summary.files.iter().any(|f| f == "ca-key.pem") {
+            println!(
+                "It holds the token-signing key and the CA's key: keep it as safe as the data directory."
+            );
+        } else {
+            println!(
+                "It holds the token-signing key: keep it as safe as the data directory. The data \
+                 directory has no CA yet (`cordon serve` makes it on its first start)."
+            );
+        }
     }
     Ok(())
 }

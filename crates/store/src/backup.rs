@@ -105,7 +105,7 @@ impl Store {
                     .create_new(true)
                     .mode(0o600)
                     .open(&to)
-                    .map_err(|e| StoreError::Commit(format!("{}: {e}", to.display())))?;
+                    .map_err(|e| StoreError::Invalid(format!("{}: {e}", to.display())))?;
             }
             let mut copy_conn = Connection::open(&to)?;
             copy(conn, &mut copy_conn)?;
@@ -132,25 +132,28 @@ impl Store {
 
 /// Checks that `backup` is a backup this Cordon can restore; what it holds.
 pub fn inspect_backup(backup: &Path) -> Result<BackupSummary> {
+    if let Err(e) = std::fs::File::open(backup) {
+        return Err(StoreError::Invalid(format!("cannot read it: {e}")));
+    }
     let conn = Connection::open_with_flags(
         backup,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| StoreError::Commit(format!("not a readable database: {e}")))?;
+        .map_err(|e| StoreError::Invalid(format!("not a readable database: {e}")))?;
     if check != "ok" {
-        return Err(StoreError::Commit(format!(
+        return Err(StoreError::Invalid(format!(
             "the database is damaged: {check}"
         )));
     }
     let summary =
-        summary(&conn).map_err(|e| StoreError::Commit(format!("not a Cordon database: {e}")))?;
+        summary(&conn).map_err(|e| StoreError::Invalid(format!("not a Cordon database: {e}")))?;
     if summary.schema_version > MIGRATIONS.len() as i64 {
         return Err(StoreError::NewerSchema(summary.schema_version));
     }
     if summary.tenant_id.is_none() {
-        return Err(StoreError::Commit(
+        return Err(StoreError::Invalid(
             "not a Cordon database: it has no tenant id".into(),
         ));
     }
@@ -183,7 +186,7 @@ pub fn restore_database(backup: &Path, to: &Path) -> Result<Vec<(String, Vec<u8>
             .create_new(true)
             .mode(0o600)
             .open(to)
-            .map_err(|e| StoreError::Commit(format!("{}: {e}", to.display())))?;
+            .map_err(|e| StoreError::Invalid(format!("{}: {e}", to.display())))?;
     }
     let mut restored = Connection::open(to)?;
     copy(&source, &mut restored)?;

@@ -76,6 +76,9 @@ pub enum StoreError {
     Commit(String),
     #[error("the store is closed")]
     Closed,
+    /// A file given to the store is not what it should be (what is wrong).
+    #[error("{0}")]
+    Invalid(String),
     /// A limit on how many records of a kind may exist was reached (the
     /// limit).
     #[error("at most {0} may exist")]
