@@ -762,6 +762,8 @@ async fn run_session<IO>(
                 tamper_recorded: None,
                 tamper_folded: 0,
                 tamper_detail: String::new(),
+                heartbeat_recorded: None,
+                heartbeat_pending: None,
             },
             // A reconnecting agent usually reports what is stored: nothing
             // to write then (a fleet reconnecting after a restart would make
@@ -792,7 +794,17 @@ struct Reported {
     tamper_folded: u32,
     /// The last report's words.
     tamper_detail: String,
+    /// When a heartbeat last changed what the store records, and a change
+    /// reported since that waits for [`HEARTBEAT_FOLD`] to pass.
+    heartbeat_recorded: Option<std::time::Instant>,
+    heartbeat_pending: Option<(Enforced, Option<i64>)>,
 }
+
+/// The shortest time between two changes of the enforced state (or the
+/// exclusion version) a session's heartbeats write: an agent's state moves
+/// with actions, not every few seconds, and each change is a durable write
+/// and an event.
+const HEARTBEAT_FOLD: Duration = Duration::from_secs(5);
 
 /// The shortest time between two tamper reports of one session written to
 /// the store; the ones between are folded into one record, written when the
@@ -836,6 +848,55 @@ impl MessageBudget {
 }
 
 impl Reported {
+    /// Whether a heartbeat reports something other than what is recorded.
+    fn heartbeat_changes(&self, enforced: Enforced, exclusion_version: Option<i64>) -> bool {
+        let scope = enforced_scope(enforced);
+        scope != self.scope
+            || (scope.as_deref() == Some("Selective")
+                && exclusion_version != self.exclusion_version)
+    }
+
+    /// Records what a heartbeat reports in force.
+    async fn apply_heartbeat(
+        &mut self,
+        state: &AppState,
+        machine_id: &str,
+        enforced: Enforced,
+        exclusion_version: Option<i64>,
+        exclusions_sent: i64,
+    ) {
+        if self.heartbeat_changes(enforced, exclusion_version) {
+            self.heartbeat_recorded = Some(std::time::Instant::now());
+        }
+        self.record_scope(state, machine_id, enforced_scope(enforced))
+            .await;
+        // Only Selective isolation runs exclusion rules (record_scope
+        // cleared the version otherwise), and only a version it was sent.
+        if self.scope.as_deref() == Some("Selective") {
+            match exclusion_version {
+                Some(v) if !exclusion_version_in_range(v, exclusions_sent) => {
+                    tracing::warn!(
+                        version = v,
+                        newest = exclusions_sent,
+                        "heartbeat names an exclusion rule-set version never sent; not recorded"
+                    );
+                }
+                version => {
+                    self.record_exclusion_version(state, machine_id, version)
+                        .await
+                }
+            }
+        }
+    }
+
+    /// When the folded heartbeat change is to be written, if there is one.
+    fn heartbeat_due(&self) -> Option<tokio::time::Instant> {
+        self.heartbeat_pending.map(|_| {
+            self.heartbeat_recorded
+                .map_or_else(tokio::time::Instant::now, |at| (at + HEARTBEAT_FOLD).into())
+        })
+    }
+
     /// When the folded tamper reports are to be written, if there are any.
     fn tamper_due(&self) -> Option<tokio::time::Instant> {
         (self.tamper_folded > 0).then(|| {
@@ -990,10 +1051,24 @@ where
         let mut line = Vec::new();
         let mut budget = MessageBudget::new();
         loop {
-            let tamper_due = reported.tamper_due();
+            // The earlier of the folded writes' times, if any waits.
+            let folded_due = match (reported.tamper_due(), reported.heartbeat_due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tokio::select! {
-                _ = tokio::time::sleep_until(tamper_due.unwrap_or_else(tokio::time::Instant::now)), if tamper_due.is_some() => {
-                    reported.flush_tamper(&state, &machine_id).await;
+                _ = tokio::time::sleep_until(folded_due.unwrap_or_else(tokio::time::Instant::now)), if folded_due.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    if reported.tamper_due().is_some_and(|at| at <= now) {
+                        reported.flush_tamper(&state, &machine_id).await;
+                    }
+                    if reported.heartbeat_due().is_some_and(|at| at <= now)
+                        && let Some((enforced, version)) = reported.heartbeat_pending.take()
+                    {
+                        reported
+                            .apply_heartbeat(&state, &machine_id, enforced, version, exclusions_sent)
+                            .await;
+                    }
                 }
                 read = tokio::time::timeout(idle_limit, read_line(&mut reader, &mut line)) => {
                     match read {
@@ -1098,26 +1173,25 @@ async fn handle(
             enforced,
             exclusion_version,
         } => {
-            reported
-                .record_scope(state, machine_id, enforced_scope(enforced))
-                .await;
-            // Only Selective isolation runs exclusion rules (record_scope
-            // cleared the version otherwise), and only a version it was sent.
-            if reported.scope.as_deref() == Some("Selective") {
-                match exclusion_version {
-                    Some(v) if !exclusion_version_in_range(v, exclusions_sent) => {
-                        tracing::warn!(
-                            version = v,
-                            newest = exclusions_sent,
-                            "heartbeat names an exclusion rule-set version never sent; not recorded"
-                        );
-                    }
-                    version => {
-                        reported
-                            .record_exclusion_version(state, machine_id, version)
-                            .await
-                    }
-                }
+            // A change a heartbeat reports is written at most once a
+            // HEARTBEAT_FOLD; one within it waits (the latest wins) for the
+            // session's timer.
+            let folding = reported
+                .heartbeat_recorded
+                .is_some_and(|at| at.elapsed() < HEARTBEAT_FOLD);
+            if folding && reported.heartbeat_changes(enforced, exclusion_version) {
+                reported.heartbeat_pending = Some((enforced, exclusion_version));
+            } else {
+                reported.heartbeat_pending = None;
+                reported
+                    .apply_heartbeat(
+                        state,
+                        machine_id,
+                        enforced,
+                        exclusion_version,
+                        exclusions_sent,
+                    )
+                    .await;
             }
             None
         }

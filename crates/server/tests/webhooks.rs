@@ -912,8 +912,9 @@ async fn the_cli_manages_webhooks_and_a_killed_server_still_delivers() {
 
 /// A hostile agent (root on an isolated machine holds its key) can't flood
 /// the event log and the webhooks' outbox: its tamper reports are folded
-/// into one record every 5 s, and a session sending more than 10 messages
-/// a second (after a burst of 50) is closed.
+/// into one record every 5 s, so are the changes its heartbeats report, and
+/// a session sending more than 10 messages a second (after a burst of 50)
+/// is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_agent_is_folded_then_cut_off() {
     use proto::agent::ServerMessage;
@@ -967,6 +968,49 @@ async fn a_flooding_agent_is_folded_then_cut_off() {
         "{}",
         last.body
     );
+
+    // Heartbeats that flip the enforced state: the first change is written
+    // at once, the last one 5 s later, nothing between.
+    let isolation_events = || async {
+        server
+            .store()
+            .events_after(0, i64::MAX, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.event_type == "machine.isolationChanged")
+            .count()
+    };
+    let before = isolation_events().await;
+    for n in 0..20 {
+        let enforced = if n % 2 == 0 {
+            Enforced::Full
+        } else {
+            Enforced::NotIsolated
+        };
+        session
+            .send(&AgentMessage::Heartbeat {
+                enforced,
+                exclusion_version: None,
+            })
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(isolation_events().await, before + 1);
+    assert_eq!(
+        api.machine(&agent.machine_id()).await["isolationState"],
+        "Isolated"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while api.machine(&agent.machine_id()).await["isolationState"] != "NotIsolated" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the last heartbeat's state was not written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(isolation_events().await, before + 2);
 
     // Past the message budget, the session is closed.
     let heartbeat = AgentMessage::Heartbeat {
