@@ -910,6 +910,18 @@ async fn the_cli_manages_webhooks_and_a_killed_server_still_delivers() {
 
 // ---- what a compromised agent can put in the outbox ---------------------------
 
+/// How many events of `event_type` the server's event log holds.
+async fn events_of(server: &TestServer, event_type: &str) -> usize {
+    server
+        .store()
+        .events_after(0, i64::MAX, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.event_type == event_type)
+        .count()
+}
+
 /// A hostile agent (root on an isolated machine holds its key) can't flood
 /// the event log and the webhooks' outbox: its tamper reports are folded
 /// into one record every 5 s, so are the changes its heartbeats report, and
@@ -921,16 +933,7 @@ async fn a_flooding_agent_is_folded_then_cut_off() {
     let server = TestServer::start().await;
     let agent = server.enroll("flooder").await;
     let mut session = agent.connect().await;
-    let tamper_events = || async {
-        server
-            .store()
-            .events_after(0, i64::MAX, 1000)
-            .await
-            .unwrap()
-            .iter()
-            .filter(|e| e.event_type == "machine.tamperDetected")
-            .count()
-    };
+    let tamper_events = || events_of(&server, "machine.tamperDetected");
     for n in 0..30 {
         session
             .send(&AgentMessage::Tamper {
@@ -971,16 +974,7 @@ async fn a_flooding_agent_is_folded_then_cut_off() {
 
     // Heartbeats that flip the enforced state: the first change is written
     // at once, the last one 5 s later, nothing between.
-    let isolation_events = || async {
-        server
-            .store()
-            .events_after(0, i64::MAX, 1000)
-            .await
-            .unwrap()
-            .iter()
-            .filter(|e| e.event_type == "machine.isolationChanged")
-            .count()
-    };
+    let isolation_events = || events_of(&server, "machine.isolationChanged");
     let before = isolation_events().await;
     for n in 0..20 {
         let enforced = if n % 2 == 0 {
